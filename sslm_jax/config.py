@@ -1,0 +1,188 @@
+"""Config defaults, validation and derived values. Fails before anything compiles."""
+
+from __future__ import annotations
+
+import difflib
+import math
+
+import ml_collections
+
+from sslm_jax.model import ModelConfig
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and the fix."""
+
+
+def defaults() -> ml_collections.ConfigDict:
+  """Every field a config file may set. Config files start from this and override."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.objective = "causal_lm"  # 'causal_lm' (GPT) | 'masked_lm' (BERT)
+  c.num_train_steps = 1000
+  c.batch_size = 32  # global sequences per step
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.eval_steps = 20
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 3
+  c.sample_at_end = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "builtin"  # 'builtin' | 'text' | 'tfds'
+  c.data.text_files = ""  # comma-separated paths or glob patterns (local or gs://)
+  c.data.eval_text_files = ""  # optional; else a held-out fraction of documents
+  c.data.text_key = "text"  # field of a .jsonl record
+  c.data.eval_fraction = 0.05  # documents held out when no eval files are given
+  c.data.tfds_name = ""
+  c.data.tfds_text_key = "text"
+  c.data.tfds_train_split = "train"
+  c.data.tfds_eval_split = "test"
+  c.data.tfds_data_dir = ""
+  c.data.seq_len = 128
+  c.data.vocab_size = 8192
+  c.data.tokenizer_path = ""  # an existing sentencepiece model; else one is trained
+  c.data.tokenizer_sample_bytes = 20_000_000
+  c.data.mlm_probability = 0.15
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.emb_dim = 128
+  c.model.mlp_dim = 512
+  c.model.dropout_rate = 0.0
+  c.model.dtype = "float32"  # compute
+  c.model.param_dtype = "float32"
+  c.model.vocab_multiple = 128  # embedding rows padded to a multiple of this
+  c.model.scan_layers = True
+  c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
+  c.model.attention_impl = ""  # '' (XLA picks) | 'xla' | 'cudnn'
+
+  c.opt = ml_collections.ConfigDict()
+  c.opt.learning_rate = 1e-3
+  c.opt.warmup_steps = 100
+  c.opt.decay = "cosine"  # 'cosine' | 'linear' | 'constant'
+  c.opt.final_lr_fraction = 0.1
+  c.opt.b1 = 0.9
+  c.opt.b2 = 0.95
+  c.opt.eps = 1e-8
+  c.opt.weight_decay = 0.1
+  c.opt.decay_embeddings = False
+  c.opt.grad_clip_norm = 1.0
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = ()  # ((logical_name, mesh_axes), ...) overriding sharding.DEFAULT_RULES
+  return c
+
+
+OBJECTIVES = ("causal_lm", "masked_lm")
+SOURCES = ("builtin", "text", "tfds")
+
+
+def closest_field(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+  """The valid dotted field name nearest to a misspelt one."""
+  names = list(field_names(config))
+  match = difflib.get_close_matches(dotted, names, n=1, cutoff=0.5)
+  return match[0] if match else None
+
+
+def field_names(config, prefix=""):
+  """Every dotted leaf name of a config, e.g. 'data.seq_len'."""
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from field_names(value, name + ".")
+    else:
+      yield name
+
+
+def _require(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Raise ConfigError naming the first field that cannot work, and how to fix it."""
+  _require(
+    c.objective in OBJECTIVES, f"objective={c.objective!r}: use one of {', '.join(OBJECTIVES)}."
+  )
+  _require(
+    c.data.source in SOURCES, f"data.source={c.data.source!r}: use one of {', '.join(SOURCES)}."
+  )
+  for name in ("num_train_steps", "batch_size", "data.seq_len", "eval_steps", "keep_checkpoints"):
+    value = c[name] if "." not in name else c.data[name.split(".")[1]]
+    _require(
+      isinstance(value, int) and value > 0,
+      f"{name}={value!r} must be a positive integer; set --config.{name}=N with N > 0.",
+    )
+  for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
+    _require(
+      isinstance(c[name], int) and c[name] > 0,
+      f"{name}={c[name]!r} must be a positive integer; set --config.{name}=N with N > 0.",
+    )
+  _require(
+    c.data.vocab_size >= 16,
+    f"data.vocab_size={c.data.vocab_size} is too small; use at least 16 (special tokens take 7).",
+  )
+  _require(
+    0.0 < c.data.mlm_probability < 1.0,
+    f"data.mlm_probability={c.data.mlm_probability} must lie in (0, 1); BERT uses 0.15.",
+  )
+  _require(
+    c.data.source != "text" or bool(c.data.text_files),
+    "data.source='text' needs data.text_files; set --config.data.text_files=PATH_OR_GLOB.",
+  )
+  _require(
+    c.data.source != "tfds" or bool(c.data.tfds_name),
+    "data.source='tfds' needs a dataset; set --config.data.tfds_name=NAME (e.g. lm1b).",
+  )
+  _require(
+    c.model.emb_dim % c.model.num_heads == 0,
+    f"model.emb_dim={c.model.emb_dim} is not divisible by model.num_heads={c.model.num_heads}.",
+  )
+  _require(
+    0.0 <= c.model.dropout_rate < 1.0,
+    f"model.dropout_rate={c.model.dropout_rate} must lie in [0, 1).",
+  )
+  _require(
+    c.opt.decay in ("cosine", "linear", "constant"),
+    f"opt.decay={c.opt.decay!r}: use 'cosine', 'linear' or 'constant'.",
+  )
+  _require(
+    0 <= c.opt.warmup_steps <= c.num_train_steps,
+    f"opt.warmup_steps={c.opt.warmup_steps} must lie in [0, num_train_steps={c.num_train_steps}].",
+  )
+
+
+def padded_vocab_size(c: ml_collections.ConfigDict) -> int:
+  multiple = max(1, c.model.vocab_multiple)
+  return int(math.ceil(c.data.vocab_size / multiple) * multiple)
+
+
+def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
+  """The frozen model description the model code takes (never the ConfigDict)."""
+  causal = c.objective == "causal_lm"
+  return ModelConfig(
+    objective=c.objective,
+    vocab_size=padded_vocab_size(c),
+    max_len=c.data.seq_len,
+    num_layers=c.model.num_layers,
+    num_heads=c.model.num_heads,
+    emb_dim=c.model.emb_dim,
+    mlp_dim=c.model.mlp_dim,
+    dropout_rate=float(c.model.dropout_rate),
+    dtype=c.model.dtype,
+    param_dtype=c.model.param_dtype,
+    layer_norm_epsilon=1e-5 if causal else 1e-12,
+    scan_layers=bool(c.model.scan_layers),
+    remat_policy=c.model.remat_policy,
+    attention_impl=c.model.attention_impl or None,
+  )
+
+
+def num_predictions(c: ml_collections.ConfigDict) -> int:
+  """Masked positions gathered per sequence for the MLM head (BERT's max_predictions_per_seq)."""
+  return max(1, int(math.ceil(c.data.seq_len * c.data.mlm_probability)))

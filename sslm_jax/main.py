@@ -1,0 +1,148 @@
+"""Entry point: python -m sslm_jax.main --config=configs/gpt_tiny.py --workdir=runs/gpt_tiny
+
+Rerunning the same command with the same --workdir resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from etils import epath  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from sslm_jax import checkpoint, sharding, train  # noqa: E402
+from sslm_jax import config as config_lib  # noqa: E402
+from sslm_jax import sample as sample_lib  # noqa: E402
+from sslm_jax import tokenizer as tokenizer_lib  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, config.")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+class UsageError(ValueError):
+  """A command line that cannot work; the message says what to change."""
+
+
+def _load_config_file(path: str):
+  if not os.path.isfile(path):
+    raise UsageError(f"config file {path!r} does not exist; pass --config=configs/<name>.py.")
+  spec = importlib.util.spec_from_file_location("_sslm_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _explain_flag_error(argv: list[str], error: Exception) -> str:
+  """Turn an ml_collections override error into a message naming the closest valid field."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if path is None:
+    return f"{error}"
+  base = _load_config_file(path)
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      name = arg[len("--config.") : arg.index("=")]
+      if name not in set(config_lib.field_names(base)):
+        near = config_lib.closest_field(base, name)
+        hint = f" Did you mean --config.{near}?" if near else ""
+        return f"unknown config field {name!r} in {arg!r}.{hint}"
+  return f"bad --config flags: {error}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors instead of tracebacks for config mistakes."""
+  try:
+    rest = FLAGS(argv)
+    _ = FLAGS.config.seed  # a config file that failed to load raises here
+    return rest
+  except UsageError as e:
+    _fail(str(e))
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    try:
+      _fail(_explain_flag_error(argv, e))
+    except UsageError as ue:
+      _fail(str(ue))
+
+
+def _fail(message: str):
+  print(f"sslm_jax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+OUR_ERRORS = (
+  UsageError,
+  config_lib.ConfigError,
+  sharding.MeshError,
+  checkpoint.CheckpointMismatch,
+  tokenizer_lib.TokenizerError,
+  train.NonFiniteError,
+)
+
+
+def _check_resumable(config, workdir: str) -> dict:
+  """Refuse, before touching the workdir, a checkpoint of another objective or shape."""
+  fp = checkpoint.fingerprint(config, config_lib.model_config(config))
+  saved = checkpoint.saved_fingerprint(f"{workdir}/checkpoints")
+  if saved is not None:
+    checkpoint.check_fingerprint(saved[1], fp, workdir)
+  return fp
+
+
+def _samples_hook(config, data):
+  def on_end(merge, state):
+    if not config.sample_at_end:
+      return
+    lines = sample_lib.show(merge(state.params), data.tokenizer, data.sample_texts(2))
+    if jax.process_index() == 0:
+      print("\n".join(["", "Samples from held-out text:", *lines]), flush=True)
+
+  return on_end
+
+
+def run(config, workdir: str) -> dict:
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(mesh, config.batch_size, jax.process_count())
+  fingerprint = _check_resumable(config, workdir)
+  from sslm_jax.data import pipeline  # the only TensorFlow import, kept out of the core
+
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    pipeline.prepare(config, workdir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("data prepared")
+  data = pipeline.build(config, workdir, jax.process_index(), jax.process_count())
+  fingerprint["tokenizer_sha256"] = data.tokenizer.sha256
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+  hooks = train.DataHooks(
+    train_batches=data.train_batches,
+    eval_batches=data.eval_batches,
+    on_end=_samples_hook(config, data),
+  )
+  return train.train_and_evaluate(config, workdir, mesh, hooks, fingerprint)
+
+
+def main(argv):
+  del argv
+  from sslm_jax.data import pipeline
+
+  try:
+    run(FLAGS.config, FLAGS.workdir)
+  except (*OUR_ERRORS, pipeline.DataError) as e:
+    logging.error("%s", e)
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

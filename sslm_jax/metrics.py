@@ -1,0 +1,99 @@
+"""Host-side metrics: metrics.jsonl, TensorBoard event files, and a live progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import tqdm
+from absl import logging
+from etils import epath
+from tensorboardX import SummaryWriter
+
+
+def is_time(step: int, every: int) -> bool:
+  return every > 0 and step % every == 0
+
+
+def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
+  """Drop records past `last_step`, left by a run that died after its newest checkpoint."""
+  if not path.exists():
+    return
+  kept = [
+    line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step
+  ]
+  path.write_text("".join(line + "\n" for line in kept))
+
+
+class Writer:
+  """Writes metrics on the primary process only; other processes get a silent writer."""
+
+  def __init__(self, workdir: str, *, start_step: int, total_steps: int, enabled: bool):
+    self.enabled = enabled
+    self._jsonl = epath.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    self._bar = None
+    if not enabled:
+      return
+    _truncate_jsonl(self._jsonl, start_step)
+    self._tb = SummaryWriter(logdir=str(epath.Path(workdir) / "tensorboard"), purge_step=start_step)
+    self._bar = tqdm.tqdm(
+      total=total_steps,
+      initial=start_step,
+      desc="train",
+      unit="step",
+      dynamic_ncols=True,
+      disable=not sys.stderr.isatty(),
+    )
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self.enabled:
+      return
+    record = {"step": step, **{k: _plain(v) for k, v in scalars.items()}}
+    with self._jsonl.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in record.items():
+      if name != "step" and isinstance(value, (int, float)):
+        self._tb.add_scalar(name, value, step)
+    self._tb.flush()
+    logging.info("step %d: %s", step, _summary(record))
+
+  def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
+    if not self.enabled or self._bar.disable:
+      return
+    self._bar.n = step
+    self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._bar.close()
+      self._tb.close()
+
+
+def _plain(v):
+  v = float(v) if not isinstance(v, (int, str)) else v
+  return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+
+def _summary(record: dict) -> str:
+  return " ".join(
+    f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "step"
+  )
+
+
+class Stopwatch:
+  """Tokens per second over the interval since the last `lap`."""
+
+  def __init__(self):
+    self._t, self._tokens = time.perf_counter(), 0
+
+  def add(self, tokens: int) -> None:
+    self._tokens += tokens
+
+  def lap(self) -> float:
+    now = time.perf_counter()
+    rate = self._tokens / max(now - self._t, 1e-9)
+    self._t, self._tokens = now, 0
+    return rate

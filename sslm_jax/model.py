@@ -1,0 +1,349 @@
+"""GPT-2 and BERT Transformers in Flax NNX, sharing one block.
+
+Einsum letters: B batch, T query positions, S key positions, D model width,
+N heads, H head dim, F MLP hidden, V vocab, P gathered (masked) positions,
+L layers.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv`,
+`mlp`, `layers`, `position`, `token_type`); activations are constrained with
+`act_*` names. Mapping names to mesh axes is the job of `sharding.py`; this
+module never sees a mesh axis name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as flax_spmd
+
+Objective = Literal["causal_lm", "masked_lm"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static model hyperparameters; hashable so it can be closed over by jit."""
+
+  objective: Objective
+  vocab_size: int  # already padded (see config.py)
+  max_len: int
+  num_layers: int
+  num_heads: int
+  emb_dim: int
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  layer_norm_epsilon: float = 1e-5
+  num_token_types: int = 2
+  init_std: float = 0.02
+  scan_layers: bool = True
+  remat_policy: str = "none"
+  attention_impl: str | None = None
+
+  @property
+  def causal(self) -> bool:
+    return self.objective == "causal_lm"
+
+  @property
+  def head_dim(self) -> int:
+    return self.emb_dim // self.num_heads
+
+
+def constrain(x, logical_names: tuple[str | None, ...]):
+  """Sharding constraint by logical names; a no-op outside a rules context."""
+  rules = flax_spmd.get_logical_axis_rules()
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return x
+  spec = jax.sharding.PartitionSpec(*flax_spmd.from_sharding_rules(logical_names, rules))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def dropout(x, rate: float, key):
+  """Inverted dropout; identity when `key` is None (evaluation)."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def gelu(x):
+  # The erf form; jax.nn.gelu(approximate=False) lowers to many more ops on CPU.
+  return 0.5 * x * (1.0 + jax.lax.erf(x / math.sqrt(2.0)).astype(x.dtype))
+
+
+def _normal(std):
+  return nnx.initializers.normal(stddev=std)
+
+
+def _dense(cfg, spec, kernel_shape, bias_shape, names, bias_names, *, std, rngs):
+  return nnx.Einsum(
+    spec,
+    kernel_shape,
+    bias_shape,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    kernel_init=_normal(std),
+    kernel_metadata={"out_sharding": names},
+    bias_metadata={"out_sharding": bias_names},
+    rngs=rngs,
+  )
+
+
+def _layer_norm(cfg, *, rngs):
+  return nnx.LayerNorm(
+    cfg.emb_dim,
+    epsilon=cfg.layer_norm_epsilon,
+    dtype=jnp.float32,
+    param_dtype=cfg.param_dtype,
+    scale_metadata={"out_sharding": ("embed",)},
+    bias_metadata={"out_sharding": ("embed",)},
+    rngs=rngs,
+  )
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a boolean [B, 1, T, S] mask."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, h = cfg.emb_dim, cfg.num_heads, cfg.head_dim
+    qkv = dict(names=("embed", "heads", "kv"), bias_names=("heads", "kv"), std=cfg.init_std)
+    self.query = _dense(cfg, "BTD,DNH->BTNH", (d, n, h), (n, h), **qkv, rngs=rngs)
+    self.key = _dense(cfg, "BTD,DNH->BTNH", (d, n, h), (n, h), **qkv, rngs=rngs)
+    self.value = _dense(cfg, "BTD,DNH->BTNH", (d, n, h), (n, h), **qkv, rngs=rngs)
+    # GPT-2 scales residual projections by 1/sqrt(2L) at init.
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.causal else cfg.init_std
+    self.out = _dense(
+      cfg, "BTNH,NHD->BTD", (n, h, d), (d,), ("heads", "kv", "embed"), ("embed",),
+      std=out_std, rngs=rngs,
+    )  # fmt: skip
+
+  def __call__(self, x_BTD, mask_B1TS):
+    names = ("act_batch", "act_len", "act_heads", None)
+    q_BTNH = constrain(self.query(x_BTD), names)
+    k_BSNH = constrain(self.key(x_BTD), names)
+    v_BSNH = constrain(self.value(x_BTD), names)
+    out_BTNH = jax.nn.dot_product_attention(
+      q_BTNH, k_BSNH, v_BSNH, mask=mask_B1TS, implementation=self.cfg.attention_impl
+    )
+    return self.out(out_BTNH)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, f = cfg.emb_dim, cfg.mlp_dim
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.causal else cfg.init_std
+    self.fc = _dense(
+      cfg, "BTD,DF->BTF", (d, f), (f,), ("embed", "mlp"), ("mlp",), std=cfg.init_std, rngs=rngs
+    )
+    self.proj = _dense(
+      cfg, "BTF,FD->BTD", (f, d), (d,), ("mlp", "embed"), ("embed",), std=out_std, rngs=rngs
+    )
+
+  def __call__(self, x_BTD):
+    h_BTF = constrain(gelu(self.fc(x_BTD)), ("act_batch", "act_len", "act_mlp"))
+    return self.proj(h_BTF)
+
+
+class Block(nnx.Module):
+  """One Transformer layer: pre-LayerNorm (GPT-2) when causal, post-LayerNorm (BERT) otherwise."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.attention_norm = _layer_norm(cfg, rngs=rngs)
+    self.attention = Attention(cfg, rngs=rngs)
+    self.mlp_norm = _layer_norm(cfg, rngs=rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x_BTD, mask_B1TS, dropout_key=None):
+    rate, dt = self.cfg.dropout_rate, x_BTD.dtype
+    k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    if self.cfg.causal:
+      h = self.attention(self.attention_norm(x_BTD).astype(dt), mask_B1TS)
+      x_BTD = x_BTD + dropout(h, rate, k_attn)
+      h = self.mlp(self.mlp_norm(x_BTD).astype(dt))
+      x_BTD = x_BTD + dropout(h, rate, k_mlp)
+    else:
+      h = self.attention(x_BTD, mask_B1TS)
+      x_BTD = self.attention_norm(x_BTD + dropout(h, rate, k_attn)).astype(dt)
+      h = self.mlp(x_BTD)
+      x_BTD = self.mlp_norm(x_BTD + dropout(h, rate, k_mlp)).astype(dt)
+    return constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
+
+
+_REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Stack(nnx.Module):
+  """`num_layers` blocks stored with a leading `layers` axis and run with nnx.scan.
+
+  One parameter layout whatever the execution: `scan_layers=False` fully unrolls
+  the scan (faster steps on some backends, compile time grows with depth).
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return Block(cfg, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+
+  def __call__(self, x_BTD, mask_B1TS, dropout_key=None):
+    cfg = self.cfg
+    keys_L = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
+
+    def layer(block, x_BTD, key):
+      return block(x_BTD, mask_B1TS, key)
+
+    if cfg.remat_policy != "none":
+      layer = nnx.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
+
+    @nnx.scan(
+      in_axes=(0, nnx.Carry, 0 if keys_L is not None else None),
+      out_axes=nnx.Carry,
+      unroll=1 if cfg.scan_layers else cfg.num_layers,
+      transform_metadata={nnx.PARTITION_NAME: "layers"},
+    )
+    def run(block, x_BTD, key):
+      return layer(block, x_BTD, key)
+
+    return run(self.blocks, x_BTD, keys_L)
+
+
+def attention_mask(segment_ids_BT, causal: bool):
+  """[B, 1, T, S]: same packed segment, not padding (id 0), and causal if asked."""
+  same_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
+  mask_B1TS = same_B1TS & (segment_ids_BT[:, None, None, :] > 0)
+  if causal:
+    t = segment_ids_BT.shape[1]
+    mask_B1TS = mask_B1TS & jnp.tril(jnp.ones((t, t), bool))[None, None]
+  return mask_B1TS
+
+
+def _embed(cfg, num, names, std, *, rngs):
+  return nnx.Embed(
+    num,
+    cfg.emb_dim,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    embedding_init=_normal(std),
+    embedding_metadata={"out_sharding": names},
+    rngs=rngs,
+  )
+
+
+def _tied_logits(x_BxD, embedding_VD, dtype):
+  """Output projection onto the input embedding, in float32 for the softmax."""
+  return jnp.einsum(
+    "...D,VD->...V",
+    x_BxD.astype(dtype),
+    embedding_VD.astype(dtype),
+    preferred_element_type=jnp.float32,
+  )
+
+
+class GPT(nnx.Module):
+  """GPT-2: learned absolute positions, pre-LN blocks, final LN, tied output embedding."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), cfg.init_std, rngs=rngs)
+    self.position_embed = _embed(cfg, cfg.max_len, ("position", "embed"), 0.01, rngs=rngs)
+    self.stack = Stack(cfg, rngs=rngs)
+    self.final_norm = _layer_norm(cfg, rngs=rngs)
+
+  def hidden(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None):
+    cfg = self.cfg
+    k_embed, k_stack = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    x_BTD = self.token_embed(inputs_BT) + self.position_embed(positions_BT)
+    x_BTD = dropout(x_BTD.astype(cfg.dtype), cfg.dropout_rate, k_embed)
+    x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
+    x_BTD = self.stack(x_BTD, attention_mask(segment_ids_BT, causal=True), k_stack)
+    return self.final_norm(x_BTD)
+
+  def __call__(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None):
+    """Next-token logits [B, T, V] in float32."""
+    x_BTD = self.hidden(inputs_BT, positions_BT, segment_ids_BT, dropout_key)
+    logits_BTV = _tied_logits(x_BTD, self.token_embed.embedding[...], self.cfg.dtype)
+    return constrain(logits_BTV, ("act_batch", "act_len", "act_vocab"))
+
+
+class MlmHead(nnx.Module):
+  """BERT's prediction head: dense + GELU + LayerNorm, then the tied decoder plus a bias."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d = cfg.emb_dim
+    self.transform = _dense(
+      cfg, "BPD,DE->BPE", (d, d), (d,), ("embed", "mlp"), ("mlp",), std=cfg.init_std, rngs=rngs
+    )
+    self.norm = _layer_norm(cfg, rngs=rngs)
+    self.decoder_bias = nnx.Param(
+      jnp.zeros((cfg.vocab_size,), cfg.param_dtype), out_sharding=("vocab",)
+    )
+
+  def __call__(self, x_BPD, embedding_VD, dtype):
+    h_BPD = self.norm(gelu(self.transform(x_BPD)))
+    return _tied_logits(h_BPD, embedding_VD, dtype) + self.decoder_bias[...].astype(jnp.float32)
+
+
+class BERT(nnx.Module):
+  """BERT: token + position + token-type embeddings, post-LN blocks, MLM head on masked slots."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    std = cfg.init_std
+    self.token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), std, rngs=rngs)
+    self.position_embed = _embed(cfg, cfg.max_len, ("position", "embed"), std, rngs=rngs)
+    self.token_type_embed = _embed(
+      cfg, cfg.num_token_types, ("token_type", "embed"), std, rngs=rngs
+    )
+    self.embed_norm = _layer_norm(cfg, rngs=rngs)
+    self.stack = Stack(cfg, rngs=rngs)
+    self.mlm_head = MlmHead(cfg, rngs=rngs)
+
+  def hidden(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None, token_types_BT=None):
+    """Contextual hidden states [B, T, D] (bidirectional within each packed segment)."""
+    cfg = self.cfg
+    k_embed, k_stack = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    if token_types_BT is None:
+      token_types_BT = jnp.zeros_like(inputs_BT)
+    x_BTD = (
+      self.token_embed(inputs_BT)
+      + self.position_embed(positions_BT)
+      + self.token_type_embed(token_types_BT)
+    )
+    x_BTD = dropout(self.embed_norm(x_BTD).astype(cfg.dtype), cfg.dropout_rate, k_embed)
+    x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
+    return self.stack(x_BTD, attention_mask(segment_ids_BT, causal=False), k_stack)
+
+  def __call__(
+    self, inputs_BT, positions_BT, segment_ids_BT, masked_positions_BP, dropout_key=None
+  ):
+    """Logits [B, P, V] in float32 at the P gathered (masked) positions only."""
+    x_BTD = self.hidden(inputs_BT, positions_BT, segment_ids_BT, dropout_key)
+    x_BPD = jnp.take_along_axis(x_BTD, masked_positions_BP[..., None], axis=1)
+    return self.mlm_head(x_BPD, self.token_embed.embedding[...], self.cfg.dtype)
+
+
+def build(cfg: ModelConfig, seed: int) -> GPT | BERT:
+  """A fresh model. Shardings are applied by the caller (see train_state.py)."""
+  cls = GPT if cfg.causal else BERT
+  with nnx.use_eager_sharding(False):
+    return cls(cfg, rngs=nnx.Rngs(params=seed))
+
+
+def count_params(state) -> int:
+  return sum(x.size for x in jax.tree.leaves(state))

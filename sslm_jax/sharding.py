@@ -1,0 +1,138 @@
+"""Logical axis names -> mesh axes: the one rules table, the mesh, and derived shardings."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The one table. Weights: shard `embed` over fsdp (ZeRO-3 style) and the head/MLP/vocab
+# dimensions over tensor (Megatron style). Activations: batch over data and fsdp.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("layers", None),
+  ("position", None),
+  ("token_type", None),
+  ("act_batch", ("data", "fsdp")),
+  ("act_len", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
+)
+
+
+class MeshError(ValueError):
+  """A mesh or batch shape that does not fit the devices; the message says what to change."""
+
+
+def rules_from_config(overrides: Sequence[Sequence]) -> tuple:
+  """DEFAULT_RULES with `mesh.rules` entries ((name, axes), ...) replacing same-named rows."""
+  table = dict(DEFAULT_RULES)
+  for name, axes in overrides or ():
+    if name not in table:
+      raise MeshError(f"mesh.rules names unknown logical axis {name!r}; known: {sorted(table)}.")
+    table[name] = tuple(axes) if isinstance(axes, list) else axes
+  return tuple(table.items())
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, ...]:
+  sizes = [data, fsdp, tensor]
+  asked = f"mesh data={data}, fsdp={fsdp}, tensor={tensor}"
+  if sizes.count(-1) > 1:
+    raise MeshError(f"{asked}: at most one axis may be -1.")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise MeshError(f"{asked}: sizes must be positive or -1.")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    if num_devices % known:
+      raise MeshError(
+        f"{asked}: the fixed axes multiply to {known}, which does not "
+        f"divide the {num_devices} devices; choose sizes whose product divides {num_devices}."
+      )
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
+    raise MeshError(
+      f"mesh data*fsdp*tensor = {'*'.join(map(str, sizes))} = {math.prod(sizes)} but there are "
+      f"{num_devices} devices; set --config.mesh.data/fsdp/tensor so the product is "
+      f"{num_devices}, or leave one axis at -1."
+    )
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  devices = jax.devices() if devices is None else devices
+  shape = resolve_mesh_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, len(devices))
+  return jax.make_mesh(
+    shape,
+    MESH_AXES,
+    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+    devices=devices,
+  )
+
+
+def check_batch(mesh: jax.sharding.Mesh, batch_size: int, process_count: int) -> None:
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if batch_size % data_parallel or batch_size % process_count:
+    need = math.lcm(data_parallel, process_count)
+    raise MeshError(
+      f"batch_size={batch_size} is not divisible by data*fsdp={data_parallel} "
+      f"(and {process_count} processes); use a multiple of {need}."
+    )
+
+
+@contextlib.contextmanager
+def activate(mesh: jax.sharding.Mesh, rules):
+  """Mesh + logical rules in scope, so model activation constraints resolve while tracing."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    yield
+
+
+def logical_to_spec(names, rules) -> PartitionSpec:
+  if names is None:
+    return PartitionSpec()
+  return PartitionSpec(*flax_spmd.from_sharding_rules(tuple(names), rules))
+
+
+def _is_var(x):
+  return isinstance(x, nnx.Variable)
+
+
+def param_specs(abstract_params: nnx.State, rules) -> nnx.State:
+  """PartitionSpec per parameter, read from the `out_sharding` logical names in its metadata."""
+  return jax.tree.map(
+    lambda v: v.replace(logical_to_spec(v.get_metadata().get("out_sharding"), rules)),
+    abstract_params,
+    is_leaf=_is_var,
+  )
+
+
+def specs_to_shardings(specs, mesh):
+  return jax.tree.map(
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules) -> NamedSharding:
+  """Batch arrays are split on their leading (batch) axis over the data-parallel axes."""
+  return NamedSharding(mesh, logical_to_spec(("act_batch",), rules))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
+  """This process's rows -> global jax.Arrays (each process passes its contiguous share)."""
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }

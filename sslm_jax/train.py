@@ -1,0 +1,214 @@
+"""Pure jitted train/eval steps and the outer loop. Consumes plain iterators of numpy dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+
+from sslm_jax import checkpoint, metrics, objectives, optim, sharding, train_state
+from sslm_jax import config as config_lib
+from sslm_jax.train_state import StateSpec, TrainState
+
+Batch = dict[str, np.ndarray]
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a NaN/inf loss or gradient norm."""
+
+
+@dataclasses.dataclass
+class DataHooks:
+  """What the loop needs from the input side (kept abstract so the core never imports data/)."""
+
+  train_batches: Callable[[int], Iterator[Batch]]  # start_step -> this process's batches
+  eval_batches: Callable[[], Iterable[Batch]] | None = None
+  on_end: Callable[[Callable, TrainState], None] | None = None  # e.g. print samples
+
+
+def train_step(state: TrainState, batch, *, spec: StateSpec, tx, lr_schedule, seed: int, dropout):
+  """One AdamW update. Dropout randomness is fold_in(seed, step): it replays after a resume."""
+  key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
+
+  def loss_fn(params):
+    sums = objectives.metric_sums(spec.merge(params), batch, key)
+    return objectives.mean_loss(sums), sums
+
+  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  step_metrics = {
+    "train_loss": loss,
+    "grad_norm": optax.tree.norm(grads),
+    "learning_rate": lr_schedule(state.step),
+    "predicted_tokens": sums["count"],
+  }
+  return new_state, step_metrics
+
+
+def eval_step(params, batch, *, spec: StateSpec):
+  return objectives.metric_sums(spec.merge(params), batch)
+
+
+def eval_summary(sums: dict, causal: bool) -> dict:
+  count = max(sums["count"], 1.0)
+  loss = sums["loss_sum"] / count
+  out = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+  if causal and sums.get("byte_sum", 0) > 0:
+    out["eval_bits_per_byte"] = sums["loss_sum"] / sums["byte_sum"] / math.log(2)
+  if not causal:
+    out["eval_mlm_accuracy"] = sums["correct_sum"] / count
+  return out
+
+
+class Trainer:
+  """Compiled steps for one mesh, and the evaluation loop."""
+
+  def __init__(self, config, mesh, spec: StateSpec, tx):
+    self.config, self.mesh, self.spec = config, mesh, spec
+    self.rules = sharding.rules_from_config(config.mesh.rules)
+    self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
+    self.causal = config.objective == "causal_lm"
+    step = functools.partial(
+      train_step,
+      spec=spec,
+      tx=tx,
+      lr_schedule=optim.schedule(config.opt, config.num_train_steps),
+      seed=config.seed,
+      dropout=config.model.dropout_rate > 0,
+    )
+    self._train = jax.jit(
+      step,
+      in_shardings=(spec.shardings, self.batch_sharding),
+      out_shardings=(spec.shardings, None),
+      donate_argnums=0,
+    )
+    self._eval = jax.jit(
+      functools.partial(eval_step, spec=spec),
+      in_shardings=(spec.shardings.params, self.batch_sharding),
+    )
+
+  def to_global(self, batch: Batch) -> dict:
+    return sharding.global_batch(batch, self.batch_sharding)
+
+  def train(self, state, batch):
+    with sharding.activate(self.mesh, self.rules):
+      return self._train(state, batch)
+
+  def compile(self, state, batch) -> float:
+    """Compile the train step ahead of the loop; returns seconds spent."""
+    t0 = time.perf_counter()
+    with sharding.activate(self.mesh, self.rules):
+      self._train = self._train.lower(state, batch).compile()
+    return time.perf_counter() - t0
+
+  def evaluate(self, params, batches: Iterable[Batch]) -> dict:
+    totals: dict[str, float] = {}
+    with sharding.activate(self.mesh, self.rules):
+      for batch in batches:
+        sums = jax.device_get(self._eval(params, self.to_global(batch)))
+        for k, v in sums.items():
+          totals[k] = totals.get(k, 0.0) + float(v)
+    return eval_summary(totals, self.causal) if totals else {}
+
+
+def _check_finite(step: int, values: dict, last_good: int | None) -> None:
+  bad = [k for k in ("train_loss", "grad_norm") if not math.isfinite(values[k])]
+  if bad:
+    where = f"step {last_good}" if last_good is not None else "none yet"
+    raise NonFiniteError(
+      f"non-finite {' and '.join(bad)} at step {step} "
+      f"({', '.join(f'{k}={values[k]}' for k in bad)}). Last good checkpoint: {where}. "
+      "Lower opt.learning_rate or raise opt.warmup_steps, then rerun to resume from it."
+    )
+
+
+def init_or_restore(config, mesh, workdir: str, fingerprint: dict):
+  """(state, spec, tx, checkpointer): the newest checkpoint if the workdir has one, else fresh."""
+  rules = sharding.rules_from_config(config.mesh.rules)
+  model_cfg = config_lib.model_config(config)
+  tx = optim.make(config.opt, config.num_train_steps)
+  ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
+  latest = ckpt.latest_step()
+  if latest is None:
+    state, spec = train_state.create(model_cfg, config.seed, tx, mesh, rules)
+    return state, spec, tx, ckpt
+  checkpoint.check_fingerprint(ckpt.read_meta(latest)["fingerprint"], fingerprint, workdir)
+  spec = train_state.state_spec(model_cfg, config.seed, tx, mesh, rules)
+  state = ckpt.restore(latest, spec.abstract)
+  logging.info("Resuming from the checkpoint at step %d in %s", latest, workdir)
+  return state, spec, tx, ckpt
+
+
+def train_and_evaluate(config, workdir: str, mesh, data: DataHooks, fingerprint: dict) -> dict:
+  """Train to `num_train_steps`, resuming from `workdir`; returns the last logged record."""
+  state, spec, tx, ckpt = init_or_restore(config, mesh, workdir, fingerprint)
+  trainer = Trainer(config, mesh, spec, tx)
+  start, total = int(jax.device_get(state.step)), config.num_train_steps
+  primary = jax.process_index() == 0
+  writer = metrics.Writer(workdir, start_step=start, total_steps=total, enabled=primary)
+  last_good = ckpt.latest_step()
+  tokens_per_step = config.batch_size * config.data.seq_len
+  record: dict = {}
+  if start >= total:
+    logging.info("Checkpoint step %d >= num_train_steps=%d: nothing to train.", start, total)
+  batches = data.train_batches(start)
+  stopwatch, pending, compile_s = metrics.Stopwatch(), None, None
+
+  def pull(step_and_metrics) -> dict:
+    step, device_metrics = step_and_metrics
+    values = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+    _check_finite(step, values, last_good)
+    return values
+
+  try:
+    for step in range(start + 1, total + 1):
+      batch = trainer.to_global(next(batches))
+      if compile_s is None:
+        compile_s = trainer.compile(state, batch)
+        logging.info("Compiled the train step in %.1f s", compile_s)
+        stopwatch = metrics.Stopwatch()
+      state, step_metrics = trainer.train(state, batch)
+      stopwatch.add(tokens_per_step)
+      if pending is not None:
+        pull(pending)  # step t-1's metrics, fetched while step t runs
+      pending = (step, step_metrics)
+      last = step == total
+      log_now = metrics.is_time(step, config.log_every_steps) or last
+      eval_now = (metrics.is_time(step, config.eval_every_steps) or last) and data.eval_batches
+      save_now = metrics.is_time(step, config.checkpoint_every_steps) or last
+      if not (log_now or eval_now or save_now):
+        continue
+      values, pending = pull(pending), None
+      if log_now or eval_now:
+        rate = stopwatch.lap()
+        record = {
+          "train_loss": values["train_loss"],
+          "learning_rate": values["learning_rate"],
+          "grad_norm": values["grad_norm"],
+          "tokens_per_sec": rate,
+        }
+        if eval_now:
+          record.update(trainer.evaluate(state.params, data.eval_batches()))
+        writer.write(step, record)
+        writer.progress(step, values["train_loss"], rate)
+      if save_now:
+        ckpt.save(step, state, {"fingerprint": fingerprint, "step": step})
+        last_good = step
+      stopwatch = metrics.Stopwatch()  # eval and checkpoint time stay out of tokens_per_sec
+    if data.on_end is not None and start < total:
+      ckpt.wait()
+      data.on_end(spec.merge, state)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return record

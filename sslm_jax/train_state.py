@@ -1,0 +1,86 @@
+"""The train state and its sharded creation: eval_shape -> shardings -> jit(init)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import PartitionSpec
+
+from sslm_jax import model as model_lib
+from sslm_jax import sharding
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: number of updates applied so far
+  params: nnx.State
+  opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+  """Everything static about the state: how to rebuild the model and where each leaf lives."""
+
+  graphdef: nnx.GraphDef
+  abstract: TrainState  # ShapeDtypeStructs carrying their shardings
+  shardings: TrainState  # NamedSharding per leaf
+
+  def merge(self, params: nnx.State):
+    return nnx.merge(self.graphdef, params)
+
+
+def _is_var(x):
+  return isinstance(x, nnx.Variable)
+
+
+def _init_fn(model_cfg: model_lib.ModelConfig, seed: int, tx: optax.GradientTransformation):
+  def init() -> TrainState:
+    params = nnx.state(model_lib.build(model_cfg, seed), nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return init
+
+
+def state_spec(model_cfg, seed, tx, mesh, rules) -> StateSpec:
+  """Shapes and shardings of the whole state, without allocating it."""
+  abstract_model = nnx.eval_shape(lambda: model_lib.build(model_cfg, seed))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  param_specs = sharding.param_specs(abstract_params, rules)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_specs = optax.tree_map_params(
+    tx,
+    lambda _, spec: spec,
+    abstract_opt,
+    param_specs,
+    transform_non_params=lambda _: PartitionSpec(),
+    is_leaf=_is_var,
+  )
+  specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
+  shardings = sharding.specs_to_shardings(specs, mesh)
+  abstract = jax.eval_shape(_init_fn(model_cfg, seed, tx))
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
+  return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings)
+
+
+def create(model_cfg, seed, tx, mesh, rules) -> tuple[TrainState, StateSpec]:
+  """A freshly initialised state, each leaf created directly in its shards."""
+  spec = state_spec(model_cfg, seed, tx, mesh, rules)
+  with sharding.activate(mesh, rules):
+    state = jax.jit(_init_fn(model_cfg, seed, tx), out_shardings=spec.shardings)()
+  return state, spec
+
+
+def bytes_per_device(tree) -> int:
+  """Bytes of one device's shards of a tree of (abstract or real) sharded arrays."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shard_shape = leaf.sharding.shard_shape(leaf.shape)
+    total += jnp.dtype(leaf.dtype).itemsize * math.prod(shard_shape)
+  return total

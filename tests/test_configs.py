@@ -1,0 +1,80 @@
+import glob
+import importlib.util
+import os
+
+import jax
+import pytest
+from flax import nnx
+
+from sslm_jax import config as config_lib
+from sslm_jax import model as model_lib
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location("cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def test_there_are_configs():
+  names = {os.path.basename(p) for p in CONFIGS}
+  assert {"gpt_tiny.py", "bert_tiny.py", "gpt_base.py", "bert_base.py"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_validates_and_initialises_abstractly(path):
+  config = _load(path)
+  config_lib.validate(config)
+  model_cfg = config_lib.model_config(config)
+  abstract = nnx.eval_shape(lambda: model_lib.build(model_cfg, config.seed))
+  params = nnx.state(abstract, nnx.Param)
+  assert model_lib.count_params(params) > 0
+  with open(path) as f:
+    assert "python -m sslm_jax.main --config=configs/" in f.read(), (
+      "config must open with its command"
+    )
+
+
+@pytest.mark.parametrize(
+  "name, expected_millions",
+  # GPT-2 small is 124M with vocab 50257 (ours pads to 50304); BERT-base ~110M with its pooler,
+  # which pretraining without next-sentence prediction does not use.
+  [("gpt_base.py", 124.4), ("bert_base.py", 109.5)],
+)
+def test_base_shapes_match_the_published_models(name, expected_millions):
+  config = _load(os.path.join(os.path.dirname(__file__), "..", "configs", name))
+  abstract = nnx.eval_shape(lambda: model_lib.build(config_lib.model_config(config), 0))
+  millions = model_lib.count_params(nnx.state(abstract, nnx.Param)) / 1e6
+  assert millions == pytest.approx(expected_millions, abs=1.0)
+
+
+@pytest.mark.parametrize(
+  "field, value, words",
+  [
+    ("objective", "mlm", "objective"),
+    ("batch_size", 0, "batch_size"),
+    ("data.seq_len", -1, "seq_len"),
+    ("num_train_steps", 0, "num_train_steps"),
+    ("eval_steps", 0, "eval_steps"),
+    ("data.source", "web", "data.source"),
+  ],
+)
+def test_validation_names_the_field(field, value, words):
+  config = config_lib.defaults()
+  parent, _, leaf = field.rpartition(".")
+  (config[parent] if parent else config)[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=words):
+    config_lib.validate(config)
+
+
+def test_closest_field_suggestion():
+  config = config_lib.defaults()
+  assert config_lib.closest_field(config, "data.seq_lne") == "data.seq_len"
+  assert config_lib.closest_field(config, "num_train_step") == "num_train_steps"
+
+
+def test_jax_sees_eight_devices():
+  assert jax.device_count() == 8

@@ -1,0 +1,30 @@
+import subprocess
+import sys
+
+CORE = [
+  "sslm_jax.model",
+  "sslm_jax.sharding",
+  "sslm_jax.objectives",
+  "sslm_jax.optim",
+  "sslm_jax.train_state",
+  "sslm_jax.train",
+  "sslm_jax.checkpoint",
+  "sslm_jax.metrics",
+  "sslm_jax.tokenizer",
+  "sslm_jax.sample",
+  "sslm_jax.config",
+  "sslm_jax.data.masking",
+]
+
+
+def test_core_imports_without_tensorflow():
+  code = (
+    "import sys\n"
+    f"for m in {CORE!r}: __import__(m)\n"
+    "tf = ('tensorflow', 'tensorflow_datasets')\n"
+    "bad = sorted(m for m in sys.modules if m.split('.')[0] in tf)\n"
+    "print(bad)\n"
+    "sys.exit(1 if bad else 0)\n"
+  )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stdout + result.stderr

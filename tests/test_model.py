@@ -1,0 +1,126 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import synthetic_batch, tiny_config
+from flax import nnx
+
+from sslm_jax import config as config_lib
+from sslm_jax import model as model_lib
+from sslm_jax import objectives, optim, sharding, train_state
+
+
+def _model(config):
+  return model_lib.build(config_lib.model_config(config), seed=0)
+
+
+def _loss(model, batch, key=None):
+  return objectives.mean_loss(objectives.metric_sums(model, batch, key))
+
+
+def test_output_shapes_and_finite(objective):
+  config = tiny_config(objective)
+  model, batch = _model(config), synthetic_batch(config)
+  v = config_lib.padded_vocab_size(config)
+  if objective == "causal_lm":
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    assert logits.shape == (config.batch_size, config.data.seq_len, v)
+  else:
+    logits = model(
+      batch["inputs"], batch["positions"], batch["segment_ids"], batch["masked_positions"]
+    )
+    assert logits.shape == (config.batch_size, config_lib.num_predictions(config), v)
+  assert logits.dtype == jnp.float32
+  assert bool(jnp.isfinite(logits).all())
+
+
+def test_initial_loss_close_to_log_vocab(objective):
+  config = tiny_config(objective)
+  loss = float(_loss(_model(config), synthetic_batch(config)))
+  assert abs(loss - math.log(config_lib.padded_vocab_size(config))) < 0.15
+
+
+def test_loss_falls_on_a_repeated_batch(objective):
+  config = tiny_config(objective)
+  config.opt.learning_rate, config.opt.warmup_steps = 3e-3, 0
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  tx = optim.make(config.opt, 100)
+  state, spec = train_state.create(
+    config_lib.model_config(config), 0, tx, mesh, sharding.DEFAULT_RULES
+  )
+  batch = synthetic_batch(config)
+
+  @jax.jit
+  def step(state):
+    from sslm_jax.train import train_step
+
+    return train_step(
+      state, batch, spec=spec, tx=tx, lr_schedule=lambda s: 0.0, seed=0, dropout=False
+    )
+
+  losses = []
+  for _ in range(30):
+    state, m = step(state)
+    losses.append(float(m["train_loss"]))
+  assert losses[-1] < 0.5 * losses[0], losses
+
+
+def _position_grad_norms(config, t: int):
+  """|d loss_at_t / d position_embedding[j]| for every position j."""
+  model, batch = _model(config), synthetic_batch(config)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss_at_t(params):
+    m = nnx.merge(graphdef, params)
+    args = (batch["inputs"], batch["positions"], batch["segment_ids"])
+    if config.objective == "causal_lm":
+      logits = m(*args)[:, t]
+      targets = batch["targets"][:, t]
+    else:
+      logits = m(*args, jnp.full((config.batch_size, 1), t, jnp.int32))[:, 0]
+      targets = batch["inputs"][:, t]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, None], 1))
+
+  grads = jax.grad(loss_at_t)(params)
+  return np.linalg.norm(np.asarray(grads["position_embed"]["embedding"][...]), axis=-1)
+
+
+def test_gpt_is_causal():
+  config, t = tiny_config("causal_lm"), 10
+  norms = _position_grad_norms(config, t)
+  assert np.all(norms[t + 1 :] == 0.0)
+  assert np.all(norms[: t + 1] > 0.0)
+
+
+def test_bert_is_bidirectional():
+  config, t = tiny_config("masked_lm"), 10
+  norms = _position_grad_norms(config, t)
+  assert np.all(norms > 0.0)
+
+
+@pytest.mark.parametrize("objective", ["causal_lm", "masked_lm"])
+def test_packed_segments_never_attend_across(objective):
+  config = tiny_config(objective)
+  model = _model(config)
+  batch = synthetic_batch(config, num_segments=2)
+  changed = {k: v.copy() for k, v in batch.items()}
+  second = batch["segment_ids"] == 2
+  changed["inputs"][second] = (changed["inputs"][second] - 6) % (config.data.vocab_size - 7) + 7
+  hidden = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])
+  hidden2 = model.hidden(changed["inputs"], changed["positions"], changed["segment_ids"])
+  first = batch["segment_ids"][0] == 1
+  np.testing.assert_array_equal(hidden[:, first], hidden2[:, first])
+  assert not np.allclose(hidden[:, ~first], hidden2[:, ~first])
+
+
+def test_dropout_depends_on_key_only():
+  config = tiny_config("causal_lm")
+  config.model.dropout_rate = 0.1
+  model, batch = _model(config), synthetic_batch(config)
+  a = _loss(model, batch, jax.random.key(1))
+  b = _loss(model, batch, jax.random.key(1))
+  c = _loss(model, batch, jax.random.key(2))
+  assert float(a) == float(b) and float(a) != float(c)
+  assert float(_loss(model, batch)) != float(a)
