@@ -1,0 +1,106 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import synthetic_batch, tiny_config
+
+from sslm_jax import checkpoint, sharding, train
+from sslm_jax import config as config_lib
+
+
+class Killed(Exception):
+  pass
+
+
+def _hooks(config, batch=None, kill_at=None):
+  def batches(start_step):
+    step = start_step
+    while True:
+      if step == kill_at:
+        raise Killed
+      yield batch if batch is not None else synthetic_batch(config, seed=step)
+      step += 1
+
+  return train.DataHooks(
+    train_batches=batches, eval_batches=lambda: [synthetic_batch(config, seed=10_000)]
+  )
+
+
+def _run(config, workdir, devices=None, batch=None, kill_at=None):
+  mesh = sharding.make_mesh(config.mesh, devices=devices or jax.devices()[:1])
+  fp = checkpoint.fingerprint(config, config_lib.model_config(config))
+  hooks = _hooks(config, batch, kill_at)
+  return train.train_and_evaluate(config, str(workdir), mesh, hooks, fp)
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_run_writes_metrics_checkpoints_tensorboard_and_resumes(tmp_path, objective):
+  config = tiny_config(objective)
+  _run(config, tmp_path)
+  records = _records(tmp_path)
+  assert [r["step"] for r in records] == [2, 4, 6, 8]
+  for key in ("train_loss", "learning_rate", "grad_norm", "tokens_per_sec"):
+    assert all(key in r for r in records)
+  eval_keys = {"eval_loss", "eval_perplexity"} | (
+    {"eval_bits_per_byte"} if objective == "causal_lm" else {"eval_mlm_accuracy"}
+  )
+  assert eval_keys - {"eval_bits_per_byte"} <= set(records[1])  # bytes need real text
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "8"]
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+
+  config.num_train_steps = 12
+  _run(config, tmp_path)
+  steps = [r["step"] for r in _records(tmp_path)]
+  assert steps == [2, 4, 6, 8, 10, 12]
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int)[-1] == "12"
+
+
+def test_resume_continues_exactly(tmp_path):
+  config = tiny_config("causal_lm")
+  config.num_train_steps, config.log_every_steps = 8, 1
+  _run(config, tmp_path / "straight")
+  with pytest.raises(Killed):  # dies while fetching step 7's batch; newest checkpoint: step 4
+    _run(config, tmp_path / "resumed", kill_at=6)
+  assert [r["step"] for r in _records(tmp_path / "resumed")] == [1, 2, 3, 4, 5, 6]
+  _run(config, tmp_path / "resumed")
+  straight = [r["train_loss"] for r in _records(tmp_path / "straight")]
+  resumed = [r["train_loss"] for r in _records(tmp_path / "resumed")]
+  assert straight == resumed
+
+
+def test_refuses_checkpoint_of_another_shape(tmp_path):
+  config = tiny_config("causal_lm")
+  _run(config, tmp_path)
+  before = sorted(os.listdir(tmp_path / "checkpoints"))
+  config.model.emb_dim = 32
+  with pytest.raises(checkpoint.CheckpointMismatch, match="model.emb_dim: checkpoint has 64"):
+    _run(config, tmp_path)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == before
+
+
+def test_non_finite_loss_stops_with_step_and_last_checkpoint(tmp_path):
+  config = tiny_config("causal_lm")
+  batch = synthetic_batch(config)
+  batch["weights"] = np.full_like(batch["weights"], np.nan)
+  with pytest.raises(train.NonFiniteError, match="at step 1.*Last good checkpoint: none"):
+    _run(config, tmp_path, batch=batch)
+  assert not os.listdir(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
+def test_sharded_losses_match_one_device(tmp_path, mesh_shape):
+  config = tiny_config("causal_lm")
+  config.num_train_steps, config.log_every_steps, config.eval_every_steps = 4, 1, 100
+  config.checkpoint_every_steps = 100
+  _run(config, tmp_path / "one")
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
+  _run(config, tmp_path / "many", devices=jax.devices())
+  one = [r["train_loss"] for r in _records(tmp_path / "one")]
+  many = [r["train_loss"] for r in _records(tmp_path / "many")]
+  np.testing.assert_allclose(many, one, rtol=1e-5)
