@@ -13,7 +13,7 @@ from sslm_jax.config import defaults
 def get_config():
   c = defaults()
   c.objective = "masked_lm"
-  c.num_train_steps = 300
+  c.num_train_steps = 500
   c.batch_size = 32
   c.log_every_steps = 10
   c.eval_every_steps = 100

@@ -26,6 +26,14 @@ from sslm_jax import tokenizer as tokenizer_lib  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, config.")
+flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0, for multi-process runs off TPU/SLURM."
+)
+flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+flags.DEFINE_integer(
+  "initialization_timeout", 300, "Seconds to wait for every process to join before failing."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -133,11 +141,32 @@ def run(config, workdir: str) -> dict:
   return train.train_and_evaluate(config, workdir, mesh, hooks, fingerprint)
 
 
+def initialize_distributed() -> None:
+  """Join the other processes: explicit flags, or JAX's auto-detection on Cloud TPU and SLURM."""
+  explicit = FLAGS.coordinator_address is not None
+  on_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  on_tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if not (explicit or on_slurm or on_tpu_pod):
+    return
+  if explicit and (FLAGS.num_processes is None or FLAGS.process_id is None):
+    raise UsageError("--coordinator_address needs --num_processes and --process_id too.")
+  kwargs = {"initialization_timeout": FLAGS.initialization_timeout}
+  if explicit:
+    kwargs.update(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
+  jax.distributed.initialize(**kwargs)
+  logging.info("Process %d of %d joined.", jax.process_index(), jax.process_count())
+
+
 def main(argv):
   del argv
   from sslm_jax.data import pipeline
 
   try:
+    initialize_distributed()
     run(FLAGS.config, FLAGS.workdir)
   except (*OUR_ERRORS, pipeline.DataError) as e:
     logging.error("%s", e)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from sslm_jax import tokenizer as tok
 
@@ -20,9 +21,11 @@ def generate(
   positions_1W = np.arange(window, dtype=np.int32)[None]
   segments_1W = np.ones((1, window), np.int32)
 
+  graphdef, params = nnx.split(model)
+
   @jax.jit
-  def next_token(ids_1W, index, key):
-    logits_V = model(ids_1W, positions_1W, segments_1W)[0, index - 1]
+  def next_token(params, ids_1W, index, key):
+    logits_V = nnx.merge(graphdef, params)(ids_1W, positions_1W, segments_1W)[0, index - 1]
     top_logits_K, top_ids_K = jax.lax.top_k(logits_V, top_k)
     choice = jax.random.categorical(key, top_logits_K / temperature)
     return top_ids_K[choice]
@@ -30,7 +33,7 @@ def generate(
   key = jax.random.key(seed)
   n = len(prompt_ids)
   for i in range(max_new_tokens):
-    token = int(next_token(jnp.asarray(ids_1W), n, jax.random.fold_in(key, i)))
+    token = int(next_token(params, jnp.asarray(ids_1W), n, jax.random.fold_in(key, i)))
     if token == tok.EOS_ID:
       break
     ids_1W[0, n] = token

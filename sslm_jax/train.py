@@ -160,6 +160,8 @@ def train_and_evaluate(config, workdir: str, mesh, data: DataHooks, fingerprint:
   record: dict = {}
   if start >= total:
     logging.info("Checkpoint step %d >= num_train_steps=%d: nothing to train.", start, total)
+  if start == 0 and data.eval_batches and total > 0:
+    writer.write(0, trainer.evaluate(state.params, data.eval_batches()))  # the untrained baseline
   batches = data.train_batches(start)
   stopwatch, pending, compile_s = metrics.Stopwatch(), None, None
 

@@ -1,0 +1,340 @@
+"""Documents from the configured source, the train/eval split, and packing into token rows.
+
+Sources: 'builtin' (this Python's standard library sources, nothing downloaded), 'text' (.txt
+paragraphs or .jsonl records, local or gs://) and 'tfds' (a TensorFlow Datasets text feature).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import pathlib
+import sys
+import sysconfig
+import time
+import zlib
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from absl import logging
+
+from sslm_jax import tokenizer as tokenizer_lib
+
+# Third-party packages and the test suites are not the standard library's own code.
+_BUILTIN_SKIP_DIRS = frozenset(
+  {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+)
+_TOKENIZE_DOCS = 1024  # documents per encode_batch call
+_TOKENIZE_CHARS = 4_000_000  # and at most this much text per call, for very long documents
+_LOG_EVERY_S = 15.0
+NUM_SAMPLE_TEXTS = 64  # held-out snippets kept for end-of-run samples
+_SNIPPET_CHARS = 200
+
+
+class DataError(ValueError):
+  """Data that cannot be prepared or served; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass
+class DecodeStats:
+  """Files and documents whose bytes were not valid UTF-8 (decoded with U+FFFD instead)."""
+
+  files: set[str] = dataclasses.field(default_factory=set)  # a set: both splits read a file
+  docs: int = 0
+
+  def add(self, file: str | None, bad: bool) -> None:
+    if bad:
+      self.docs += 1
+      if file is not None:
+        self.files.add(file)
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+  """Text and whether any bytes had to be replaced; never raises."""
+  try:
+    return raw.decode("utf-8"), False
+  except UnicodeDecodeError:
+    return raw.decode("utf-8", errors="replace"), True
+
+
+def is_eval(key: str, eval_fraction: float) -> bool:
+  """The held-out split: a stable hash of the document key, independent of listing order."""
+  return zlib.crc32(key.encode("utf-8")) % 10000 < eval_fraction * 10000
+
+
+def builtin_files() -> list[tuple[str, pathlib.Path]]:
+  """(path relative to the stdlib, absolute path) of the stdlib's own .py files, sorted."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  found = []
+  for path in root.rglob("*.py"):
+    rel = path.relative_to(root)
+    if not _BUILTIN_SKIP_DIRS.intersection(rel.parts[:-1]):
+      found.append((rel.as_posix(), path))
+  return sorted(found)
+
+
+def _builtin_documents(split: str, eval_fraction: float, stats: DecodeStats) -> Iterator[str]:
+  for key, path in builtin_files():
+    if is_eval(key, eval_fraction) != (split == "eval"):
+      continue
+    text, bad = _decode(path.read_bytes())
+    stats.add(key, bad)
+    if text.strip():
+      yield text
+
+
+def _pattern_base(pattern: str) -> str:
+  """The directory above the first wildcard: matched files are named relative to it."""
+  cut = min((i for i, ch in enumerate(pattern) if ch in "*?["), default=len(pattern))
+  return pattern[:cut].rsplit("/", 1)[0] if "/" in pattern[:cut] else ""
+
+
+def text_paths(patterns: str) -> list[tuple[str, str]]:
+  """(name, path) of files matched by comma-separated paths or globs; each must match.
+
+  The name (the path below the pattern's fixed directory) keys the held-out split, so moving
+  the data elsewhere, e.g. to gs://, keeps every document in its split.
+  """
+  found = {}
+  for pattern in (p.strip() for p in patterns.split(",")):
+    if not pattern:
+      continue
+    matched = tf.io.gfile.glob(pattern)
+    if not matched:
+      raise DataError(
+        f"text file pattern {pattern!r} matches no files; fix data.text_files / "
+        "data.eval_text_files (comma-separated paths or globs such as /data/*.txt)."
+      )
+    base = _pattern_base(pattern)
+    for path in matched:
+      found.setdefault(path, path[len(base) :].lstrip("/") if base else path)
+  return [(name, path) for path, name in sorted(found.items())]
+
+
+def _paragraphs(path: str, name: str) -> Iterator[tuple[str, str, bool]]:
+  """(key, text, had bad bytes) of each blank-line-separated paragraph of a text file."""
+  index, lines = 0, []
+  with tf.io.gfile.GFile(path, "rb") as f:
+    for line in [*f, b""]:  # a final empty line flushes the last paragraph
+      if line.strip():
+        lines.append(line)
+        continue
+      if lines:
+        text, bad = _decode(b"".join(lines))
+        yield f"{name}#{index}", text.strip(), bad
+        index, lines = index + 1, []
+
+
+def _jsonl_records(path: str, name: str, text_key: str) -> Iterator[tuple[str, str, bool]]:
+  """(key, text, had bad bytes) of each .jsonl record's `text_key` field."""
+  with tf.io.gfile.GFile(path, "rb") as f:
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      raw, bad = _decode(line)
+      try:
+        record = json.loads(raw)
+        text = record[text_key]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DataError(
+          f"{path}:{number} is not a JSON object with a {text_key!r} field ({e}); fix the file "
+          "or set --config.data.text_key to the field that holds the text."
+        ) from e
+      yield f"{name}#{number}", str(text), bad
+
+
+def _text_documents(
+  files: list[tuple[str, str]], keep, text_key: str, stats: DecodeStats
+) -> Iterator[str]:
+  for name, path in files:
+    if path.endswith(".jsonl"):
+      records = _jsonl_records(path, name, text_key)
+    else:
+      records = _paragraphs(path, name)
+    for key, text, bad in records:
+      if keep(key):
+        stats.add(path, bad)
+        if text.strip():
+          yield text
+
+
+def _tfds_documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats) -> Iterator[str]:
+  name = c.data.tfds_train_split if split == "train" else c.data.tfds_eval_split
+  try:
+    ds = tfds.load(
+      c.data.tfds_name, split=name, data_dir=c.data.tfds_data_dir or None, shuffle_files=False
+    )
+  except tfds.core.DatasetNotFoundError as e:
+    raise DataError(
+      f"tfds dataset {c.data.tfds_name!r} is unknown ({e}); fix --config.data.tfds_name."
+    ) from e
+  key = c.data.tfds_text_key
+  if key not in ds.element_spec:
+    raise DataError(
+      f"tfds dataset {c.data.tfds_name!r} has no feature {key!r} (it has "
+      f"{sorted(ds.element_spec)}); set --config.data.tfds_text_key to one of them."
+    )
+  for batch in ds.map(lambda x: x[key]).batch(_TOKENIZE_DOCS).prefetch(2).as_numpy_iterator():
+    for raw in batch:
+      text, bad = _decode(bytes(raw))
+      stats.add(None, bad)
+      if text.strip():
+        yield text
+
+
+def documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats) -> Iterator[str]:
+  """Texts of the 'train' or 'eval' split, in a fixed order; empty documents are skipped."""
+  source = c.data.source
+  if source == "builtin":
+    return _builtin_documents(split, c.data.eval_fraction, stats)
+  if source == "tfds":
+    return _tfds_documents(c, split, stats)
+  if source != "text":
+    raise DataError(f"data.source={source!r}: use 'builtin', 'text' or 'tfds'.")
+  if c.data.eval_text_files:
+    files = c.data.text_files if split == "train" else c.data.eval_text_files
+    return _text_documents(text_paths(files), lambda key: True, c.data.text_key, stats)
+  want_eval = split == "eval"
+  keep = lambda key: is_eval(key, c.data.eval_fraction) == want_eval
+  return _text_documents(text_paths(c.data.text_files), keep, c.data.text_key, stats)
+
+
+def snippet(text: str) -> str:
+  """The first non-empty line(s) of a document, at most _SNIPPET_CHARS characters."""
+  out = ""
+  for line in text.splitlines():
+    if not line.strip():
+      continue
+    joined = f"{out}\n{line.rstrip()}" if out else line.rstrip()
+    if len(joined) > _SNIPPET_CHARS:
+      return out or joined[:_SNIPPET_CHARS].rstrip()
+    out = joined
+    if len(out) >= _SNIPPET_CHARS // 4:
+      break
+  return out
+
+
+def keep_snippets(texts: Iterator[str], out: list[str]) -> Iterator[str]:
+  """Pass texts through, keeping snippets of the first NUM_SAMPLE_TEXTS in `out`."""
+  for text in texts:
+    if len(out) < NUM_SAMPLE_TEXTS:
+      out.append(snippet(text))
+    yield text
+
+
+def tokenizer_sample(texts: Iterator[str], budget: int) -> list[str]:
+  """About the first `budget` bytes of documents, in source order (the last one is cut)."""
+  sample, used = [], 0
+  for text in texts:
+    if used >= budget:
+      break
+    size = len(text.encode("utf-8"))
+    sample.append(text if used + size <= budget else text[: budget - used])
+    used += size
+  return sample
+
+
+def _listing_digest(entries: list[str]) -> str:
+  return hashlib.sha256("\n".join(entries).encode("utf-8")).hexdigest()
+
+
+def describe(c: ml_collections.ConfigDict) -> dict:
+  """What the cache was built from; a difference means the cache must be rebuilt."""
+  d = c.data
+  if d.source == "builtin":
+    files = builtin_files()
+    listing = [f"{key}:{path.stat().st_size}" for key, path in files]
+    return {
+      "source": "builtin",
+      "python": sys.version.split()[0],
+      "num_files": len(files),
+      "listing_sha256": _listing_digest(listing),
+      "eval_fraction": d.eval_fraction,
+    }
+  if d.source == "tfds":
+    keys = ("tfds_name", "tfds_train_split", "tfds_eval_split", "tfds_data_dir", "tfds_text_key")
+    return {"source": "tfds", **{k: d[k] for k in keys}}
+  desc = {"source": "text", "text_files": d.text_files, "text_key": d.text_key}
+  groups = {"train": d.text_files}
+  if d.eval_text_files:
+    desc["eval_text_files"] = groups["eval"] = d.eval_text_files
+  else:
+    desc["eval_fraction"] = d.eval_fraction
+  for split, patterns in groups.items():
+    paths = text_paths(patterns)
+    desc[f"{split}_num_files"] = len(paths)
+    desc[f"{split}_listing_sha256"] = _listing_digest(
+      [f"{p}:{tf.io.gfile.stat(p).length}" for _, p in paths]
+    )
+  return desc
+
+
+def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
+  batch, chars = [], 0
+  for text in texts:
+    batch.append(text)
+    chars += len(text)
+    if len(batch) >= _TOKENIZE_DOCS or chars >= _TOKENIZE_CHARS:
+      yield batch
+      batch, chars = [], 0
+  if batch:
+    yield batch
+
+
+def frame(ids: list[list[int]], start_id: int, end_id: int) -> np.ndarray:
+  """int64 stream: start_id + ids + end_id for every document, concatenated."""
+  if not ids:
+    return np.empty(0, np.int64)
+  lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
+  total = int(lengths.sum()) + 2 * len(ids)
+  stream = np.empty(total, np.int64)
+  starts = np.concatenate([[0], np.cumsum(lengths + 2)[:-1]]).astype(np.int64)
+  ends = starts + lengths + 1
+  body = np.ones(total, bool)
+  body[starts] = body[ends] = False
+  stream[starts], stream[ends] = start_id, end_id
+  stream[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=int(lengths.sum()))
+  return stream
+
+
+@dataclasses.dataclass
+class Packed:
+  rows: np.ndarray  # [num_rows, row_len]
+  num_docs: int
+  num_tokens: int  # including the start and end ids
+
+
+def pack(
+  texts: Iterator[str],
+  tok: tokenizer_lib.Tokenizer,
+  *,
+  start_id: int,
+  end_id: int,
+  row_len: int,
+  what: str,
+) -> Packed:
+  """Tokenize documents in batches and cut their concatenation into rows (remainder dropped)."""
+  dtype = np.uint16 if tok.vocab_size <= 65535 else np.int32
+  chunks, carry = [], np.empty(0, np.int64)
+  num_docs = num_tokens = 0
+  last_log = time.monotonic()
+  for batch in _batches(texts):
+    stream = np.concatenate([carry, frame(tok.encode_batch(batch), start_id, end_id)])
+    num_docs += len(batch)
+    num_tokens += len(stream) - len(carry)
+    usable = len(stream) // row_len * row_len
+    chunks.append(stream[:usable].reshape(-1, row_len).astype(dtype))
+    carry = stream[usable:]
+    if time.monotonic() - last_log > _LOG_EVERY_S:
+      logging.info("prepare %s: %d documents, %d tokens so far", what, num_docs, num_tokens)
+      last_log = time.monotonic()
+  rows = np.concatenate(chunks) if chunks else np.empty((0, row_len), dtype)
+  logging.info(
+    "prepare %s: %d documents, %d tokens, %d rows", what, num_docs, num_tokens, len(rows)
+  )
+  return Packed(rows=rows, num_docs=num_docs, num_tokens=num_tokens)

@@ -1,0 +1,387 @@
+"""Prepare a token-row cache once, then serve batches as a pure function of (seed, step).
+
+Because batch k depends only on (seed, k), a resumed run and a run on a different number of
+hosts see exactly the same global batches, and no iterator state is ever saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from sslm_jax import config as config_lib
+from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.data import corpus, masking
+from sslm_jax.data.corpus import DataError
+
+__all__ = ["Data", "DataError", "build", "causal_features", "masked_features", "prepare"]
+
+CACHE_VERSION = 1
+# Eval rows and eval masks use this fixed seed, so runs with different seeds are compared on the
+# same examples.
+EVAL_SEED = 0xE7A1
+
+
+def _row_len(c: ml_collections.ConfigDict) -> int:
+  return c.data.seq_len + 1 if c.objective == "causal_lm" else c.data.seq_len
+
+
+def _doc_ids(c: ml_collections.ConfigDict) -> tuple[int, int]:
+  if c.objective == "causal_lm":
+    return tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID
+  return tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID
+
+
+def _source_name(c: ml_collections.ConfigDict, split: str) -> str:
+  d = c.data
+  if d.source == "text":
+    files = d.eval_text_files if split == "eval" and d.eval_text_files else d.text_files
+    return f"text files {files!r} ({split} split)"
+  if d.source == "tfds":
+    return f"tfds {d.tfds_name}:{d.tfds_train_split if split == 'train' else d.tfds_eval_split}"
+  return f"builtin (Python standard library sources, {split} split)"
+
+
+# ----------------------------------------------------------------------------- batch features
+
+
+def segments(tokens_bT: np.ndarray, start_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Segment ids (>= 1, a new one at each start_id) and positions within segments.
+
+  A row that begins mid-document still begins at segment 1, position 0.
+  """
+  is_start_bT = tokens_bT == start_id
+  segment_bT = np.cumsum(is_start_bT, axis=1) + (~is_start_bT[:, :1])
+  t_T = np.arange(tokens_bT.shape[1])
+  last_start_bT = np.maximum.accumulate(np.where(is_start_bT, t_T, 0), axis=1)
+  return segment_bT.astype(np.int32), (t_T - last_start_bT).astype(np.int32)
+
+
+def causal_features(rows_bR: np.ndarray) -> dict[str, np.ndarray]:
+  """Next-token batch from rows of seq_len + 1 tokens."""
+  rows_bR = np.asarray(rows_bR, np.int32)
+  inputs_bT, targets_bT = rows_bR[:, :-1], rows_bR[:, 1:]
+  segment_bT, positions_bT = segments(inputs_bT, tokenizer_lib.BOS_ID)
+  return {
+    "inputs": inputs_bT,
+    "targets": targets_bT,
+    "segment_ids": segment_bT,
+    "positions": positions_bT,
+    # A BOS target starts the next document: predicting it from the previous one is noise.
+    "weights": (targets_bT != tokenizer_lib.BOS_ID).astype(np.float32),
+  }
+
+
+def masked_features(
+  rows_bT: np.ndarray, example_ids_b: np.ndarray, c: ml_collections.ConfigDict, seed: int
+) -> dict[str, np.ndarray]:
+  """Masked-LM batch from rows of seq_len tokens; masks depend on (seed, example id) only."""
+  rows_bT = np.asarray(rows_bT, np.int32)
+  segment_bT, positions_bT = segments(rows_bT, tokenizer_lib.CLS_ID)
+  masked = masking.mask_tokens(
+    rows_bT,
+    example_ids_b,
+    seed=seed,
+    mlm_probability=c.data.mlm_probability,
+    num_predictions=config_lib.num_predictions(c),
+    vocab_size=c.data.vocab_size,
+    mask_id=tokenizer_lib.MASK_ID,
+    num_special=tokenizer_lib.NUM_SPECIAL,
+  )
+  return {**masked, "segment_ids": segment_bT, "positions": positions_bT}
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+@dataclasses.dataclass
+class Data:
+  """Batches for this process; `b = batch_size // process_count` rows of each global batch."""
+
+  tokenizer: tokenizer_lib.Tokenizer
+  num_train_rows: int
+  num_eval_rows: int
+  config: ml_collections.ConfigDict = dataclasses.field(repr=False)
+  train_rows: np.ndarray = dataclasses.field(repr=False)
+  eval_rows: np.ndarray = dataclasses.field(repr=False)
+  samples: list[str] = dataclasses.field(repr=False)
+  process_index: int = 0
+  process_count: int = 1
+  _perms: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
+  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False)
+  _eval_cache: list | None = dataclasses.field(default=None, init=False, repr=False)
+
+  @property
+  def local_batch_size(self) -> int:
+    return self.config.batch_size // self.process_count
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    with self._lock:
+      if epoch not in self._perms:
+        # Parallel map calls straddle at most a couple of epochs; keep only the newest few.
+        for old in sorted(self._perms)[:-3]:
+          del self._perms[old]
+        rng = np.random.default_rng([self.config.seed, epoch])
+        self._perms[epoch] = rng.permutation(self.num_train_rows)
+      return self._perms[epoch]
+
+  def _features(self, rows: np.ndarray, example_ids_b: np.ndarray, seed: int) -> dict:
+    if self.config.objective == "causal_lm":
+      return causal_features(rows)
+    return masked_features(rows, example_ids_b, self.config, seed)
+
+  def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
+    """This process's part of global batch `step`, with no dependence on earlier calls."""
+    b = self.local_batch_size
+    g_b = step * self.config.batch_size + self.process_index * b + np.arange(b, dtype=np.int64)
+    epoch_b, offset_b = np.divmod(g_b, self.num_train_rows)
+    row_b = np.empty(b, np.int64)
+    for epoch in np.unique(epoch_b):
+      here = epoch_b == epoch
+      row_b[here] = self._permutation(int(epoch))[offset_b[here]]
+    return self._features(self.train_rows[row_b], g_b, self.config.seed)
+
+  def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Batches for steps start_step, start_step + 1, ... forever, computed ahead in parallel."""
+    example = self.batch_for_step(start_step)
+    keys = sorted(example)
+    dtypes = [tf.as_dtype(example[k].dtype) for k in keys]
+
+    def numpy_batch(step):
+      batch = self.batch_for_step(int(step))
+      return [batch[k] for k in keys]
+
+    def tf_batch(step):
+      out = tf.numpy_function(numpy_batch, [step], dtypes, stateful=False)
+      return {k: tf.ensure_shape(v, example[k].shape) for k, v in zip(keys, out, strict=True)}
+
+    ds = tf.data.Dataset.range(start_step, 2**62)
+    ds = ds.map(tf_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+  def _make_eval_batches(self) -> list[dict[str, np.ndarray]]:
+    big_b, b = self.config.batch_size, self.local_batch_size
+    steps = min(self.config.eval_steps, self.num_eval_rows // big_b)
+    order = np.random.default_rng(EVAL_SEED).permutation(self.num_eval_rows)
+    batches = []
+    for j in range(steps):
+      start = j * big_b + self.process_index * b
+      row_b = order[start : start + b]
+      batch = self._features(self.eval_rows[row_b], row_b, EVAL_SEED)
+      if self.config.objective == "causal_lm":
+        bytes_bT = self.tokenizer.token_bytes()[batch["targets"]]
+        batch["target_bytes"] = (bytes_bT * batch["weights"]).astype(np.int32)
+      batches.append(batch)
+    return batches
+
+  def eval_batches(self) -> Iterator[dict[str, np.ndarray]]:
+    """The same fixed eval batches, in the same order, on every call."""
+    if self._eval_cache is None:
+      self._eval_cache = self._make_eval_batches()
+    return iter(self._eval_cache)
+
+  def sample_texts(self, n: int) -> list[str]:
+    """Up to n held-out snippets (the first lines of eval documents) to prompt samples with."""
+    return list(self.samples[:n])
+
+
+# ----------------------------------------------------------------------------- cache files
+
+
+def _paths(workdir: str) -> dict[str, str]:
+  data = os.path.join(workdir, "data")
+  return {
+    "dir": data,
+    "meta": os.path.join(data, "meta.json"),
+    "train": os.path.join(data, "train_rows.npy"),
+    "eval": os.path.join(data, "eval_rows.npy"),
+  }
+
+
+def _atomic_write(path: str, write: Callable) -> None:
+  """Write beside `path` under a temporary name, then rename: never a half file at `path`."""
+  head, tail = os.path.split(path)
+  tmp = os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  with tf.io.gfile.GFile(tmp, "wb") as f:
+    write(f)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _read_meta(workdir: str) -> dict | None:
+  path = _paths(workdir)["meta"]
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path, "r") as f:
+    return json.load(f)
+
+
+def _load_rows(path: str) -> np.ndarray:
+  if "://" not in path:
+    return np.load(path, mmap_mode="r")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return np.load(io.BytesIO(f.read()))
+
+
+def _request(c: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> dict:
+  """Everything the cached rows depend on; any change means a rebuild."""
+  request = {
+    "version": CACHE_VERSION,
+    "objective": c.objective,
+    "seq_len": c.data.seq_len,
+    "row_len": _row_len(c),
+    "tokenizer_sha256": tok.sha256,
+    "source": corpus.describe(c),
+  }
+  return json.loads(json.dumps(request))  # the form it has after a round trip through meta.json
+
+
+def _one_batch(c: ml_collections.ConfigDict) -> str:
+  extra = _row_len(c) - c.data.seq_len
+  seq = f"(seq_len+{extra})" if extra else "seq_len"
+  return (
+    f"one batch needs batch_size*{seq}={c.batch_size}*{_row_len(c)}="
+    f"{c.batch_size * _row_len(c)} tokens"
+  )
+
+
+def _check_sizes(c: ml_collections.ConfigDict, meta: dict) -> None:
+  """Both splits must fill at least one global batch."""
+  train, ev = meta["train"], meta["eval"]
+  if train["rows"] < c.batch_size:
+    raise DataError(
+      f"{_source_name(c, 'train')} has {train['tokens']} tokens in {train['docs']} documents; "
+      f"{_one_batch(c)}. Use more data, or lower --config.batch_size or --config.data.seq_len."
+    )
+  if ev["rows"] < c.batch_size:
+    raise DataError(
+      f"eval split too small: {_source_name(c, 'eval')} has {ev['tokens']} tokens in "
+      f"{ev['docs']} documents ({ev['rows']} rows); {_one_batch(c)}. Raise "
+      "--config.data.eval_fraction, set --config.data.eval_text_files, or lower "
+      "--config.batch_size."
+    )
+
+
+def _train_tokenizer(c: ml_collections.ConfigDict, path: str) -> tokenizer_lib.Tokenizer:
+  """Train on the first data.tokenizer_sample_bytes of the train split (never on eval text)."""
+  train_docs = corpus.documents(c, "train", corpus.DecodeStats())
+  sample = corpus.tokenizer_sample(train_docs, c.data.tokenizer_sample_bytes)
+  if not sample:
+    raise DataError(
+      f"{_source_name(c, 'train')} has no text; {_one_batch(c)}. Check data.source and its "
+      "files or dataset (and that data.tokenizer_sample_bytes > 0)."
+    )
+  logging.info("training a %d-piece tokenizer on %d documents", c.data.vocab_size, len(sample))
+  return tokenizer_lib.train(sample, c.data.vocab_size, path)
+
+
+def _tokenizer(
+  c: ml_collections.ConfigDict, workdir: str, may_train: bool
+) -> tokenizer_lib.Tokenizer:
+  """data.tokenizer_path if set, else the workdir's own tokenizer, trained on first use."""
+  if c.data.tokenizer_path:
+    tok, origin = tokenizer_lib.load(c.data.tokenizer_path), "data.tokenizer_path"
+  else:
+    origin = os.path.join(workdir, "tokenizer.model")
+    if tf.io.gfile.exists(origin):
+      tok = tokenizer_lib.load(origin)
+    elif may_train:
+      tok = _train_tokenizer(c, origin)
+    else:
+      raise DataError(f"{origin} does not exist; run prepare(config, workdir) before build().")
+  if tok.vocab_size != c.data.vocab_size:
+    raise DataError(
+      f"the tokenizer {origin} has {tok.vocab_size} pieces but data.vocab_size="
+      f"{c.data.vocab_size}; set --config.data.vocab_size={tok.vocab_size}, or use a new "
+      "--workdir to train a tokenizer of the new size."
+    )
+  return tok
+
+
+def _pack(c, tok, split: str, stats: corpus.DecodeStats, samples: list[str] | None = None):
+  start_id, end_id = _doc_ids(c)
+  texts = corpus.documents(c, split, stats)
+  if samples is not None:
+    texts = corpus.keep_snippets(texts, samples)
+  return corpus.pack(texts, tok, start_id=start_id, end_id=end_id, row_len=_row_len(c), what=split)
+
+
+def prepare(c: ml_collections.ConfigDict, workdir: str) -> None:
+  """Build workdir/tokenizer.model and workdir/data/ unless they already match the config.
+
+  Call on process 0 only, before build(). A killed or failed prepare leaves no meta.json, and
+  build() refuses to run without one that matches the config.
+  """
+  paths = _paths(workdir)
+  tok = _tokenizer(c, workdir, may_train=True)
+  request = _request(c, tok)
+  meta = _read_meta(workdir)
+  if meta is not None and meta["request"] == request:
+    logging.info("reusing the data cache in %s", paths["dir"])
+    _check_sizes(c, meta)
+    return
+  if meta is not None:
+    tf.io.gfile.remove(paths["meta"])
+  tf.io.gfile.makedirs(paths["dir"])
+  stats, samples = corpus.DecodeStats(), []
+  packed = {"train": _pack(c, tok, "train", stats), "eval": _pack(c, tok, "eval", stats, samples)}
+  if stats.docs:
+    logging.warning(
+      "%d documents in %d files had bytes that are not UTF-8; they were replaced by U+FFFD.",
+      stats.docs,
+      len(stats.files),
+    )
+  meta = {"request": request, "samples": samples}
+  meta["undecodable"] = {"files": len(stats.files), "docs": stats.docs}
+  for split, p in packed.items():
+    meta[split] = {"docs": p.num_docs, "tokens": p.num_tokens, "rows": len(p.rows)}
+  _check_sizes(c, meta)
+  for split, p in packed.items():
+    _atomic_write(paths[split], lambda f, rows=p.rows: np.save(f, rows))
+  _atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
+  logging.info("data cache written to %s: %s", paths["dir"], {k: meta[k] for k in packed})
+
+
+def build(
+  c: ml_collections.ConfigDict, workdir: str, process_index: int = 0, process_count: int = 1
+) -> Data:
+  """Open the cache prepare() wrote; this process serves rows [p*b, (p+1)*b) of each batch."""
+  if c.batch_size % process_count:
+    raise DataError(
+      f"batch_size={c.batch_size} is not divisible by the {process_count} processes; set "
+      f"--config.batch_size to a multiple of {process_count}."
+    )
+  paths = _paths(workdir)
+  tok = _tokenizer(c, workdir, may_train=False)
+  meta = _read_meta(workdir)
+  if meta is None:
+    raise DataError(f"no data cache in {paths['dir']}; run prepare(config, workdir) first.")
+  if meta["request"] != _request(c, tok):
+    raise DataError(
+      f"the data cache in {paths['dir']} was built for another config or tokenizer; run "
+      "prepare(config, workdir) again to rebuild it."
+    )
+  _check_sizes(c, meta)
+  train_rows, eval_rows = _load_rows(paths["train"]), _load_rows(paths["eval"])
+  if len(train_rows) != meta["train"]["rows"] or len(eval_rows) != meta["eval"]["rows"]:
+    raise DataError(f"{paths['dir']} holds other row counts than its meta.json; rerun prepare.")
+  return Data(
+    tokenizer=tok,
+    num_train_rows=len(train_rows),
+    num_eval_rows=len(eval_rows),
+    config=c,
+    train_rows=train_rows,
+    eval_rows=eval_rows,
+    samples=meta["samples"],
+    process_index=process_index,
+    process_count=process_count,
+  )
