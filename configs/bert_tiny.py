@@ -13,12 +13,12 @@ from sslm_jax.config import defaults
 def get_config():
   c = defaults()
   c.objective = "masked_lm"
-  c.num_train_steps = 500
+  c.num_train_steps = 800
   c.batch_size = 32
   c.log_every_steps = 10
-  c.eval_every_steps = 100
+  c.eval_every_steps = 200
   c.eval_steps = 10
-  c.checkpoint_every_steps = 100
+  c.checkpoint_every_steps = 200
 
   c.data.source = "builtin"
   c.data.seq_len = 128
@@ -26,13 +26,14 @@ def get_config():
   c.data.tokenizer_sample_bytes = 5_000_000
   c.data.mlm_probability = 0.15
 
-  c.model.num_layers = 4
+  c.model.num_layers = 2
   c.model.num_heads = 4
   c.model.emb_dim = 128
   c.model.mlp_dim = 512
 
-  c.opt.learning_rate = 2e-3
-  c.opt.warmup_steps = 30
+  # Post-LayerNorm BERT collapses to the unigram distribution at 2e-3 and above here.
+  c.opt.learning_rate = 1e-3
+  c.opt.warmup_steps = 50
   c.opt.b2 = 0.98
   c.opt.weight_decay = 0.01
   return c

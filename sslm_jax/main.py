@@ -21,6 +21,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from sslm_jax import checkpoint, sharding, train  # noqa: E402
 from sslm_jax import config as config_lib  # noqa: E402
+from sslm_jax import plan as plan_lib  # noqa: E402
 from sslm_jax import sample as sample_lib  # noqa: E402
 from sslm_jax import tokenizer as tokenizer_lib  # noqa: E402
 
@@ -33,6 +34,9 @@ flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordin
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.DEFINE_integer(
   "initialization_timeout", 300, "Seconds to wait for every process to join before failing."
+)
+flags.DEFINE_bool(
+  "plan", False, "Train nothing: print per-device memory of parameters, optimizer and step."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
@@ -73,13 +77,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     rest = FLAGS(argv)
     _ = FLAGS.config.seed  # a config file that failed to load raises here
     return rest
-  except UsageError as e:
-    _fail(str(e))
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+  except Exception as e:  # any parse failure becomes a one-line usage error
     try:
-      _fail(_explain_flag_error(argv, e))
-    except UsageError as ue:
-      _fail(str(ue))
+      message = _explain_flag_error(argv, e)
+    except UsageError as usage:
+      message = str(usage)
+    except Exception as load_error:  # e.g. a syntax error in the config file
+      message = f"could not load the config file: {type(load_error).__name__}: {load_error}"
+    _fail(message)
 
 
 def _fail(message: str):
@@ -121,6 +126,11 @@ def run(config, workdir: str) -> dict:
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(mesh, config.batch_size, jax.process_count())
+  if FLAGS.plan:
+    report = plan_lib.format_plan(plan_lib.memory_plan(config, mesh))
+    if jax.process_index() == 0:
+      print(report, flush=True)
+    return {}
   fingerprint = _check_resumable(config, workdir)
   from sslm_jax.data import pipeline  # the only TensorFlow import, kept out of the core
 
@@ -169,7 +179,6 @@ def main(argv):
     initialize_distributed()
     run(FLAGS.config, FLAGS.workdir)
   except (*OUR_ERRORS, pipeline.DataError) as e:
-    logging.error("%s", e)
     _fail(str(e))
 
 

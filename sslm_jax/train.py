@@ -103,11 +103,15 @@ class Trainer:
     with sharding.activate(self.mesh, self.rules):
       return self._train(state, batch)
 
+  def lower(self, state, batch):
+    """The train step lowered for these (real or abstract) arguments."""
+    with sharding.activate(self.mesh, self.rules):
+      return self._train.lower(state, batch)
+
   def compile(self, state, batch) -> float:
     """Compile the train step ahead of the loop; returns seconds spent."""
     t0 = time.perf_counter()
-    with sharding.activate(self.mesh, self.rules):
-      self._train = self._train.lower(state, batch).compile()
+    self._train = self.lower(state, batch).compile()
     return time.perf_counter() - t0
 
   def evaluate(self, params, batches: Iterable[Batch]) -> dict:

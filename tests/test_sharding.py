@@ -1,0 +1,94 @@
+import json
+import os
+
+import jax
+import pytest
+from conftest import tiny_config
+from flax import nnx
+
+from sslm_jax import config as config_lib
+from sslm_jax import optim, plan, sharding, train_state
+
+TABLE = os.path.join(os.path.dirname(__file__), "data", "partition_specs.json")
+
+
+def _state(config, shape):
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+  mesh = sharding.make_mesh(config.mesh)
+  tx = optim.make(config.opt, config.num_train_steps)
+  model_cfg = config_lib.model_config(config)
+  return train_state.create(model_cfg, 0, tx, mesh, sharding.DEFAULT_RULES)
+
+
+@pytest.mark.parametrize("objective", ["causal_lm", "masked_lm"])
+def test_parameter_specs_match_the_checked_in_table(objective):
+  with open(TABLE) as f:
+    expected = json.load(f)[objective]
+  state, _ = _state(tiny_config(objective), (2, 2, 2))
+  actual = {
+    "/".join(map(str, path)): str(var.get_value().sharding.spec)
+    for path, var in nnx.to_flat_state(state.params)
+  }
+  assert actual == expected
+
+
+def _unsharded_bytes(tree):
+  return sum(x.nbytes for x in jax.tree.leaves(tree) if "fsdp" not in str(x.sharding.spec))
+
+
+def test_fsdp_holds_one_eighth_of_params_and_adam_state_per_device():
+  config = tiny_config("causal_lm")
+  config.model.emb_dim, config.model.mlp_dim = 64, 256
+  state, _ = _state(config, (1, 8, 1))
+  for tree in (state.params, state.opt_state):
+    total = sum(x.nbytes for x in jax.tree.leaves(tree))
+    per_device = train_state.bytes_per_device(tree)
+    # Every array with an `embed` axis is split 8 ways; what is left whole is the few vectors
+    # without one (q/k/v and MLP biases) and Adam's step count.
+    assert per_device == pytest.approx(
+      (total - _unsharded_bytes(tree)) / 8 + _unsharded_bytes(tree), abs=64
+    )
+    assert _unsharded_bytes(tree) < 0.02 * total
+  replicated, _ = _state(tiny_config("causal_lm"), (8, 1, 1))
+  assert train_state.bytes_per_device(replicated.params) == sum(
+    x.nbytes for x in jax.tree.leaves(replicated.params)
+  )
+
+
+@pytest.mark.parametrize(
+  "shape, words",
+  [
+    ((3, 1, 1), "3*1*1 = 3 but there are 8 devices"),
+    ((-1, -1, 1), "at most one axis may be -1"),
+    ((-1, 3, 1), "does not divide the 8 devices"),
+  ],
+)
+def test_mesh_errors_say_what_to_change(shape, words):
+  with pytest.raises(sharding.MeshError, match=words.replace("*", r"\*")):
+    sharding.resolve_mesh_shape(*shape, num_devices=8)
+
+
+def test_minus_one_takes_the_remaining_devices():
+  assert sharding.resolve_mesh_shape(-1, 2, 2, num_devices=8) == (2, 2, 2)
+  assert sharding.resolve_mesh_shape(1, -1, 1, num_devices=8) == (1, 8, 1)
+
+
+def test_batch_must_divide_over_data_parallel_axes():
+  config = tiny_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 2, 1
+  mesh = sharding.make_mesh(config.mesh)
+  with pytest.raises(sharding.MeshError, match="use a multiple of 8"):
+    sharding.check_batch(mesh, 12, 1)
+  sharding.check_batch(mesh, 16, 1)
+
+
+def test_memory_plan_shrinks_with_fsdp():
+  config = tiny_config("causal_lm")
+  config.mesh.data = 8
+  data_plan = plan.memory_plan(config, sharding.make_mesh(config.mesh))
+  config.mesh.data, config.mesh.fsdp = 1, 8
+  fsdp_plan = plan.memory_plan(config, sharding.make_mesh(config.mesh))
+  assert fsdp_plan["params_bytes"] < data_plan["params_bytes"] / 7
+  assert fsdp_plan["opt_state_bytes"] < data_plan["opt_state_bytes"] / 7
+  assert 0 < fsdp_plan["step_total_bytes"] < data_plan["step_total_bytes"]
+  assert "optimizer state" in plan.format_plan(fsdp_plan)
