@@ -74,6 +74,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.dcn_data = 1  # multi-slice TPU: slices spanned by the data axis (hybrid mesh)
+  c.mesh.dcn_fsdp = 1
   c.mesh.rules = ()  # ((logical_name, mesh_axes), ...) overriding sharding.DEFAULT_RULES
   return c
 

@@ -13,17 +13,17 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from etils import epath  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+from absl import app, flags, logging
+from etils import epath
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
 
-from sslm_jax import checkpoint, sharding, train  # noqa: E402
-from sslm_jax import config as config_lib  # noqa: E402
-from sslm_jax import plan as plan_lib  # noqa: E402
-from sslm_jax import sample as sample_lib  # noqa: E402
-from sslm_jax import tokenizer as tokenizer_lib  # noqa: E402
+from sslm_jax import checkpoint, rendezvous, sharding, train
+from sslm_jax import config as config_lib
+from sslm_jax import plan as plan_lib
+from sslm_jax import sample as sample_lib
+from sslm_jax import tokenizer as tokenizer_lib
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, config.")
@@ -99,6 +99,7 @@ OUR_ERRORS = (
   checkpoint.CheckpointMismatch,
   tokenizer_lib.TokenizerError,
   train.NonFiniteError,
+  rendezvous.JoinError,
 )
 
 
@@ -162,6 +163,9 @@ def initialize_distributed() -> None:
     raise UsageError("--coordinator_address needs --num_processes and --process_id too.")
   kwargs = {"initialization_timeout": FLAGS.initialization_timeout}
   if explicit:
+    rendezvous.roll_call(
+      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.initialization_timeout
+    )
     kwargs.update(
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes,

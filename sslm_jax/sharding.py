@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -73,14 +74,31 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
+  """The (data, fsdp, tensor) mesh; with mesh.dcn_* > 1, a hybrid mesh over several slices.
+
+  On multi-slice TPU, mesh.data/fsdp/tensor are the sizes within one slice (fast ICI links) and
+  mesh.dcn_data/dcn_fsdp how many slices each axis spans over the data-center network.
+  """
   devices = jax.devices() if devices is None else devices
-  shape = resolve_mesh_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, len(devices))
-  return jax.make_mesh(
-    shape,
-    MESH_AXES,
-    axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-    devices=devices,
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  dcn = (mesh_cfg.get("dcn_data", 1), mesh_cfg.get("dcn_fsdp", 1), 1)
+  if math.prod(dcn) == 1:
+    shape = resolve_mesh_shape(mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  if len(devices) % math.prod(dcn):
+    raise MeshError(
+      f"mesh.dcn_data*dcn_fsdp = {math.prod(dcn)} does not divide the {len(devices)} devices; "
+      "set them to the number of slices the job spans."
+    )
+  per_slice = resolve_mesh_shape(
+    mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor, len(devices) // math.prod(dcn)
   )
+  # TPU devices know their slice; elsewhere (GPU hosts, CPU rehearsals) each process is one.
+  by_process = not hasattr(devices[0], "slice_index")
+  grid = mesh_utils.create_hybrid_device_mesh(
+    per_slice, dcn, devices, process_is_granule=by_process
+  )
+  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def check_batch(mesh: jax.sharding.Mesh, batch_size: int, process_count: int) -> None:

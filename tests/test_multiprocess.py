@@ -1,0 +1,107 @@
+"""Several processes on one machine, joined on 127.0.0.1 through launch/local_multiprocess.sh."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+from test_main import SMALL
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+FLAGS = [f for f in SMALL if not f.startswith("--config.mesh")] + [
+  "--config.mesh.data=-1",
+  "--config.sample_at_end=False",
+]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", SSLM_PORT=str(_free_port()))
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def _launch(num_processes, devices, workdir, *extra, timeout=420):
+  return subprocess.run(
+    ["bash", LAUNCH, str(num_processes), str(devices), *FLAGS, f"--workdir={workdir}", *extra],
+    cwd=ROOT,
+    env=_env(devices),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def _single(workdir, *extra, timeout=300):
+  return subprocess.run(
+    [sys.executable, "-m", "sslm_jax.main", *FLAGS, f"--workdir={workdir}", *extra],
+    cwd=ROOT,
+    env=_env(8),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return {r["step"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
+
+
+def test_two_processes_match_one_and_checkpoints_cross_topologies(tmp_path):
+  cfg = "--config=configs/gpt_tiny.py"
+  straight = _single(tmp_path / "one", cfg, "--config.num_train_steps=6")
+  assert straight.returncode == 0, straight.stderr[-3000:]
+
+  t0 = time.perf_counter()
+  two = _launch(2, 4, tmp_path / "two", cfg, "--config.num_train_steps=4")
+  wall = time.perf_counter() - t0
+  assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+  print(f"2 processes x 4 devices, 4 steps: {wall:.1f} s wall")
+  one, multi = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+  assert sorted(multi) == [1, 2, 3, 4]
+  np.testing.assert_allclose([multi[s] for s in multi], [one[s] for s in multi], rtol=1e-5)
+
+  # The 2-process checkpoint at step 4 resumes in 1 process x 8 devices.
+  resumed = _single(tmp_path / "two", cfg, "--config.num_train_steps=6")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Resuming from the checkpoint at step 4" in resumed.stderr
+  after = _losses(tmp_path / "two")
+  np.testing.assert_allclose([after[5], after[6]], [one[5], one[6]], rtol=1e-5)
+
+
+def test_a_missing_peer_fails_fast_and_names_it(tmp_path):
+  port = _free_port()
+  t0 = time.perf_counter()
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sslm_jax.main",
+      "--config=configs/gpt_tiny.py",
+      f"--workdir={tmp_path}",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=3",
+      "--process_id=0",
+      "--initialization_timeout=5",
+    ],
+    cwd=ROOT,
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  elapsed = time.perf_counter() - t0
+  assert result.returncode == 2
+  assert "process(es) [1, 2] of 3 did not arrive within 5 s" in result.stderr
+  assert elapsed < 60
+  assert not os.listdir(tmp_path)
