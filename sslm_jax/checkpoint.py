@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import jax
+import os
+
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -48,7 +49,8 @@ class Checkpointer:
   """Asynchronous Orbax saves of {state, meta}; keeps the newest `keep` steps."""
 
   def __init__(self, directory: str, keep: int):
-    self.directory = epath.Path(directory)
+    # Orbax needs absolute paths; remote ones (gs://...) already are.
+    self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -97,7 +99,3 @@ def saved_fingerprint(directory: str) -> tuple[int, dict] | None:
     return step, ckpt.read_meta(step).get("fingerprint", {})
   finally:
     ckpt.close()
-
-
-def is_primary() -> bool:
-  return jax.process_index() == 0

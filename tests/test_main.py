@@ -26,12 +26,12 @@ SMALL = [
 ]
 
 
-def _main(*args, timeout=300):
+def _main(*args, timeout=300, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   return subprocess.run(
     [sys.executable, "-m", "sslm_jax.main", *args],
-    cwd=ROOT,
+    cwd=cwd,
     env=env,
     capture_output=True,
     text=True,
@@ -62,9 +62,11 @@ def gpt_run(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["gpt_tiny", "bert_tiny"])
 def test_tiny_run_writes_everything_and_resumes(tmp_path, name):
-  workdir = str(tmp_path)
-  first = _main(f"--config=configs/{name}.py", f"--workdir={workdir}", *SMALL)
+  # A relative --workdir, as in the README, resolved against the current directory.
+  config = f"--config={os.path.abspath(os.path.join(ROOT, 'configs', name + '.py'))}"
+  first = _main(config, "--workdir=run", *SMALL, cwd=tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
+  workdir = os.path.join(tmp_path, "run")
   for item in ("config.json", "tokenizer.model", "metrics.jsonl", "checkpoints", "tensorboard"):
     assert os.path.exists(os.path.join(workdir, item)), item
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
@@ -76,9 +78,7 @@ def test_tiny_run_writes_everything_and_resumes(tmp_path, name):
   else:
     assert 0 <= final["eval_mlm_accuracy"] <= 1 and "top-5:" in first.stdout
 
-  again = _main(
-    f"--config=configs/{name}.py", f"--workdir={workdir}", *SMALL, "--config.num_train_steps=6"
-  )
+  again = _main(config, "--workdir=run", *SMALL, "--config.num_train_steps=6", cwd=tmp_path)
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resuming from the checkpoint at step 4" in again.stderr
   assert [r["step"] for r in _records(workdir)] == [0, 1, 2, 3, 4, 5, 6]
