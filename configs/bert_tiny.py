@@ -2,9 +2,10 @@
 
   python -m sslm_jax.main --config=configs/bert_tiny.py --workdir=runs/bert_tiny
 
-Expect, on a 2-core laptop CPU, about 5 minutes including tokenizer training: eval_loss falls
-from ~8.3 (ln of the vocab) and eval_mlm_accuracy rises from ~0 to about 0.4, then a
-held-out line with one [MASK] and the model's top-5 guesses for it.
+Expect, on a 2-core laptop CPU, about 4 minutes including tokenizer training (~19k tokens/s):
+eval_loss falls from 8.4 (ln of the vocab) to about 5.5 and eval_mlm_accuracy rises from 0 to
+about 0.14 (it sits near the unigram distribution, 6.1 and 0.07, for the first ~200 steps), then
+a held-out line with one [MASK] and the model's top-5 guesses for it.
 """
 
 from sslm_jax.config import defaults

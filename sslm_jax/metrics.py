@@ -37,7 +37,8 @@ class Writer:
     self._bar = None
     if not enabled:
       return
-    _truncate_jsonl(self._jsonl, start_step)
+    # A fresh start (step 0) rewrites everything, its baseline eval included.
+    _truncate_jsonl(self._jsonl, start_step if start_step > 0 else -1)
     self._tb = SummaryWriter(logdir=str(epath.Path(workdir) / "tensorboard"), purge_step=start_step)
     self._bar = tqdm.tqdm(
       total=total_steps,

@@ -61,9 +61,10 @@ def show(model, tokenizer: tok.Tokenizer, texts: list[str]) -> list[str]:
     if model.cfg.causal:
       prompt = [tok.BOS_ID] + ids[: min(len(ids) // 2, 24)]
       new = generate(model, prompt, max_new_tokens=32)
-      lines.append(
-        f"prompt: {tokenizer.decode(prompt)!r}\n  continuation: {tokenizer.decode(new)!r}"
-      )
+      # Decode together so the first new piece keeps its leading space.
+      shown = tokenizer.decode(prompt)
+      continuation = tokenizer.decode(prompt + new)[len(shown) :]
+      lines.append(f"prompt: {shown!r}\n  continuation: {continuation!r}")
       continue
     ids = [tok.CLS_ID] + ids[: model.cfg.max_len - 2] + [tok.SEP_ID]
     position = len(ids) // 2

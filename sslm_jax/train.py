@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from sslm_jax import checkpoint, metrics, objectives, optim, sharding, train_state
+from sslm_jax import checkpoint, metrics, objectives, optim, preemption, sharding, train_state
 from sslm_jax import config as config_lib
 from sslm_jax.train_state import StateSpec, TrainState
 
@@ -168,6 +168,7 @@ def train_and_evaluate(config, workdir: str, mesh, data: DataHooks, fingerprint:
     writer.write(0, trainer.evaluate(state.params, data.eval_batches()))  # the untrained baseline
   batches = data.train_batches(start)
   stopwatch, pending, compile_s = metrics.Stopwatch(), None, None
+  stopper = preemption.Preemption()
 
   def pull(step_and_metrics) -> dict:
     step, device_metrics = step_and_metrics
@@ -187,10 +188,11 @@ def train_and_evaluate(config, workdir: str, mesh, data: DataHooks, fingerprint:
       if pending is not None:
         pull(pending)  # step t-1's metrics, fetched while step t runs
       pending = (step, step_metrics)
+      stop = stopper.should_stop(step)
       last = step == total
-      log_now = metrics.is_time(step, config.log_every_steps) or last
+      log_now = metrics.is_time(step, config.log_every_steps) or last or stop
       eval_now = (metrics.is_time(step, config.eval_every_steps) or last) and data.eval_batches
-      save_now = metrics.is_time(step, config.checkpoint_every_steps) or last
+      save_now = metrics.is_time(step, config.checkpoint_every_steps) or last or stop
       if not (log_now or eval_now or save_now):
         continue
       values, pending = pull(pending), None
@@ -210,10 +212,18 @@ def train_and_evaluate(config, workdir: str, mesh, data: DataHooks, fingerprint:
         ckpt.save(step, state, {"fingerprint": fingerprint, "step": step})
         last_good = step
       stopwatch = metrics.Stopwatch()  # eval and checkpoint time stay out of tokens_per_sec
+      if stop:
+        logging.warning(
+          "Stopped at step %d (%s) after saving its checkpoint; rerun to resume.",
+          step,
+          stopper.requested_by,
+        )
+        return record
     if data.on_end is not None and start < total:
       ckpt.wait()
       data.on_end(spec.merge, state)
   finally:
+    stopper.close()
     ckpt.wait()
     ckpt.close()
     writer.close()

@@ -92,3 +92,14 @@ def test_memory_plan_shrinks_with_fsdp():
   assert fsdp_plan["opt_state_bytes"] < data_plan["opt_state_bytes"] / 7
   assert 0 < fsdp_plan["step_total_bytes"] < data_plan["step_total_bytes"]
   assert "optimizer state" in plan.format_plan(fsdp_plan)
+
+
+def test_rules_are_overridable_from_the_config():
+  rules = sharding.rules_from_config([("embed", None), ("mlp", ["fsdp", "tensor"])])
+  table = dict(rules)
+  assert table["embed"] is None and table["mlp"] == ("fsdp", "tensor")
+  assert sharding.logical_to_spec(("embed", "mlp"), rules) == jax.sharding.PartitionSpec(
+    None, ("fsdp", "tensor")
+  )
+  with pytest.raises(sharding.MeshError, match="unknown logical axis 'embedding'"):
+    sharding.rules_from_config([("embedding", None)])

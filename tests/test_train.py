@@ -95,7 +95,7 @@ def test_non_finite_loss_stops_with_step_and_last_checkpoint(tmp_path):
   assert not os.listdir(tmp_path / "checkpoints")
 
 
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_sharded_losses_match_one_device(tmp_path, mesh_shape):
   config = tiny_config("causal_lm")
   config.num_train_steps, config.log_every_steps, config.eval_every_steps = 4, 1, 100

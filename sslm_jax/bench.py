@@ -1,0 +1,235 @@
+"""Train-step throughput and MFU of one config, with the training code's own step.
+
+  python -m sslm_jax.bench --config=configs/gpt_base.py --steps=20 [--data=synthetic|real]
+
+Compiles the step, runs --warmup_steps untimed and --steps timed steps (each waited for), and
+prints as its last stdout line one JSON object: tokens_per_sec and step_time_s (from the median
+step), compile_time_s, model FLOPs (sslm_jax/flops.py), mfu against a peak FLOP/s figure and
+where that figure came from, the devices, compute dtype and peak memory per device. Synthetic
+data never imports TensorFlow; --data=real reads the training pipeline (needs --workdir) and
+also reports input_wait_fraction, the share of loop time spent waiting for the next batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from sslm_jax import config as config_lib
+from sslm_jax import flops, optim, plan, sharding, train, train_state
+from sslm_jax.model import count_params
+
+config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
+flags.DEFINE_integer("steps", 10, "Timed train steps.", lower_bound=1)
+flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compiling.", lower_bound=0)
+flags.DEFINE_enum("data", "synthetic", ["synthetic", "real"], "Random batches or the pipeline.")
+flags.DEFINE_string("workdir", None, "Run directory holding the data cache (for --data=real).")
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+# Dense (never 2:4 sparse) peak matmul FLOP/s per GPU or TPU chip, from the vendor datasheets:
+# NVIDIA A100, H100 (SXM, PCIe, NVL) and H200 Tensor Core GPU datasheets; Google Cloud TPU
+# system architecture pages for v4, v5e, v5p and v6e (Trillium). Rows: lower-case substrings of
+# `device.device_kind` (first match wins, so variants come before the family), the name, the
+# bf16 figure, the fp32 figure. TPUs have no fp32 figure: their matmuls run as bf16 passes.
+# NVIDIA fp32 is the non-tensor-core rate; XLA may use TF32 for fp32 dots, which runs faster.
+_PEAKS = (
+  (("h100 pcie",), "NVIDIA H100 PCIe", 756e12, 51e12),
+  (("h100 nvl", "h200 nvl"), "NVIDIA H100/H200 NVL", 835e12, 60e12),
+  (("h200",), "NVIDIA H200 (H100 SXM figures)", 989e12, 67e12),
+  (("h100",), "NVIDIA H100 SXM", 989e12, 67e12),
+  (("a100",), "NVIDIA A100", 312e12, 19.5e12),
+  (("tpu v6 lite", "tpu v6e"), "TPU v6e (Trillium)", 918e12, None),
+  (("tpu v5 lite", "tpu v5e"), "TPU v5e", 197e12, None),
+  (("tpu v5p", "tpu v5"), "TPU v5p", 459e12, None),
+  (("tpu v4",), "TPU v4", 275e12, None),
+)
+_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class UsageError(ValueError):
+  """A command line that cannot work; the message says what to change."""
+
+
+def table_peak(device_kind: str, dtype: str) -> tuple[float | None, str]:
+  """(peak FLOP/s per device or None, where it came from) for a compute dtype."""
+  kind = device_kind.lower()
+  for patterns, name, bf16, fp32 in _PEAKS:
+    if not any(p in kind for p in patterns):
+      continue
+    if dtype != "float32":
+      return bf16, f"table: {name} bf16 dense"
+    if fp32 is None:
+      return bf16, f"table: {name} bf16 dense (fp32 matmuls run as bf16 passes on TPU)"
+    return fp32, f"table: {name} fp32 dense (non-tensor-core)"
+  return None, f"unknown accelerator {device_kind!r}: no peak figure, so no mfu"
+
+
+def measured_peak(dtype: str, n: int = 2048, runs: int = 10) -> tuple[float, str]:
+  """FLOP/s of a jitted square GEMM on this host, median of `runs` after a warmup."""
+  x = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  y = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  matmul = jax.jit(jnp.dot)
+  for _ in range(2):
+    matmul(x, y).block_until_ready()
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    matmul(x, y).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  short = _SHORT_DTYPE.get(dtype, dtype)
+  platform = jax.devices()[0].platform
+  return 2 * n**3 / statistics.median(
+    times
+  ), f"measured: {short} GEMM {n}^3 on {platform}, this run"
+
+
+def synthetic_batch(config, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Random `rows` of a batch with the keys, trailing shapes and dtypes of plan.abstract_batch."""
+  v, t = config.data.vocab_size, config.data.seq_len
+  batch = {}
+  for key, spec in plan.abstract_batch(config).items():
+    shape = (rows, *spec.shape[1:])
+    if key in ("inputs", "targets", "masked_targets"):
+      value = rng.integers(0, v, shape)
+    elif key == "positions":
+      value = np.broadcast_to(np.arange(t), shape)
+    elif key == "masked_positions":
+      # The first P of a random order of [0, T): distinct, then sorted like the pipeline's.
+      value = np.sort(np.argsort(rng.random((rows, t)), axis=1)[:, : shape[1]], axis=1)
+    elif key in ("segment_ids", "weights", "masked_weights"):
+      value = np.ones(shape)
+    else:
+      raise UsageError(f"bench.py cannot make synthetic values for batch field {key!r}.")
+    batch[key] = np.ascontiguousarray(value, dtype=spec.dtype)
+  return batch
+
+
+def synthetic_batches(config, pool: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """This process's rows, cycling over a few batches made up front: the loop times the step."""
+  rows = config.batch_size // jax.process_count()
+  rng = np.random.default_rng(config.seed)
+  return itertools.cycle([synthetic_batch(config, rows, rng) for _ in range(pool)])
+
+
+def real_batches(config, workdir: str | None) -> Iterator[dict[str, np.ndarray]]:
+  """The training pipeline's batches; the only path here that imports TensorFlow."""
+  if not workdir:
+    raise UsageError("--data=real needs --workdir=DIR (where the data cache is, or will be).")
+  from etils import epath
+  from jax.experimental import multihost_utils
+
+  from sslm_jax.data import pipeline
+
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    pipeline.prepare(config, workdir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("bench data prepared")
+  data = pipeline.build(config, workdir, jax.process_index(), jax.process_count())
+  return data.train_batches(0)
+
+
+def timed_steps(trainer, state, batches, steps: int):
+  """(state, last metrics, per-step seconds, seconds waiting on next(batches), loop seconds)."""
+  step_s, wait_s, step_metrics = [], 0.0, None
+  start = time.perf_counter()
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    host_batch = next(batches)
+    wait_s += time.perf_counter() - t0
+    state, step_metrics = trainer.train(state, trainer.to_global(host_batch))
+    jax.block_until_ready((state, step_metrics))
+    step_s.append(time.perf_counter() - t0)
+  return state, step_metrics, step_s, wait_s, time.perf_counter() - start
+
+
+def per_device_memory(config, mesh) -> tuple[int, str]:
+  """Peak bytes in use on the busiest local device, else XLA's analysis of the compiled step."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  if peaks and None not in peaks:
+    return max(peaks), "memory_stats peak_bytes_in_use"
+  # No allocator statistics (CPU): compile the step once more, for its memory analysis only.
+  return plan.memory_plan(config, mesh)["step_total_bytes"], "XLA memory analysis of the step"
+
+
+def peak_and_chips(config) -> tuple[float | None, str, int]:
+  """(peak FLOP/s per unit, its source, units): CPU is measured per host, whatever it simulates."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    peak, source = measured_peak(config.model.dtype)
+    if jax.local_device_count() > 1:
+      source += f" (whole host, shared by its {jax.local_device_count()} simulated devices)"
+    return peak, source, jax.process_count()
+  peak, source = table_peak(device.device_kind, config.model.dtype)
+  return peak, source, jax.device_count()
+
+
+def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -> dict:
+  """Benchmark the train step of `config`; returns the JSON record."""
+  config_lib.validate(config)
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.check_batch(mesh, config.batch_size, jax.process_count())
+  model_cfg = config_lib.model_config(config)
+  tx = optim.make(config.opt, config.num_train_steps)
+  rules = sharding.rules_from_config(config.mesh.rules)
+  state, spec = train_state.create(model_cfg, config.seed, tx, mesh, rules)
+  trainer = train.Trainer(config, mesh, spec, tx)
+  batches = real_batches(config, workdir) if data == "real" else synthetic_batches(config)
+  compile_s = trainer.compile(state, trainer.to_global(next(batches)))
+  state, _, _, _, _ = timed_steps(trainer, state, batches, warmup_steps)
+  state, step_metrics, step_s, wait_s, loop_s = timed_steps(trainer, state, batches, steps)
+
+  step_time = statistics.median(step_s)
+  tokens_per_sec = config.batch_size * config.data.seq_len / step_time
+  num_predictions = None if model_cfg.causal else config_lib.num_predictions(config)
+  per_token = flops.model_flops_per_token(model_cfg, num_predictions)
+  peak, peak_source, units = peak_and_chips(config)
+  memory, memory_source = per_device_memory(config, mesh)
+  record = {
+    "tokens_per_sec": tokens_per_sec,
+    "step_time_s": step_time,
+    "compile_time_s": compile_s,
+    "model_flops_per_token": per_token,
+    "model_flops_per_sec": per_token * tokens_per_sec,
+    "mfu": None if peak is None else per_token * tokens_per_sec / (peak * units),
+    "peak_flops_per_sec": peak,
+    "peak_source": peak_source,
+    "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind},
+    "dtype": config.model.dtype,
+    "per_device_memory_bytes": memory,
+    "memory_source": memory_source,
+    "num_params": count_params(spec.abstract.params),
+    "steps": steps,
+    "step_time_s_min_max": [min(step_s), max(step_s)],
+    "train_loss": float(jax.device_get(step_metrics["train_loss"])),
+  }
+  if data == "real":
+    record["input_wait_fraction"] = wait_s / loop_s
+  return record
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    record = run(FLAGS.config, FLAGS.steps, FLAGS.warmup_steps, FLAGS.data, FLAGS.workdir)
+  except (UsageError, config_lib.ConfigError, sharding.MeshError) as e:
+    print(f"sslm_jax.bench: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  if jax.process_index() == 0:
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
