@@ -121,7 +121,14 @@ def activate(mesh: jax.sharding.Mesh, rules):
 def logical_to_spec(names, rules) -> PartitionSpec:
   if names is None:
     return PartitionSpec()
-  return PartitionSpec(*flax_spmd.from_sharding_rules(tuple(names), rules))
+  axes = flax_spmd.from_sharding_rules(tuple(names), rules)
+  used = [a for entry in axes if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
+  if len(used) != len(set(used)):
+    raise MeshError(
+      f"the sharding rules map logical axes {tuple(names)} to {tuple(axes)}, which uses a mesh "
+      "axis twice; change mesh.rules so each mesh axis shards at most one of them."
+    )
+  return PartitionSpec(*axes)
 
 
 def _is_var(x):

@@ -101,5 +101,7 @@ def test_rules_are_overridable_from_the_config():
   assert sharding.logical_to_spec(("embed", "mlp"), rules) == jax.sharding.PartitionSpec(
     None, ("fsdp", "tensor")
   )
+  with pytest.raises(sharding.MeshError, match="uses a mesh axis twice"):
+    sharding.logical_to_spec(("embed", "mlp"), sharding.rules_from_config([("mlp", "fsdp")]))
   with pytest.raises(sharding.MeshError, match="unknown logical axis 'embedding'"):
     sharding.rules_from_config([("embedding", None)])
