@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 
@@ -12,49 +13,100 @@ class CheckpointMismatch(ValueError):
   """The workdir holds a checkpoint of a different run; the message names each difference."""
 
 
-def fingerprint(config, model_cfg, tokenizer_sha256: str | None = None) -> dict:
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be read; the message says how to recover without losing others."""
+
+
+# Fields that fix the shapes of the saved arrays: a checkpoint can never resume with others.
+SHAPE_FIELDS = (
+  "objective",
+  "data.seq_len",
+  "data.vocab_size",
+  "model.num_layers",
+  "model.num_heads",
+  "model.emb_dim",
+  "model.mlp_dim",
+  "model.vocab_multiple",
+  "model.param_dtype",
+)
+# Fields that change what the run computes; --allow_config_change=NAME,... (or all) accepts them.
+RUN_FIELDS = (
+  "seed",
+  "data.source",
+  "data.text_files",
+  "data.eval_text_files",
+  "data.tfds_name",
+  "data.tfds_text_key",
+  "data.mlm_probability",
+  "model.dropout_rate",
+  "opt.learning_rate",
+  "opt.warmup_steps",
+  "opt.decay",
+  "opt.final_lr_fraction",
+  "opt.b1",
+  "opt.b2",
+  "opt.eps",
+  "opt.weight_decay",
+  "opt.decay_embeddings",
+  "opt.grad_clip_norm",
+)
+
+
+def fingerprint(config, tokenizer_sha256: str | None = None) -> dict:
   """What must match for a checkpoint to be resumed by this config."""
-  fp = {
-    "objective": config.objective,
-    "data.seq_len": config.data.seq_len,
-    "data.vocab_size": config.data.vocab_size,
-    "model.vocab_size_padded": model_cfg.vocab_size,
-    "model.num_layers": model_cfg.num_layers,
-    "model.num_heads": model_cfg.num_heads,
-    "model.emb_dim": model_cfg.emb_dim,
-    "model.mlp_dim": model_cfg.mlp_dim,
-    "model.param_dtype": model_cfg.param_dtype,
-  }
+  fp = {name: config[name] for name in SHAPE_FIELDS + RUN_FIELDS}
   if tokenizer_sha256:
     fp["tokenizer_sha256"] = tokenizer_sha256
   return fp
 
 
-def check_fingerprint(saved: dict, current: dict, where: str) -> None:
-  """Refuse to resume when any shared field differs; name every difference."""
-  diffs = [
-    f"{k}: checkpoint has {saved[k]!r}, config asks for {current[k]!r}"
-    for k in sorted(set(saved) & set(current))
-    if saved[k] != current[k]
-  ]
-  if diffs:
+def check_fingerprint(saved: dict, current: dict, where: str, allowed=frozenset()) -> None:
+  """Refuse to resume when a recorded field differs, unless it is allowed and not a shape."""
+  differing = [k for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+  refused = [k for k in differing if k in SHAPE_FIELDS or not ({k, "all"} & set(allowed))]
+  if refused:
+    lines = [f"{k}: checkpoint has {saved[k]!r}, config asks for {current[k]!r}" for k in refused]
+    shapes = any(k in SHAPE_FIELDS for k in refused)
+    fix = (
+      "Use a new --workdir, or change the config back to match."
+      if shapes
+      else "Change the config back, or pass --allow_config_change="
+      + ",".join(refused)
+      + " if the change is intended."
+    )
     raise CheckpointMismatch(
-      f"{where} holds a checkpoint of a different run:\n  "
-      + "\n  ".join(diffs)
-      + "\nUse a new --workdir, or change the config back to match."
+      f"{where} holds a checkpoint of a different run:\n  " + "\n  ".join(lines) + "\n" + fix
     )
 
 
 class Checkpointer:
-  """Asynchronous Orbax saves of {state, meta}; keeps the newest `keep` steps."""
+  """Asynchronous, atomic Orbax saves of {state, meta}.
 
-  def __init__(self, directory: str, keep: int):
+  Keeps the newest `keep` steps plus every `keep_every`-th. A save is written to a temporary
+  directory and renamed when complete, so one killed half way never becomes the newest.
+  """
+
+  def __init__(self, directory: str, keep: int, keep_every: int = 0):
     # Orbax needs absolute paths; remote ones (gs://...) already are.
     self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
+    unfinished = (
+      sorted(p.name for p in self.directory.glob("*") if "orbax-checkpoint-tmp" in p.name)
+      if self.directory.exists()
+      else []
+    )
+    if unfinished:
+      logging.warning(
+        "Ignoring unfinished checkpoint save(s) %s in %s (the run was stopped while saving).",
+        unfinished,
+        self.directory,
+      )
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=True
+        max_to_keep=keep,
+        keep_period=keep_every or None,
+        create=True,
+        enable_async_checkpointing=True,
       ),
       item_names=("state", "meta"),
     )
@@ -75,9 +127,18 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state):
     """The state at `step`, laid out as `abstract_state`'s shardings say (any mesh)."""
-    restored = self._manager.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-    )
+    try:
+      restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+      )
+    except Exception as e:  # Orbax/TensorStore raise many types for missing or damaged files
+      others = [s for s in self._manager.all_steps() if s != step]
+      fallback = f"resume from step {max(others)}" if others else "start from scratch"
+      raise CheckpointError(
+        f"checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: "
+        f"{str(e)[:300]}). Move it aside (mv {self.directory / str(step)} "
+        f"{self.directory / str(step)}.broken) and rerun to {fallback}."
+      ) from e
     return restored["state"]
 
   def wait(self) -> None:

@@ -26,6 +26,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.eval_steps = 20
   c.checkpoint_every_steps = 500
   c.keep_checkpoints = 3
+  c.keep_every_steps = 0  # also keep every step divisible by this (0: none)
   c.sample_at_end = True
 
   c.data = ml_collections.ConfigDict()

@@ -38,6 +38,12 @@ flags.DEFINE_integer(
 flags.DEFINE_bool(
   "plan", False, "Train nothing: print per-device memory of parameters, optimizer and step."
 )
+flags.DEFINE_list(
+  "allow_config_change",
+  [],
+  "Config fields allowed to differ from the checkpoint being resumed (e.g. opt.learning_rate), "
+  "or 'all'. Fields that set array shapes can never change.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -97,6 +103,7 @@ OUR_ERRORS = (
   config_lib.ConfigError,
   sharding.MeshError,
   checkpoint.CheckpointMismatch,
+  checkpoint.CheckpointError,
   tokenizer_lib.TokenizerError,
   train.NonFiniteError,
   rendezvous.JoinError,
@@ -105,11 +112,34 @@ OUR_ERRORS = (
 
 def _check_resumable(config, workdir: str) -> dict:
   """Refuse, before touching the workdir, a checkpoint of another objective or shape."""
-  fp = checkpoint.fingerprint(config, config_lib.model_config(config))
+  fp = checkpoint.fingerprint(config)
   saved = checkpoint.saved_fingerprint(f"{workdir}/checkpoints")
   if saved is not None:
-    checkpoint.check_fingerprint(saved[1], fp, workdir)
+    checkpoint.check_fingerprint(saved[1], fp, workdir, _allowed_changes())
   return fp
+
+
+def _allowed_changes() -> frozenset:
+  allowed = frozenset(FLAGS.allow_config_change)
+  unknown = allowed - set(checkpoint.RUN_FIELDS) - set(checkpoint.SHAPE_FIELDS) - {"all"}
+  if unknown:
+    raise UsageError(
+      f"--allow_config_change names {sorted(unknown)}, which checkpoints do not record; "
+      f"allowed: all, {', '.join(checkpoint.RUN_FIELDS)}."
+    )
+  return allowed
+
+
+def _check_writable(workdir: str) -> None:
+  probe = epath.Path(workdir) / ".sslm_jax_write_probe"
+  try:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise UsageError(
+      f"workdir {workdir} is not writable ({e.strerror or e}); choose a --workdir you can write."
+    ) from e
 
 
 def _samples_hook(config, data):
@@ -135,8 +165,8 @@ def run(config, workdir: str) -> dict:
   fingerprint = _check_resumable(config, workdir)
   from sslm_jax.data import pipeline  # the only TensorFlow import, kept out of the core
 
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
+    _check_writable(workdir)
     pipeline.prepare(config, workdir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("data prepared")
@@ -149,7 +179,9 @@ def run(config, workdir: str) -> dict:
     eval_batches=data.eval_batches,
     on_end=_samples_hook(config, data),
   )
-  return train.train_and_evaluate(config, workdir, mesh, hooks, fingerprint)
+  return train.train_and_evaluate(
+    config, workdir, mesh, hooks, fingerprint, allow_changes=_allowed_changes()
+  )
 
 
 def initialize_distributed() -> None:

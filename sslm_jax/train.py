@@ -135,26 +135,31 @@ def _check_finite(step: int, values: dict, last_good: int | None) -> None:
     )
 
 
-def init_or_restore(config, mesh, workdir: str, fingerprint: dict):
+def init_or_restore(config, mesh, workdir: str, fingerprint: dict, allow_changes=frozenset()):
   """(state, spec, tx, checkpointer): the newest checkpoint if the workdir has one, else fresh."""
   rules = sharding.rules_from_config(config.mesh.rules)
   model_cfg = config_lib.model_config(config)
   tx = optim.make(config.opt, config.num_train_steps)
-  ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", keep=config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(
+    f"{workdir}/checkpoints", keep=config.keep_checkpoints, keep_every=config.keep_every_steps
+  )
   latest = ckpt.latest_step()
   if latest is None:
     state, spec = train_state.create(model_cfg, config.seed, tx, mesh, rules)
     return state, spec, tx, ckpt
-  checkpoint.check_fingerprint(ckpt.read_meta(latest)["fingerprint"], fingerprint, workdir)
+  saved = ckpt.read_meta(latest)["fingerprint"]
+  checkpoint.check_fingerprint(saved, fingerprint, workdir, allow_changes)
   spec = train_state.state_spec(model_cfg, config.seed, tx, mesh, rules)
   state = ckpt.restore(latest, spec.abstract)
   logging.info("Resuming from the checkpoint at step %d in %s", latest, workdir)
   return state, spec, tx, ckpt
 
 
-def train_and_evaluate(config, workdir: str, mesh, data: DataHooks, fingerprint: dict) -> dict:
+def train_and_evaluate(
+  config, workdir: str, mesh, data: DataHooks, fingerprint: dict, allow_changes=frozenset()
+) -> dict:
   """Train to `num_train_steps`, resuming from `workdir`; returns the last logged record."""
-  state, spec, tx, ckpt = init_or_restore(config, mesh, workdir, fingerprint)
+  state, spec, tx, ckpt = init_or_restore(config, mesh, workdir, fingerprint, allow_changes)
   trainer = Trainer(config, mesh, spec, tx)
   start, total = int(jax.device_get(state.step)), config.num_train_steps
   primary = jax.process_index() == 0

@@ -120,3 +120,12 @@ def test_workdir_of_another_objective_is_refused_untouched(gpt_run):
   assert result.returncode == 2
   assert "objective: checkpoint has 'causal_lm', config asks for 'masked_lm'" in result.stderr
   assert _snapshot(workdir) == before
+
+
+def test_unwritable_workdir_is_a_clear_error(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  result = _main("--config=configs/gpt_tiny.py", f"--workdir={blocker}/run", *SMALL)
+  assert result.returncode == 2
+  assert "is not writable" in result.stderr and "Traceback" not in result.stderr
+  assert blocker.read_text() == "not a directory"

@@ -7,7 +7,6 @@ import pytest
 from conftest import synthetic_batch, tiny_config
 
 from sslm_jax import checkpoint, sharding, train
-from sslm_jax import config as config_lib
 
 
 class Killed(Exception):
@@ -30,7 +29,7 @@ def _hooks(config, batch=None, kill_at=None):
 
 def _run(config, workdir, devices=None, batch=None, kill_at=None):
   mesh = sharding.make_mesh(config.mesh, devices=devices or jax.devices()[:1])
-  fp = checkpoint.fingerprint(config, config_lib.model_config(config))
+  fp = checkpoint.fingerprint(config)
   hooks = _hooks(config, batch, kill_at)
   return train.train_and_evaluate(config, str(workdir), mesh, hooks, fp)
 
@@ -106,3 +105,49 @@ def test_sharded_losses_match_one_device(tmp_path, mesh_shape):
   one = [r["train_loss"] for r in _records(tmp_path / "one")[1:]]
   many = [r["train_loss"] for r in _records(tmp_path / "many")[1:]]
   np.testing.assert_allclose(many, one, rtol=1e-5)
+
+
+def test_intended_config_changes_need_the_flag_and_shapes_never_change(tmp_path):
+  config = tiny_config("causal_lm")
+  _run(config, tmp_path)
+  config.num_train_steps, config.opt.learning_rate = 10, 5e-4
+  with pytest.raises(
+    checkpoint.CheckpointMismatch, match="--allow_config_change=opt.learning_rate"
+  ):
+    _run(config, tmp_path)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  fp = checkpoint.fingerprint(config)
+  train.train_and_evaluate(
+    config, str(tmp_path), mesh, _hooks(config), fp, allow_changes={"opt.learning_rate"}
+  )
+  assert _records(tmp_path)[-1]["step"] == 10
+  config.model.mlp_dim = 96
+  with pytest.raises(checkpoint.CheckpointMismatch, match="Use a new --workdir"):
+    train.train_and_evaluate(
+      config, str(tmp_path), mesh, _hooks(config), checkpoint.fingerprint(config),
+      allow_changes={"all"},
+    )  # fmt: skip
+
+
+def test_retention_keeps_newest_and_every_kth(tmp_path):
+  config = tiny_config("causal_lm")
+  config.num_train_steps, config.checkpoint_every_steps = 12, 2
+  config.keep_checkpoints, config.keep_every_steps = 1, 4
+  _run(config, tmp_path)
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints")) == [4, 8, 12]
+
+
+def test_damaged_checkpoint_names_the_recovery_and_loses_nothing(tmp_path):
+  config = tiny_config("causal_lm")
+  _run(config, tmp_path)
+  newest = tmp_path / "checkpoints" / "8"
+  for root, _, files in os.walk(newest / "state"):
+    for f in files:
+      os.remove(os.path.join(root, f))
+  config.num_train_steps = 10
+  with pytest.raises(checkpoint.CheckpointError, match="Move it aside .* resume from step 4"):
+    _run(config, tmp_path)
+  assert (tmp_path / "checkpoints" / "4").exists()
+  os.rename(newest, str(newest) + ".broken")
+  _run(config, tmp_path)
+  assert _records(tmp_path)[-1]["step"] == 10
