@@ -4,8 +4,9 @@
 
 Compiles the step, runs --warmup_steps untimed and --steps timed steps (each waited for), and
 prints as its last stdout line one JSON object: tokens_per_sec and step_time_s (from the median
-step), compile_time_s, model FLOPs (sslm_jax/flops.py), mfu against a peak FLOP/s figure and
-where that figure came from, the devices, compute dtype and peak memory per device. Synthetic
+step), compile_time_s, model FLOPs (sslm_jax/flops.py), mfu against a peak FLOP/s figure per
+device (a vendor table; on CPU a GEMM measured in this run, per host) and where that figure came
+from, the devices, compute dtype and peak memory per device. Synthetic
 data never imports TensorFlow; --data=real reads the training pipeline (needs --workdir) and
 also reports input_wait_fraction, the share of loop time spent waiting for the next batch.
 """
@@ -20,7 +21,6 @@ import time
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
@@ -37,61 +37,9 @@ flags.DEFINE_string("workdir", None, "Run directory holding the data cache (for 
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
-# Dense (never 2:4 sparse) peak matmul FLOP/s per GPU or TPU chip, from the vendor datasheets:
-# NVIDIA A100, H100 (SXM, PCIe, NVL) and H200 Tensor Core GPU datasheets; Google Cloud TPU
-# system architecture pages for v4, v5e, v5p and v6e (Trillium). Rows: lower-case substrings of
-# `device.device_kind` (first match wins, so variants come before the family), the name, the
-# bf16 figure, the fp32 figure. TPUs have no fp32 figure: their matmuls run as bf16 passes.
-# NVIDIA fp32 is the non-tensor-core rate; XLA may use TF32 for fp32 dots, which runs faster.
-_PEAKS = (
-  (("h100 pcie",), "NVIDIA H100 PCIe", 756e12, 51e12),
-  (("h100 nvl", "h200 nvl"), "NVIDIA H100/H200 NVL", 835e12, 60e12),
-  (("h200",), "NVIDIA H200 (H100 SXM figures)", 989e12, 67e12),
-  (("h100",), "NVIDIA H100 SXM", 989e12, 67e12),
-  (("a100",), "NVIDIA A100", 312e12, 19.5e12),
-  (("tpu v6 lite", "tpu v6e"), "TPU v6e (Trillium)", 918e12, None),
-  (("tpu v5 lite", "tpu v5e"), "TPU v5e", 197e12, None),
-  (("tpu v5p", "tpu v5"), "TPU v5p", 459e12, None),
-  (("tpu v4",), "TPU v4", 275e12, None),
-)
-_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
 
 class UsageError(ValueError):
   """A command line that cannot work; the message says what to change."""
-
-
-def table_peak(device_kind: str, dtype: str) -> tuple[float | None, str]:
-  """(peak FLOP/s per device or None, where it came from) for a compute dtype."""
-  kind = device_kind.lower()
-  for patterns, name, bf16, fp32 in _PEAKS:
-    if not any(p in kind for p in patterns):
-      continue
-    if dtype != "float32":
-      return bf16, f"table: {name} bf16 dense"
-    if fp32 is None:
-      return bf16, f"table: {name} bf16 dense (fp32 matmuls run as bf16 passes on TPU)"
-    return fp32, f"table: {name} fp32 dense (non-tensor-core)"
-  return None, f"unknown accelerator {device_kind!r}: no peak figure, so no mfu"
-
-
-def measured_peak(dtype: str, n: int = 2048, runs: int = 10) -> tuple[float, str]:
-  """FLOP/s of a jitted square GEMM on this host, median of `runs` after a warmup."""
-  x = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  y = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  matmul = jax.jit(jnp.dot)
-  for _ in range(2):
-    matmul(x, y).block_until_ready()
-  times = []
-  for _ in range(runs):
-    t0 = time.perf_counter()
-    matmul(x, y).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  short = _SHORT_DTYPE.get(dtype, dtype)
-  platform = jax.devices()[0].platform
-  return 2 * n**3 / statistics.median(
-    times
-  ), f"measured: {short} GEMM {n}^3 on {platform}, this run"
 
 
 def synthetic_batch(config, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -163,18 +111,6 @@ def per_device_memory(config, mesh) -> tuple[int, str]:
   return plan.memory_plan(config, mesh)["step_total_bytes"], "XLA memory analysis of the step"
 
 
-def peak_and_chips(config) -> tuple[float | None, str, int]:
-  """(peak FLOP/s per unit, its source, units): CPU is measured per host, whatever it simulates."""
-  device = jax.devices()[0]
-  if device.platform == "cpu":
-    peak, source = measured_peak(config.model.dtype)
-    if jax.local_device_count() > 1:
-      source += f" (whole host, shared by its {jax.local_device_count()} simulated devices)"
-    return peak, source, jax.process_count()
-  peak, source = table_peak(device.device_kind, config.model.dtype)
-  return peak, source, jax.device_count()
-
-
 def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -> dict:
   """Benchmark the train step of `config`; returns the JSON record."""
   config_lib.validate(config)
@@ -194,7 +130,7 @@ def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -
   tokens_per_sec = config.batch_size * config.data.seq_len / step_time
   num_predictions = None if model_cfg.causal else config_lib.num_predictions(config)
   per_token = flops.model_flops_per_token(model_cfg, num_predictions)
-  peak, peak_source, units = peak_and_chips(config)
+  peak, peak_source, units = flops.peak_and_units(config.model.dtype)
   memory, memory_source = per_device_memory(config, mesh)
   record = {
     "tokens_per_sec": tokens_per_sec,

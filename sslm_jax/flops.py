@@ -8,6 +8,11 @@ forward passes are not counted, and neither is the masked-out half of causal att
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
 
 from sslm_jax.model import ModelConfig
 
@@ -54,3 +59,68 @@ def step_flops(
   """Training FLOPs of one step on `batch_size` sequences of `seq_len` tokens."""
   at_len = dataclasses.replace(model_cfg, max_len=seq_len)
   return model_flops_per_token(at_len, num_predictions) * batch_size * seq_len
+
+
+# Dense (never 2:4 sparse) peak matmul FLOP/s per GPU or TPU chip, from the vendor datasheets:
+# NVIDIA A100, H100 (SXM, PCIe, NVL) and H200 Tensor Core GPU datasheets; Google Cloud TPU
+# system architecture pages for v4, v5e, v5p and v6e (Trillium). Rows: lower-case substrings of
+# `device.device_kind` (first match wins, so variants come before the family), the name, the
+# bf16 figure, the fp32 figure. TPUs have no fp32 figure: their matmuls run as bf16 passes.
+# NVIDIA fp32 is the non-tensor-core rate; XLA may use TF32 for fp32 dots, which runs faster.
+_PEAKS = (
+  (("h100 pcie",), "NVIDIA H100 PCIe", 756e12, 51e12),
+  (("h100 nvl", "h200 nvl"), "NVIDIA H100/H200 NVL", 835e12, 60e12),
+  (("h200",), "NVIDIA H200 (H100 SXM figures)", 989e12, 67e12),
+  (("h100",), "NVIDIA H100 SXM", 989e12, 67e12),
+  (("a100",), "NVIDIA A100", 312e12, 19.5e12),
+  (("tpu v6 lite", "tpu v6e"), "TPU v6e (Trillium)", 918e12, None),
+  (("tpu v5 lite", "tpu v5e"), "TPU v5e", 197e12, None),
+  (("tpu v5p", "tpu v5"), "TPU v5p", 459e12, None),
+  (("tpu v4",), "TPU v4", 275e12, None),
+)
+_SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def table_peak(device_kind: str, dtype: str) -> tuple[float | None, str]:
+  """(peak FLOP/s per device or None, where it came from) for a compute dtype."""
+  kind = device_kind.lower()
+  for patterns, name, bf16, fp32 in _PEAKS:
+    if not any(p in kind for p in patterns):
+      continue
+    if dtype != "float32":
+      return bf16, f"table: {name} bf16 dense"
+    if fp32 is None:
+      return bf16, f"table: {name} bf16 dense (fp32 matmuls run as bf16 passes on TPU)"
+    return fp32, f"table: {name} fp32 dense (non-tensor-core)"
+  return None, f"unknown accelerator {device_kind!r}: no peak figure, so no mfu"
+
+
+def measured_peak(dtype: str, n: int = 2048, runs: int = 10) -> tuple[float, str]:
+  """FLOP/s of a jitted square GEMM on this host, median of `runs` after a warmup."""
+  x = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  y = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  matmul = jax.jit(jnp.dot)
+  for _ in range(2):
+    matmul(x, y).block_until_ready()
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    matmul(x, y).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  short = _SHORT_DTYPE.get(dtype, dtype)
+  platform = jax.devices()[0].platform
+  return 2 * n**3 / statistics.median(
+    times
+  ), f"measured: {short} GEMM {n}^3 on {platform}, this run"
+
+
+def peak_and_units(dtype: str, gemm_size: int = 2048) -> tuple[float | None, str, int]:
+  """(peak FLOP/s per unit, its source, units): CPU is measured per host, whatever it simulates."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    peak, source = measured_peak(dtype, n=gemm_size)
+    if jax.local_device_count() > 1:
+      source += f" (whole host, shared by its {jax.local_device_count()} simulated devices)"
+    return peak, source, jax.process_count()
+  peak, source = table_peak(device.device_kind, dtype)
+  return peak, source, jax.device_count()

@@ -74,6 +74,8 @@ class Writer:
 
 
 def _plain(v):
+  if v is None:
+    return None
   v = float(v) if not isinstance(v, (int, str)) else v
   return v if not isinstance(v, float) or math.isfinite(v) else str(v)
 

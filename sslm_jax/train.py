@@ -13,7 +13,16 @@ import numpy as np
 import optax
 from absl import logging
 
-from sslm_jax import checkpoint, metrics, objectives, optim, preemption, sharding, train_state
+from sslm_jax import (
+  checkpoint,
+  flops,
+  metrics,
+  objectives,
+  optim,
+  preemption,
+  sharding,
+  train_state,
+)
 from sslm_jax import config as config_lib
 from sslm_jax.train_state import StateSpec, TrainState
 
@@ -166,6 +175,13 @@ def train_and_evaluate(
   writer = metrics.Writer(workdir, start_step=start, total_steps=total, enabled=primary)
   last_good = ckpt.latest_step()
   tokens_per_step = config.batch_size * config.data.seq_len
+  flops_per_token = flops.model_flops_per_token(
+    config_lib.model_config(config),
+    None if trainer.causal else config_lib.num_predictions(config),
+  )
+  # A small GEMM on CPU (~0.1 s) is enough for a live MFU; the bench measures more carefully.
+  peak, peak_source, units = flops.peak_and_units(config.model.dtype, gemm_size=1024)
+  logging.info("MFU peak: %s", peak_source)
   record: dict = {}
   if start >= total:
     logging.info("Checkpoint step %d >= num_train_steps=%d: nothing to train.", start, total)
@@ -208,6 +224,7 @@ def train_and_evaluate(
           "learning_rate": values["learning_rate"],
           "grad_norm": values["grad_norm"],
           "tokens_per_sec": rate,
+          "mfu": None if peak is None else rate * flops_per_token / (peak * units),
         }
         if eval_now:
           record.update(trainer.evaluate(state.params, data.eval_batches()))

@@ -73,16 +73,16 @@ def test_step_flops_and_missing_predictions():
 
 
 def test_peak_table_matches_device_kinds():
-  assert bench.table_peak("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989e12
-  assert bench.table_peak("NVIDIA H100 PCIe", "bfloat16")[0] == 756e12
-  assert bench.table_peak("NVIDIA H200", "float32")[0] == 67e12
-  assert bench.table_peak("TPU v5 lite", "bfloat16")[0] == 197e12
-  assert bench.table_peak("TPU v5p", "float32") == (
+  assert flops.table_peak("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989e12
+  assert flops.table_peak("NVIDIA H100 PCIe", "bfloat16")[0] == 756e12
+  assert flops.table_peak("NVIDIA H200", "float32")[0] == 67e12
+  assert flops.table_peak("TPU v5 lite", "bfloat16")[0] == 197e12
+  assert flops.table_peak("TPU v5p", "float32") == (
     459e12,
     "table: TPU v5p bf16 dense (fp32 matmuls run as bf16 passes on TPU)",
   )
-  assert bench.table_peak("TPU v6 lite", "bfloat16")[0] == 918e12
-  peak, source = bench.table_peak("Mystery Accelerator 9000", "bfloat16")
+  assert flops.table_peak("TPU v6 lite", "bfloat16")[0] == 918e12
+  peak, source = flops.table_peak("Mystery Accelerator 9000", "bfloat16")
   assert peak is None and "unknown" in source
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from test_main import SMALL
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -30,7 +31,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", SSLM_PORT=str(_free_port()))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", SSLM_PORT=str(_free_port()), PYTHON=sys.executable)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   return env
 
@@ -46,11 +47,11 @@ def _launch(num_processes, devices, workdir, *extra, timeout=420):
   )
 
 
-def _single(workdir, *extra, timeout=300):
+def _single(workdir, *extra, timeout=300, devices=8):
   return subprocess.run(
     [sys.executable, "-m", "sslm_jax.main", *FLAGS, f"--workdir={workdir}", *extra],
     cwd=ROOT,
-    env=_env(8),
+    env=_env(devices),
     capture_output=True,
     text=True,
     timeout=timeout,
@@ -62,25 +63,44 @@ def _losses(workdir):
     return {r["step"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
 
 
-def test_two_processes_match_one_and_checkpoints_cross_topologies(tmp_path):
-  straight = _single(tmp_path / "one", "--config.num_train_steps=6")
-  assert straight.returncode == 0, straight.stderr[-3000:]
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """Losses of one process x 8 devices for 6 steps: what every other topology must reproduce."""
+  workdir = tmp_path_factory.mktemp("straight")
+  result = _single(workdir, "--config.num_train_steps=6")
+  assert result.returncode == 0, result.stderr[-3000:]
+  return _losses(workdir)
 
+
+def test_two_processes_match_one_and_checkpoints_cross_topologies(tmp_path, straight):
   t0 = time.perf_counter()
-  two = _launch(2, 4, tmp_path / "two", "--config.num_train_steps=4")
+  two = _launch(2, 4, tmp_path, "--config.num_train_steps=4")
   wall = time.perf_counter() - t0
   assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
   print(f"2 processes x 4 devices, 4 steps: {wall:.1f} s wall")
-  one, multi = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+  multi = _losses(tmp_path)
   assert sorted(multi) == [1, 2, 3, 4]
-  np.testing.assert_allclose([multi[s] for s in multi], [one[s] for s in multi], rtol=1e-5)
+  np.testing.assert_allclose([multi[s] for s in multi], [straight[s] for s in multi], rtol=1e-5)
 
   # The 2-process checkpoint at step 4 resumes in 1 process x 8 devices.
-  resumed = _single(tmp_path / "two", "--config.num_train_steps=6")
+  resumed = _single(tmp_path, "--config.num_train_steps=6")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Resuming from the checkpoint at step 4" in resumed.stderr
-  after = _losses(tmp_path / "two")
-  np.testing.assert_allclose([after[5], after[6]], [one[5], one[6]], rtol=1e-5)
+  after = _losses(tmp_path)
+  np.testing.assert_allclose([after[5], after[6]], [straight[5], straight[6]], rtol=1e-5)
+
+
+def test_elastic_resume_8_devices_then_4_then_2_processes(tmp_path, straight):
+  assert _single(tmp_path, "--config.num_train_steps=2").returncode == 0
+  four = _single(tmp_path, "--config.num_train_steps=4", devices=4)
+  assert four.returncode == 0 and "checkpoint at step 2" in four.stderr, four.stderr[-3000:]
+  two = _launch(2, 4, tmp_path, "--config.num_train_steps=6")
+  assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+  elastic = _losses(tmp_path)
+  assert sorted(elastic) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose(
+    [elastic[s] for s in range(1, 7)], [straight[s] for s in range(1, 7)], rtol=1e-5
+  )
 
 
 def test_a_missing_peer_fails_fast_and_names_it(tmp_path):

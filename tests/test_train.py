@@ -48,6 +48,7 @@ def test_run_writes_metrics_checkpoints_tensorboard_and_resumes(tmp_path, object
   records = records[1:]
   for key in ("train_loss", "learning_rate", "grad_norm", "tokens_per_sec"):
     assert all(key in r for r in records)
+  assert all(0 < r["mfu"] < 1 for r in records)
   eval_keys = {"eval_loss", "eval_perplexity"} | (
     {"eval_bits_per_byte"} if objective == "causal_lm" else {"eval_mlm_accuracy"}
   )
