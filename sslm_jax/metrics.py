@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -86,17 +87,37 @@ def _summary(record: dict) -> str:
   )
 
 
-class Stopwatch:
-  """Tokens per second over the interval since the last `lap`."""
+class Goodput:
+  """Where the wall time of a log interval went, and training throughput over it.
+
+  `timed(bucket)` charges a block to compile, data, eval or checkpoint; the rest of the interval
+  is stepping. tokens_per_sec counts only data wait and stepping, so periodic work does not
+  dilute it.
+  """
+
+  BUCKETS = ("compile", "data", "eval", "checkpoint")
 
   def __init__(self):
-    self._t, self._tokens = time.perf_counter(), 0
+    self._start, self._tokens = time.perf_counter(), 0
+    self._spent = dict.fromkeys(self.BUCKETS, 0.0)
 
-  def add(self, tokens: int) -> None:
+  def add_tokens(self, tokens: int) -> None:
     self._tokens += tokens
 
-  def lap(self) -> float:
-    now = time.perf_counter()
-    rate = self._tokens / max(now - self._t, 1e-9)
-    self._t, self._tokens = now, 0
-    return rate
+  @contextlib.contextmanager
+  def timed(self, bucket: str):
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._spent[bucket] += time.perf_counter() - t0
+
+  def lap(self) -> dict:
+    """Seconds per bucket and tokens_per_sec since the last lap; starts a new interval."""
+    total = time.perf_counter() - self._start
+    stepping = total - sum(self._spent.values())
+    training = max(stepping + self._spent["data"], 1e-9)
+    out = {f"time_{k}_s": v for k, v in self._spent.items()}
+    out.update(time_step_s=stepping, tokens_per_sec=self._tokens / training)
+    self.__init__()
+    return out

@@ -188,7 +188,7 @@ def train_and_evaluate(
   if start == 0 and data.eval_batches and total > 0:
     writer.write(0, trainer.evaluate(state.params, data.eval_batches()))  # the untrained baseline
   batches = data.train_batches(start)
-  stopwatch, pending, compile_s = metrics.Stopwatch(), None, None
+  goodput, pending, compiled = metrics.Goodput(), None, False
   stopper = preemption.Preemption()
 
   def pull(step_and_metrics) -> dict:
@@ -199,13 +199,14 @@ def train_and_evaluate(
 
   try:
     for step in range(start + 1, total + 1):
-      batch = trainer.to_global(next(batches))
-      if compile_s is None:
-        compile_s = trainer.compile(state, batch)
-        logging.info("Compiled the train step in %.1f s", compile_s)
-        stopwatch = metrics.Stopwatch()
+      with goodput.timed("data"):
+        batch = trainer.to_global(next(batches))
+      if not compiled:
+        with goodput.timed("compile"):
+          logging.info("Compiled the train step in %.1f s", trainer.compile(state, batch))
+        compiled = True
       state, step_metrics = trainer.train(state, batch)
-      stopwatch.add(tokens_per_step)
+      goodput.add_tokens(tokens_per_step)
       if pending is not None:
         pull(pending)  # step t-1's metrics, fetched while step t runs
       pending = (step, step_metrics)
@@ -218,22 +219,28 @@ def train_and_evaluate(
         continue
       values, pending = pull(pending), None
       if log_now or eval_now:
-        rate = stopwatch.lap()
+        eval_record = {}
+        if eval_now:
+          with goodput.timed("eval"):
+            eval_record = trainer.evaluate(state.params, data.eval_batches())
+        times = goodput.lap()
+        rate = times.pop("tokens_per_sec")
         record = {
           "train_loss": values["train_loss"],
           "learning_rate": values["learning_rate"],
           "grad_norm": values["grad_norm"],
           "tokens_per_sec": rate,
           "mfu": None if peak is None else rate * flops_per_token / (peak * units),
+          **eval_record,
+          **times,
         }
-        if eval_now:
-          record.update(trainer.evaluate(state.params, data.eval_batches()))
         writer.write(step, record)
         writer.progress(step, values["train_loss"], rate)
+      # Saved after its record is written: a checkpoint never exists without its metrics line.
       if save_now:
-        ckpt.save(step, state, {"fingerprint": fingerprint, "step": step})
+        with goodput.timed("checkpoint"):  # only the blocking part: the write is asynchronous
+          ckpt.save(step, state, {"fingerprint": fingerprint, "step": step})
         last_good = step
-      stopwatch = metrics.Stopwatch()  # eval and checkpoint time stay out of tokens_per_sec
       if stop:
         logging.warning(
           "Stopped at step %d (%s) after saving its checkpoint; rerun to resume.",

@@ -105,3 +105,22 @@ def test_sigkill_at_any_moment_then_rerun_matches_uninterrupted_bit_for_bit(tmp_
   print(f"4 kills, {during_save} of them during a save")
   _run(workdir, steps)
   assert _exact(_records(workdir)) == reference
+
+
+def test_first_signal_requests_a_stop_and_a_second_exits_at_once(monkeypatch):
+  from sslm_jax import preemption
+
+  exits = []
+  monkeypatch.setattr(preemption.os, "_exit", exits.append)
+  stopper = preemption.Preemption()
+  try:
+    assert not stopper.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)  # Python runs the handler between bytecodes of the main thread
+    assert stopper.should_stop(2) and stopper.requested_by == "SIGTERM" and not exits
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.1)
+    assert exits == [128 + signal.SIGINT]
+  finally:
+    stopper.close()
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -49,6 +49,9 @@ def test_run_writes_metrics_checkpoints_tensorboard_and_resumes(tmp_path, object
   for key in ("train_loss", "learning_rate", "grad_norm", "tokens_per_sec"):
     assert all(key in r for r in records)
   assert all(0 < r["mfu"] < 1 for r in records)
+  assert records[0]["time_compile_s"] > 0 and records[1]["time_compile_s"] == 0
+  assert records[1]["time_eval_s"] > 0 and records[2]["time_checkpoint_s"] > 0  # step 4's save
+  assert all(r["time_step_s"] > 0 and r["time_data_s"] >= 0 for r in records)
   eval_keys = {"eval_loss", "eval_perplexity"} | (
     {"eval_bits_per_byte"} if objective == "causal_lm" else {"eval_mlm_accuracy"}
   )
