@@ -422,3 +422,16 @@ def test_core_modules_do_not_import_tensorflow():
     "assert 'tensorflow' not in sys.modules, 'tensorflow imported'\n"
   )
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_enormous_line_is_read_in_bounded_pieces(tmp_path, monkeypatch):
+  monkeypatch.setattr(corpus, "MAX_DOC_BYTES", 1000)
+  line = "é" * 7000  # 14,000 bytes, no newline: read in pieces, never split inside a character
+  path = tmp_path / "one_line.txt"
+  path.write_bytes(("short paragraph\n\n" + line).encode())
+  docs = list(corpus._paragraphs(str(path), "one_line.txt"))
+  assert docs[0][1] == "short paragraph"
+  pieces = [text for _, text, _ in docs[1:]]
+  assert len(pieces) >= 14 and all(len(p.encode()) <= 1000 for p in pieces)
+  assert "".join(pieces) == line
+  assert not any(bad for _, _, bad in docs)

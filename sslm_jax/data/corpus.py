@@ -116,18 +116,47 @@ def text_paths(patterns: str) -> list[tuple[str, str]]:
   return [(name, path) for path, name in sorted(found.items())]
 
 
+# Longer paragraphs (or single lines) become several documents, so memory stays bounded even
+# for a file that is one enormous line.
+MAX_DOC_BYTES = 1 << 20
+
+
+def _cut(data: bytes, limit: int) -> int:
+  """A cut point <= limit that does not split a UTF-8 character."""
+  cut = limit
+  while cut > limit - 3 and data[cut] & 0xC0 == 0x80:
+    cut -= 1
+  return cut
+
+
+def _bounded_lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
+  """Lines of a binary file, read in chunks; a line over MAX_DOC_BYTES comes out in pieces."""
+  rest = b""
+  while block := f.read(chunk):
+    *lines, rest = (rest + block).split(b"\n")
+    yield from (line + b"\n" for line in lines)
+    while len(rest) > MAX_DOC_BYTES:
+      cut = _cut(rest, MAX_DOC_BYTES)
+      yield rest[:cut]
+      rest = rest[cut:]
+  if rest:
+    yield rest
+
+
 def _paragraphs(path: str, name: str) -> Iterator[tuple[str, str, bool]]:
   """(key, text, had bad bytes) of each blank-line-separated paragraph of a text file."""
-  index, lines = 0, []
+  index, lines, size = 0, [], 0
   with tf.io.gfile.GFile(path, "rb") as f:
-    for line in [*f, b""]:  # a final empty line flushes the last paragraph
+    for line in itertools.chain(_bounded_lines(f), [b""]):  # "" flushes the last paragraph
       if line.strip():
         lines.append(line)
-        continue
+        size += len(line)
+        if size < MAX_DOC_BYTES:
+          continue
       if lines:
         text, bad = _decode(b"".join(lines))
         yield f"{name}#{index}", text.strip(), bad
-        index, lines = index + 1, []
+        index, lines, size = index + 1, [], 0
 
 
 def _jsonl_records(path: str, name: str, text_key: str) -> Iterator[tuple[str, str, bool]]:
