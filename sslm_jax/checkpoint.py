@@ -79,6 +79,12 @@ def check_fingerprint(saved: dict, current: dict, where: str, allowed=frozenset(
     )
 
 
+def _excerpt(error: Exception) -> str:
+  """One line of an error from deep inside Orbax or TensorStore."""
+  text = " ".join(str(error).split())
+  return f"{type(error).__name__}: {text[:300]}"
+
+
 class Checkpointer:
   """Asynchronous, atomic Orbax saves of {state, meta}.
 
@@ -115,10 +121,22 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, meta: dict) -> None:
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-      force=True,
+    try:
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+      )
+    except Exception as e:  # a full disk or lost permissions, raised here or by an earlier save
+      raise self._save_failed(e) from e
+
+  def _save_failed(self, error: Exception) -> CheckpointError:
+    steps = self._manager.all_steps(read=True)
+    newest = f"step {max(steps)}" if steps else "none"
+    return CheckpointError(
+      f"saving a checkpoint in {self.directory} failed ({_excerpt(error)}). The newest "
+      f"complete checkpoint ({newest}) is intact; free disk "
+      "space or fix permissions there, then rerun to resume from it."
     )
 
   def read_meta(self, step: int) -> dict:
@@ -135,14 +153,17 @@ class Checkpointer:
       others = [s for s in self._manager.all_steps() if s != step]
       fallback = f"resume from step {max(others)}" if others else "start from scratch"
       raise CheckpointError(
-        f"checkpoint {self.directory / str(step)} cannot be read ({type(e).__name__}: "
-        f"{str(e)[:300]}). Move it aside (mv {self.directory / str(step)} "
+        f"checkpoint {self.directory / str(step)} cannot be read ({_excerpt(e)}). "
+        f"Move it aside (mv {self.directory / str(step)} "
         f"{self.directory / str(step)}.broken) and rerun to {fallback}."
       ) from e
     return restored["state"]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # the asynchronous part of a save failed
+      raise self._save_failed(e) from e
 
   def close(self) -> None:
     self._manager.close()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from test_main import ROOT, SMALL
 
 FLAGS = ["--config=configs/gpt_tiny.py", *SMALL, "--config.sample_at_end=False"]
@@ -124,3 +125,35 @@ def test_first_signal_requests_a_stop_and_a_second_exits_at_once(monkeypatch):
   finally:
     stopper.close()
   assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 64 MiB tmpfs (the tests run as root, as CI does), unmounted afterwards."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], check=True)
+  yield mount
+  subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(small_disk):
+  workdir = small_disk / "run"
+  _run(workdir, steps=2)
+  filler = small_disk / "filler"
+  free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+  with open(filler, "wb") as f:  # leave room for metrics lines, not for a checkpoint
+    f.write(b"\0" * (free - 64 * 1024))
+  full = subprocess.run(
+    _cmd(workdir, 4), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+  )
+  assert full.returncode == 2, full.stderr[-3000:]
+  last_line = full.stderr.strip().splitlines()[-1]  # Orbax logs its own trace before it
+  assert (
+    last_line.startswith("sslm_jax: error: saving a checkpoint")
+    and "(step 2) is intact" in last_line
+  )
+  filler.unlink()
+  resumed = _run(workdir, steps=4)
+  assert "Resuming from the checkpoint at step 2" in resumed.stderr
+  assert _records(workdir)[-1]["step"] == 4
