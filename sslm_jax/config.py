@@ -70,6 +70,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.opt.weight_decay = 0.1
   c.opt.decay_embeddings = False
   c.opt.grad_clip_norm = 1.0
+  c.opt.grad_accum_steps = 1  # microbatches per step, accumulated inside one jitted step
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
@@ -153,6 +154,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(
     c.opt.decay in ("cosine", "linear", "constant"),
     f"opt.decay={c.opt.decay!r}: use 'cosine', 'linear' or 'constant'.",
+  )
+  _require(
+    c.opt.grad_accum_steps >= 1 and c.batch_size % c.opt.grad_accum_steps == 0,
+    f"opt.grad_accum_steps={c.opt.grad_accum_steps} must be >= 1 and divide "
+    f"batch_size={c.batch_size}.",
   )
   _require(
     0 <= c.opt.warmup_steps <= c.num_train_steps,

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
@@ -42,20 +43,62 @@ class DataHooks:
   on_end: Callable[[Callable, TrainState], None] | None = None  # e.g. print samples
 
 
-def train_step(state: TrainState, batch, *, spec: StateSpec, tx, lr_schedule, seed: int, dropout):
-  """One AdamW update. Dropout randomness is fold_in(seed, step): it replays after a resume."""
-  key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
+def _summed_grads(params, batch, *, spec: StateSpec, key):
+  """Gradient of the summed loss, and the metric sums, for one (micro)batch."""
 
-  def loss_fn(params):
+  def loss_sum(params):
     sums = objectives.metric_sums(spec.merge(params), batch, key)
-    return objectives.mean_loss(sums), sums
+    return sums["loss_sum"], sums
 
-  (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, sums), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+  return grads, sums
+
+
+def _accumulated_grads(params, batch, *, spec: StateSpec, key, accum_steps: int):
+  """Summed gradients over `accum_steps` microbatches, run one after another in a scan.
+
+  Microbatch j takes rows j, j+k, j+2k, ... so every data-parallel shard feeds every microbatch.
+  """
+
+  def split(x):
+    return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+
+  def body(carry, inputs):
+    index, micro = inputs
+    micro_key = None if key is None else jax.random.fold_in(key, index)
+    grads, sums = _summed_grads(params, micro, spec=spec, key=micro_key)
+    return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+  zeros = jax.tree.map(
+    jnp.zeros_like, jax.eval_shape(lambda: _summed_grads(params, batch, spec=spec, key=key))
+  )
+  micro_batches = (jnp.arange(accum_steps), jax.tree.map(split, batch))
+  (grads, sums), _ = jax.lax.scan(body, zeros, micro_batches)
+  return grads, sums
+
+
+def train_step(
+  state: TrainState, batch, *, spec: StateSpec, tx, lr_schedule, seed: int, dropout, accum_steps=1
+):
+  """One AdamW update over the mean loss of the batch's predicted tokens.
+
+  Dropout randomness is fold_in(seed, step): it replays after a resume. With accum_steps > 1 the
+  batch is processed as that many microbatches and the update equals the whole batch's.
+  """
+  key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
+  if accum_steps > 1:
+    grads, sums = _accumulated_grads(
+      state.params, batch, spec=spec, key=key, accum_steps=accum_steps
+    )
+  else:
+    grads, sums = _summed_grads(state.params, batch, spec=spec, key=key)
+  count = jnp.maximum(sums["count"], 1.0)
+  grads = jax.tree.map(lambda g: g / count, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
   step_metrics = {
-    "train_loss": loss,
+    "train_loss": sums["loss_sum"] / count,
     "grad_norm": optax.tree.norm(grads),
     "learning_rate": lr_schedule(state.step),
     "predicted_tokens": sums["count"],
@@ -93,6 +136,7 @@ class Trainer:
       lr_schedule=optim.schedule(config.opt, config.num_train_steps),
       seed=config.seed,
       dropout=config.model.dropout_rate > 0,
+      accum_steps=config.opt.grad_accum_steps,
     )
     self._train = jax.jit(
       step,

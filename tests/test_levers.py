@@ -1,0 +1,101 @@
+"""Speed levers change how the step runs, never what it computes."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from conftest import synthetic_batch, tiny_config
+from flax import nnx
+
+from sslm_jax import config as config_lib
+from sslm_jax import model as model_lib
+from sslm_jax import objectives, optim, sharding, train, train_state
+
+
+def _loss_and_grads(model_cfg, batch):
+  model = model_lib.build(model_cfg, seed=0)
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params):
+    return objectives.mean_loss(objectives.metric_sums(nnx.merge(graphdef, params), batch))
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  return float(value), jax.tree.leaves(grads)
+
+
+@pytest.mark.parametrize(
+  "change",
+  [
+    {"scan_layers": False},
+    {"remat_policy": "full"},
+    {"remat_policy": "dots"},
+    {"remat_policy": "dots_no_batch"},
+  ],
+  ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_scan_and_remat_give_the_same_loss_and_gradients(objective, change):
+  config = tiny_config(objective)
+  config.model.num_layers = 3
+  base = config_lib.model_config(config)
+  batch = synthetic_batch(config)
+  loss, grads = _loss_and_grads(base, batch)
+  loss2, grads2 = _loss_and_grads(dataclasses.replace(base, **change), batch)
+  assert loss2 == pytest.approx(loss, rel=1e-6)
+  for g, g2 in zip(grads, grads2, strict=True):
+    np.testing.assert_allclose(g2, g, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("accum_steps", [2, 4])
+def test_gradient_accumulation_equals_one_big_batch(objective, accum_steps):
+  config = tiny_config(objective)
+  batch = synthetic_batch(config)
+  model_cfg = config_lib.model_config(config)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  tx = optim.make(config.opt, 10)
+  state, spec = train_state.create(model_cfg, 0, tx, mesh, sharding.DEFAULT_RULES)
+  whole_grads, whole = jax.jit(lambda p: train._summed_grads(p, batch, spec=spec, key=None))(
+    state.params
+  )
+  accum_grads, accum = jax.jit(
+    lambda p: train._accumulated_grads(p, batch, spec=spec, key=None, accum_steps=accum_steps)
+  )(state.params)
+  assert float(accum["count"]) == float(whole["count"])
+  assert float(accum["loss_sum"]) == pytest.approx(float(whole["loss_sum"]), rel=1e-6)
+  count = float(whole["count"])  # the step divides summed gradients by the predicted tokens
+  for a, b in zip(jax.tree.leaves(accum_grads), jax.tree.leaves(whole_grads), strict=True):
+    np.testing.assert_allclose(np.asarray(a) / count, np.asarray(b) / count, rtol=1e-4, atol=1e-8)
+
+
+def test_gradient_accumulation_runs_in_the_train_step():
+  config = tiny_config("causal_lm")
+  config.opt.grad_accum_steps = 4
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  tx = optim.make(config.opt, 10)
+  model_cfg = config_lib.model_config(config)
+  state, spec = train_state.create(model_cfg, 0, tx, mesh, sharding.DEFAULT_RULES)
+  trainer = train.Trainer(config, mesh, spec, tx)
+  state, metrics = trainer.train(state, trainer.to_global(synthetic_batch(config)))
+  assert int(state.step) == 1 and float(metrics["predicted_tokens"]) > 0
+
+
+def test_bfloat16_compute_trains(objective):
+  config = tiny_config(objective)
+  config.model.dtype = "bfloat16"
+  config.opt.learning_rate, config.opt.warmup_steps = 3e-3, 0
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  tx = optim.make(config.opt, 100)
+  model_cfg = config_lib.model_config(config)
+  state, spec = train_state.create(model_cfg, 0, tx, mesh, sharding.DEFAULT_RULES)
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
+  batch = synthetic_batch(config)
+  step = jax.jit(
+    lambda s: train.train_step(
+      s, batch, spec=spec, tx=tx, lr_schedule=lambda _: 0.0, seed=0, dropout=False
+    )
+  )
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state)
+    losses.append(float(metrics["train_loss"]))
+  assert np.isfinite(losses).all() and losses[-1] < 0.6 * losses[0], losses
