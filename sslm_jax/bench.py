@@ -102,13 +102,12 @@ def timed_steps(trainer, state, batches, steps: int):
   return state, step_metrics, step_s, wait_s, time.perf_counter() - start
 
 
-def per_device_memory(config, mesh) -> tuple[int, str]:
+def per_device_memory(trainer) -> tuple[int, str]:
   """Peak bytes in use on the busiest local device, else XLA's analysis of the compiled step."""
   peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
   if peaks and None not in peaks:
     return max(peaks), "memory_stats peak_bytes_in_use"
-  # No allocator statistics (CPU): compile the step once more, for its memory analysis only.
-  return plan.memory_plan(config, mesh)["step_total_bytes"], "XLA memory analysis of the step"
+  return plan.step_bytes(trainer.memory_analysis), "XLA memory analysis of the step"
 
 
 def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -> dict:
@@ -131,7 +130,7 @@ def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -
   num_predictions = None if model_cfg.causal else config_lib.num_predictions(config)
   per_token = flops.model_flops_per_token(model_cfg, num_predictions)
   peak, peak_source, units = flops.peak_and_units(config.model.dtype)
-  memory, memory_source = per_device_memory(config, mesh)
+  memory, memory_source = per_device_memory(trainer)
   record = {
     "tokens_per_sec": tokens_per_sec,
     "step_time_s": step_time,

@@ -33,6 +33,16 @@ def device_memory_limit(device) -> int | None:
   return (stats or {}).get("bytes_limit")
 
 
+def step_bytes(analysis) -> int:
+  """Device bytes a compiled step needs: inputs + outputs (less donated aliases) + scratch."""
+  return (
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    - analysis.alias_size_in_bytes
+    + analysis.temp_size_in_bytes
+  )
+
+
 def memory_plan(config, mesh) -> dict:
   """Bytes per device: parameters, optimizer state, and the compiled step's total."""
   rules = sharding.rules_from_config(config.mesh.rules)
@@ -43,21 +53,14 @@ def memory_plan(config, mesh) -> dict:
     k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
     for k, v in abstract_batch(config).items()
   }
-  compiled = trainer.lower(spec.abstract, batch).compile()
-  analysis = compiled.memory_analysis()
-  step_bytes = (
-    analysis.argument_size_in_bytes
-    + analysis.output_size_in_bytes
-    - analysis.alias_size_in_bytes
-    + analysis.temp_size_in_bytes
-  )
+  analysis = trainer.lower(spec.abstract, batch).compile().memory_analysis()
   return {
     "mesh": dict(mesh.shape),
     "params_bytes": train_state.bytes_per_device(spec.abstract.params),
     "opt_state_bytes": train_state.bytes_per_device(spec.abstract.opt_state),
     "step_argument_bytes": analysis.argument_size_in_bytes,
     "step_temp_bytes": analysis.temp_size_in_bytes,
-    "step_total_bytes": step_bytes,
+    "step_total_bytes": step_bytes(analysis),
     "device_limit_bytes": device_memory_limit(mesh.devices.flat[0]),
   }
 

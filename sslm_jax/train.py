@@ -129,6 +129,7 @@ class Trainer:
     self.rules = sharding.rules_from_config(config.mesh.rules)
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
     self.causal = config.objective == "causal_lm"
+    self.memory_analysis = None  # XLA's memory analysis of the train step, once compiled
     step = functools.partial(
       train_step,
       spec=spec,
@@ -165,6 +166,7 @@ class Trainer:
     """Compile the train step ahead of the loop; returns seconds spent."""
     t0 = time.perf_counter()
     self._train = self.lower(state, batch).compile()
+    self.memory_analysis = self._train.memory_analysis()
     return time.perf_counter() - t0
 
   def evaluate(self, params, batches: Iterable[Batch]) -> dict:
@@ -208,6 +210,18 @@ def init_or_restore(config, mesh, workdir: str, fingerprint: dict, allow_changes
   return state, spec, tx, ckpt
 
 
+def _mfu_of_rate(config) -> Callable[[float], float | None]:
+  """tokens/s -> model FLOPs utilization (None where the hardware peak is unknown)."""
+  model_cfg = config_lib.model_config(config)
+  per_token = flops.model_flops_per_token(
+    model_cfg, None if model_cfg.causal else config_lib.num_predictions(config)
+  )
+  # A small GEMM on CPU (~0.1 s) is enough for a live MFU; the bench measures more carefully.
+  peak, source, units = flops.peak_and_units(config.model.dtype, gemm_size=1024)
+  logging.info("MFU peak: %s", source)
+  return lambda rate: None if peak is None else rate * per_token / (peak * units)
+
+
 def train_and_evaluate(
   config, workdir: str, mesh, data: DataHooks, fingerprint: dict, allow_changes=frozenset()
 ) -> dict:
@@ -219,13 +233,7 @@ def train_and_evaluate(
   writer = metrics.Writer(workdir, start_step=start, total_steps=total, enabled=primary)
   last_good = ckpt.latest_step()
   tokens_per_step = config.batch_size * config.data.seq_len
-  flops_per_token = flops.model_flops_per_token(
-    config_lib.model_config(config),
-    None if trainer.causal else config_lib.num_predictions(config),
-  )
-  # A small GEMM on CPU (~0.1 s) is enough for a live MFU; the bench measures more carefully.
-  peak, peak_source, units = flops.peak_and_units(config.model.dtype, gemm_size=1024)
-  logging.info("MFU peak: %s", peak_source)
+  mfu = _mfu_of_rate(config)
   record: dict = {}
   if start >= total:
     logging.info("Checkpoint step %d >= num_train_steps=%d: nothing to train.", start, total)
@@ -274,7 +282,7 @@ def train_and_evaluate(
           "learning_rate": values["learning_rate"],
           "grad_norm": values["grad_norm"],
           "tokens_per_sec": rate,
-          "mfu": None if peak is None else rate * flops_per_token / (peak * units),
+          "mfu": mfu(rate),
           **eval_record,
           **times,
         }
