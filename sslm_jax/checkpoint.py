@@ -166,7 +166,10 @@ class Checkpointer:
       raise self._save_failed(e) from e
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception as e:  # a failed save was already reported by wait(); don't mask it
+      logging.warning("Closing the checkpoint manager: %s", _excerpt(e))
 
 
 def saved_fingerprint(directory: str) -> tuple[int, dict] | None:

@@ -94,8 +94,15 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _fail(message: str):
-  print(f"sslm_jax: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  """Exit 2 with the error as the last line of stderr.
+
+  os._exit skips interpreter shutdown, where background threads of a failed asynchronous save
+  would otherwise print their own tracebacks after this line. Everything of ours is closed by now.
+  """
+  logging.flush()
+  sys.stdout.flush()
+  print(f"sslm_jax: error: {message}", file=sys.stderr, flush=True)
+  os._exit(2)
 
 
 OUR_ERRORS = (

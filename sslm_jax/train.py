@@ -305,7 +305,9 @@ def train_and_evaluate(
       data.on_end(spec.merge, state)
   finally:
     stopper.close()
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
+    try:
+      ckpt.wait()  # raises CheckpointError if the last asynchronous save failed
+    finally:
+      ckpt.close()
+      writer.close()
   return record
