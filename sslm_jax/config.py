@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 
+import jax
 import ml_collections
 
 from sslm_jax.model import ModelConfig
@@ -28,6 +29,10 @@ def defaults() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.keep_every_steps = 0  # also keep every step divisible by this (0: none)
   c.sample_at_end = True
+  # XLA options for compiling the train step only, 'name=value,...'; e.g.
+  # xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT. None is set by default: see
+  # the README for what was measured.
+  c.compiler_options = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin"  # 'builtin' | 'text' | 'tfds'
@@ -57,7 +62,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.vocab_multiple = 128  # embedding rows padded to a multiple of this
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
-  c.model.attention_impl = ""  # '' (XLA picks) | 'xla' | 'cudnn'
+  c.model.attention_impl = "auto"  # auto (cudnn on GPU for bf16/fp16, else xla) | xla | cudnn
 
   c.opt = ml_collections.ConfigDict()
   c.opt.learning_rate = 1e-3
@@ -83,6 +88,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 OBJECTIVES = ("causal_lm", "masked_lm")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 SOURCES = ("builtin", "text", "tfds")
 
 
@@ -152,6 +158,22 @@ def validate(c: ml_collections.ConfigDict) -> None:
     f"model.dropout_rate={c.model.dropout_rate} must lie in [0, 1).",
   )
   _require(
+    c.model.attention_impl in ATTENTION_IMPLS,
+    f"model.attention_impl={c.model.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}.",
+  )
+  _require(
+    c.model.attention_impl != "cudnn" or jax.default_backend() == "gpu",
+    f"model.attention_impl='cudnn' needs a GPU; use 'auto' or 'xla' on {jax.default_backend()}.",
+  )
+  _require(
+    c.model.attention_impl != "cudnn" or c.model.dtype in ("bfloat16", "float16"),
+    f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, not {c.model.dtype}.",
+  )
+  _require(
+    not c.compiler_options or "=" in c.compiler_options.split(",")[0],
+    f"compiler_options={c.compiler_options!r}: use 'name=value,name=value' (or '' for none).",
+  )
+  _require(
     c.opt.decay in ("cosine", "linear", "constant"),
     f"opt.decay={c.opt.decay!r}: use 'cosine', 'linear' or 'constant'.",
   )
@@ -188,8 +210,22 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     layer_norm_epsilon=1e-5 if causal else 1e-12,
     scan_layers=bool(c.model.scan_layers),
     remat_policy=c.model.remat_policy,
-    attention_impl=c.model.attention_impl or None,
+    attention_impl=attention_impl(c),
   )
+
+
+def attention_impl(c: ml_collections.ConfigDict) -> str:
+  """'auto' resolved for this backend: cuDNN flash attention where it applies, else XLA's."""
+  if c.model.attention_impl != "auto":
+    return c.model.attention_impl
+  head_dim = c.model.emb_dim // c.model.num_heads
+  cudnn_ok = (
+    jax.default_backend() == "gpu"
+    and c.model.dtype in ("bfloat16", "float16")
+    and head_dim <= 128
+    and head_dim % 8 == 0
+  )
+  return "cudnn" if cudnn_ok else "xla"
 
 
 def num_predictions(c: ml_collections.ConfigDict) -> int:

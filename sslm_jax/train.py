@@ -121,6 +121,29 @@ def eval_summary(sums: dict, causal: bool) -> dict:
   return out
 
 
+def _option_value(text: str) -> bool | int | str:
+  """XLA wants real booleans and integers, not their spellings."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  try:
+    return int(text)
+  except ValueError:
+    return text
+
+
+def compiler_options(setting: str) -> dict[str, bool | int | str]:
+  """'name=value,...' -> XLA compile options; a value may hold commas (a=X,Y,b=Z)."""
+  options: dict[str, str] = {}
+  name = None
+  for item in (i.strip() for i in setting.split(",") if i.strip()):
+    if "=" in item:
+      name, value = (part.strip() for part in item.split("=", 1))
+      options[name] = value
+    elif name is not None:  # a repeated field's next value
+      options[name] += "," + item
+  return {name: _option_value(value) for name, value in options.items()}
+
+
 class Trainer:
   """Compiled steps for one mesh, and the evaluation loop."""
 
@@ -165,7 +188,16 @@ class Trainer:
   def compile(self, state, batch) -> float:
     """Compile the train step ahead of the loop; returns seconds spent."""
     t0 = time.perf_counter()
-    self._train = self.lower(state, batch).compile()
+    options = compiler_options(self.config.compiler_options)
+    try:
+      self._train = self.lower(state, batch).compile(compiler_options=options or None)
+    except jax.errors.JaxRuntimeError as e:
+      if not options or "option" not in str(e):
+        raise
+      raise config_lib.ConfigError(
+        f"compiler_options={self.config.compiler_options!r} was refused by XLA ({e}). "
+        "Fix or remove --config.compiler_options."
+      ) from e
     self.memory_analysis = self._train.memory_analysis()
     return time.perf_counter() - t0
 

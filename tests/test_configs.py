@@ -60,6 +60,9 @@ def test_base_shapes_match_the_published_models(name, expected_millions):
     ("num_train_steps", 0, "num_train_steps"),
     ("eval_steps", 0, "eval_steps"),
     ("data.source", "web", "data.source"),
+    ("model.attention_impl", "flash", "attention_impl"),
+    ("model.attention_impl", "cudnn", "needs a GPU"),
+    ("compiler_options", "xla_cpu_use_onednn", "compiler_options"),
   ],
 )
 def test_validation_names_the_field(field, value, words):

@@ -99,3 +99,56 @@ def test_bfloat16_compute_trains(objective):
     state, metrics = step(state)
     losses.append(float(metrics["train_loss"]))
   assert np.isfinite(losses).all() and losses[-1] < 0.6 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+  "backend, dtype, expected",
+  [("cpu", "bfloat16", "xla"), ("gpu", "float32", "xla"), ("gpu", "bfloat16", "cudnn")],
+)
+def test_auto_attention_takes_cudnn_only_on_gpu_in_half_precision(
+  monkeypatch, backend, dtype, expected
+):
+  monkeypatch.setattr(config_lib.jax, "default_backend", lambda: backend)
+  config = tiny_config("causal_lm")
+  config.model.dtype = dtype
+  assert config_lib.model_config(config).attention_impl == expected
+  config.model.num_heads, config.model.emb_dim = 1, 256  # head dim 256: beyond cuDNN flash
+  assert config_lib.model_config(config).attention_impl == "xla"
+
+
+def test_compiler_options_parse_values_and_repeated_fields():
+  assert train.compiler_options("") == {}
+  assert train.compiler_options("a=X,Y, b=true,c=3,d=False") == {
+    "a": "X,Y",
+    "b": True,
+    "c": 3,
+    "d": False,
+  }
+
+
+def _compiled_trainer(config):
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  tx = optim.make(config.opt, 10)
+  state, spec = train_state.create(
+    config_lib.model_config(config), 0, tx, mesh, sharding.DEFAULT_RULES
+  )
+  trainer = train.Trainer(config, mesh, spec, tx)
+  batch = trainer.to_global(synthetic_batch(config))
+  trainer.compile(state, batch)
+  return trainer, state, batch
+
+
+def test_compiler_options_reach_the_train_step_compile():
+  config = tiny_config("causal_lm")
+  config.compiler_options = "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE"
+  trainer, state, batch = _compiled_trainer(config)
+  # The option changes which ops XLA hands to YNNPACK, so the compiled step differs.
+  with_option = trainer._train.as_text()
+  config.compiler_options = ""
+  plain = _compiled_trainer(config)[0]._train.as_text()
+  assert with_option != plain
+  _, metrics = trainer.train(state, batch)
+  assert np.isfinite(float(metrics["train_loss"]))
+  config.compiler_options = "xla_no_such_option=1"
+  with pytest.raises(config_lib.ConfigError, match="compiler_options"):
+    _compiled_trainer(config)
