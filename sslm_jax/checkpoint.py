@@ -106,6 +106,15 @@ class Checkpointer:
         unfinished,
         self.directory,
       )
+    # Uncompressed: zstd saved 8% of the bytes of a GPT-2-small state, and its CPU time competes
+    # with training while the asynchronous write runs (on 2 CPU cores a save cost 1.0 step with
+    # it, 0.65 without).
+    state_handler = ocp.PyTreeCheckpointHandler(use_compression=False)
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    registry.add("state", ocp.args.PyTreeSave, state_handler)
+    registry.add("state", ocp.args.PyTreeRestore, state_handler)
+    registry.add("meta", ocp.args.JsonSave)
+    registry.add("meta", ocp.args.JsonRestore)
     self._manager = ocp.CheckpointManager(
       self.directory,
       options=ocp.CheckpointManagerOptions(
@@ -113,8 +122,12 @@ class Checkpointer:
         keep_period=keep_every or None,
         create=True,
         enable_async_checkpointing=True,
+        enable_background_delete=True,  # old steps are removed off the training thread
+        # The manager never reuses a step number and writes through a temporary directory, so
+        # the per-save existence check (a thread round trip on the training thread) is skipped.
+        file_options=ocp.options.FileOptions(skip_sync_file_validations=True),
       ),
-      item_names=("state", "meta"),
+      handler_registry=registry,
     )
 
   def latest_step(self) -> int | None:
@@ -124,8 +137,7 @@ class Checkpointer:
     try:
       self._manager.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
+        args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)),
       )
     except Exception as e:  # a full disk or lost permissions, raised here or by an earlier save
       raise self._save_failed(e) from e
@@ -146,8 +158,12 @@ class Checkpointer:
   def restore(self, step: int, abstract_state):
     """The state at `step`, laid out as `abstract_state`'s shardings say (any mesh)."""
     try:
+      restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
       restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args)
+        ),
       )
     except Exception as e:  # Orbax/TensorStore raise many types for missing or damaged files
       others = [s for s in self._manager.all_steps() if s != step]
