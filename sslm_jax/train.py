@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from sslm_jax import (
   checkpoint,
@@ -254,6 +255,12 @@ def _mfu_of_rate(config) -> Callable[[float], float | None]:
   return lambda rate: None if peak is None else rate * per_token / (peak * units)
 
 
+def _slowest_data_wait(seconds: float) -> dict:
+  """The interval's longest wait for input over all processes, and which process it was."""
+  waits = multihost_utils.process_allgather(np.asarray(seconds, np.float64))
+  return {"time_data_max_s": float(waits.max()), "slowest_data_process": int(waits.argmax())}
+
+
 def train_and_evaluate(
   config, workdir: str, mesh, data: DataHooks, fingerprint: dict, allow_changes=frozenset()
 ) -> dict:
@@ -309,6 +316,9 @@ def train_and_evaluate(
             eval_record = trainer.evaluate(state.params, data.eval_batches())
         times = goodput.lap()
         rate = times.pop("tokens_per_sec")
+        # Every process logs at these steps (a stop request may reach only one of them).
+        if jax.process_count() > 1 and (metrics.is_time(step, config.log_every_steps) or last):
+          times.update(_slowest_data_wait(times["time_data_s"]))
         record = {
           "train_loss": values["train_loss"],
           "learning_rate": values["learning_rate"],

@@ -80,6 +80,11 @@ def test_two_processes_match_one_and_checkpoints_cross_topologies(tmp_path, stra
   print(f"2 processes x 4 devices, 4 steps: {wall:.1f} s wall")
   multi = _losses(tmp_path)
   assert sorted(multi) == [1, 2, 3, 4]
+  with open(tmp_path / "metrics.jsonl") as f:
+    logged = [r for r in map(json.loads, f) if "train_loss" in r]
+  # Goodput names the process that waited longest for input; process 0 writes its own wait too.
+  assert all(r["slowest_data_process"] in (0, 1) for r in logged)
+  assert all(r["time_data_max_s"] >= r["time_data_s"] for r in logged)
   np.testing.assert_allclose([multi[s] for s in multi], [straight[s] for s in multi], rtol=1e-5)
 
   # The 2-process checkpoint at step 4 resumes in 1 process x 8 devices.
