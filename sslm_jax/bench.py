@@ -142,6 +142,7 @@ def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -
     "peak_source": peak_source,
     "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind},
     "dtype": config.model.dtype,
+    "attention_impl": model_cfg.attention_impl,
     "per_device_memory_bytes": memory,
     "memory_source": memory_source,
     "num_params": count_params(spec.abstract.params),

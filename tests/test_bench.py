@@ -162,5 +162,6 @@ def test_bench_runs_without_tensorflow(config_file):
   assert 0 < record["mfu"] < 1
   assert record["peak_source"].startswith("measured: fp32 GEMM 2048^3 on cpu")
   assert record["devices"] == {"count": 1, "kind": "cpu"}
+  assert record["attention_impl"] == "xla"  # auto picks cuDNN on GPUs only
   assert record["per_device_memory_bytes"] > 0
   assert "input_wait_fraction" not in record
