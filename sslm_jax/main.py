@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging as std_logging
 import os
 import sys
 
@@ -214,10 +215,18 @@ def initialize_distributed() -> None:
   logging.info("Process %d of %d joined.", jax.process_index(), jax.process_count())
 
 
+def _quiet_orbax_info() -> None:
+  """Orbax logs ~20 INFO lines per save; keep its warnings and errors, drop the rest."""
+  logging.get_absl_handler().addFilter(
+    lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  )
+
+
 def main(argv):
   del argv
   from sslm_jax.data import pipeline
 
+  _quiet_orbax_info()
   try:
     initialize_distributed()
     run(FLAGS.config, FLAGS.workdir)

@@ -257,7 +257,8 @@ def _mfu_of_rate(config) -> Callable[[float], float | None]:
 
 def _slowest_data_wait(seconds: float) -> dict:
   """The interval's longest wait for input over all processes, and which process it was."""
-  waits = multihost_utils.process_allgather(np.asarray(seconds, np.float64))
+  waits = np.asarray(multihost_utils.process_allgather(np.float32(seconds)), np.float64)
+  waits[jax.process_index()] = seconds  # exact here; the others went through float32
   return {"time_data_max_s": float(waits.max()), "slowest_data_process": int(waits.argmax())}
 
 

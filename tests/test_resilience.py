@@ -37,14 +37,13 @@ def _run(workdir, steps):
 
 
 def _start(workdir, steps):
-  return subprocess.Popen(
-    _cmd(workdir, steps),
-    cwd=ROOT,
-    env=_env(),
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text=True,
+  """A background run whose stderr goes to a file (a pipe nobody reads fills up and blocks it)."""
+  log = open(f"{workdir}.stderr.{time.monotonic_ns()}.log", "w+")  # beside the workdir
+  proc = subprocess.Popen(
+    _cmd(workdir, steps), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=log, text=True
   )
+  proc.stderr_text = lambda: (log.flush(), log.seek(0), log.read())[-1]
+  return proc
 
 
 def _records(workdir):
@@ -60,7 +59,7 @@ def _wait_for_step(workdir, step, proc, timeout=240):
   while time.monotonic() < deadline:
     if any(r["step"] >= step for r in _records(workdir)):
       return
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert proc.poll() is None, proc.stderr_text()[-3000:]
     time.sleep(0.05)
   raise TimeoutError(f"step {step} not reached")
 
@@ -77,7 +76,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(tmp_path):
   proc.send_signal(signal.SIGTERM)
   rc = proc.wait(timeout=60)
   elapsed = time.monotonic() - sent
-  stderr = proc.stderr.read()
+  stderr = proc.stderr_text()
   assert rc == 0, stderr[-3000:]
   print(f"SIGTERM to exit: {elapsed:.2f} s")
   stopped = _records(tmp_path)[-1]["step"]
