@@ -304,7 +304,8 @@ def train_and_evaluate(
       pending = (step, step_metrics)
       stop = stopper.should_stop(step)
       last = step == total
-      log_now = metrics.is_time(step, config.log_every_steps) or last or stop
+      regular_log = metrics.is_time(step, config.log_every_steps) or last  # on every process
+      log_now = regular_log or stop  # a stop request may reach only some processes
       eval_now = (metrics.is_time(step, config.eval_every_steps) or last) and data.eval_batches
       save_now = metrics.is_time(step, config.checkpoint_every_steps) or last or stop
       if not (log_now or eval_now or save_now):
@@ -317,18 +318,10 @@ def train_and_evaluate(
             eval_record = trainer.evaluate(state.params, data.eval_batches())
         times = goodput.lap()
         rate = times.pop("tokens_per_sec")
-        # Every process logs at these steps (a stop request may reach only one of them).
-        if jax.process_count() > 1 and (metrics.is_time(step, config.log_every_steps) or last):
+        if jax.process_count() > 1 and regular_log:
           times.update(_slowest_data_wait(times["time_data_s"]))
-        record = {
-          "train_loss": values["train_loss"],
-          "learning_rate": values["learning_rate"],
-          "grad_norm": values["grad_norm"],
-          "tokens_per_sec": rate,
-          "mfu": mfu(rate),
-          **eval_record,
-          **times,
-        }
+        record = {k: values[k] for k in ("train_loss", "learning_rate", "grad_norm")}
+        record.update(tokens_per_sec=rate, mfu=mfu(rate), **eval_record, **times)
         writer.write(step, record)
         writer.progress(step, values["train_loss"], rate)
       # Saved after its record is written: a checkpoint never exists without its metrics line.
