@@ -67,15 +67,23 @@ def test_gradient_accumulation_equals_one_big_batch(objective, accum_steps):
     np.testing.assert_allclose(np.asarray(a) / count, np.asarray(b) / count, rtol=1e-4, atol=1e-8)
 
 
+def _compiled_trainer(config):
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  tx = optim.make(config.opt, 10)
+  state, spec = train_state.create(
+    config_lib.model_config(config), 0, tx, mesh, sharding.DEFAULT_RULES
+  )
+  trainer = train.Trainer(config, mesh, spec, tx)
+  batch = trainer.to_global(synthetic_batch(config))
+  trainer.compile(state, batch)
+  return trainer, state, batch
+
+
 def test_gradient_accumulation_runs_in_the_train_step():
   config = tiny_config("causal_lm")
   config.opt.grad_accum_steps = 4
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  tx = optim.make(config.opt, 10)
-  model_cfg = config_lib.model_config(config)
-  state, spec = train_state.create(model_cfg, 0, tx, mesh, sharding.DEFAULT_RULES)
-  trainer = train.Trainer(config, mesh, spec, tx)
-  state, metrics = trainer.train(state, trainer.to_global(synthetic_batch(config)))
+  trainer, state, batch = _compiled_trainer(config)
+  state, metrics = trainer.train(state, batch)
   assert int(state.step) == 1 and float(metrics["predicted_tokens"]) > 0
 
 
@@ -124,18 +132,6 @@ def test_compiler_options_parse_values_and_repeated_fields():
     "c": 3,
     "d": False,
   }
-
-
-def _compiled_trainer(config):
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  tx = optim.make(config.opt, 10)
-  state, spec = train_state.create(
-    config_lib.model_config(config), 0, tx, mesh, sharding.DEFAULT_RULES
-  )
-  trainer = train.Trainer(config, mesh, spec, tx)
-  batch = trainer.to_global(synthetic_batch(config))
-  trainer.compile(state, batch)
-  return trainer, state, batch
 
 
 def test_compiler_options_reach_the_train_step_compile():
