@@ -6,8 +6,11 @@ import jax
 import optax
 from flax import nnx
 
-# Parameters whose logical names include one of these are embedding tables.
-_EMBEDDING_AXES = {"vocab", "position", "token_type"}
+# Weight decay by parameter role (the last name of its path), as in GPT-2 and BERT: matrices
+# decay; biases and LayerNorm parameters never do; embedding tables only when asked. A new
+# parameter name must be placed here, so no parameter is decayed (or spared) by accident.
+_DECAYS_BY_ROLE = {"kernel": True, "bias": False, "scale": False, "decoder_bias": False}
+_EMBEDDING_ROLE = "embedding"
 
 
 def schedule(opt, num_train_steps: int) -> optax.Schedule:
@@ -24,18 +27,22 @@ def schedule(opt, num_train_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
+def _decays(path, decay_embeddings: bool) -> bool:
+  role = str(getattr(path[-1], "key", path[-1]))
+  if role == _EMBEDDING_ROLE:
+    return decay_embeddings
+  if role not in _DECAYS_BY_ROLE:
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    raise ValueError(f"parameter {name}: no weight-decay rule for {role!r} in optim.py.")
+  return _DECAYS_BY_ROLE[role]
+
+
 def decay_mask(params: nnx.State, decay_embeddings: bool = False) -> nnx.State:
-  """True for matrices (kernels); False for biases, LayerNorm scales and, by default, embeddings."""
-
-  def decays(v: nnx.Variable) -> bool:
-    names = set(v.get_metadata().get("out_sharding") or ())
-    is_embedding = bool(names & _EMBEDDING_AXES)
-    # Stacked layers add a leading `layers` axis; count only the per-layer rank.
-    rank = v.ndim - ("layers" in names)
-    return rank >= 2 and (decay_embeddings or not is_embedding)
-
-  return jax.tree.map(
-    lambda v: v.replace(decays(v)), params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  """True for weight matrices (kernels); False for biases, LayerNorm and, by default, embeddings."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, v: v.replace(_decays(path, decay_embeddings)),
+    params,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
 
 

@@ -20,17 +20,51 @@ def test_schedule_warmup_peak_and_final_value(decay):
   assert 1e-4 < float(lr(55)) < 1e-3
 
 
-def test_weight_decay_only_on_matrices():
-  config = tiny_config("masked_lm")
-  model = model_lib.build(config_lib.model_config(config), seed=0)
-  mask = nnx.to_pure_dict(optim.decay_mask(nnx.state(model, nnx.Param)))
-  blocks = mask["stack"]["blocks"]
-  assert blocks["attention"]["query"]["kernel"] is True
-  assert blocks["mlp"]["fc"]["kernel"] is True
-  assert blocks["mlp"]["fc"]["bias"] is False
-  assert blocks["attention_norm"]["scale"] is False
-  assert mask["token_embed"]["embedding"] is False
-  assert mask["position_embed"]["embedding"] is False
-  assert mask["mlm_head"]["decoder_bias"] is False
-  decayed = nnx.to_pure_dict(optim.decay_mask(nnx.state(model, nnx.Param), decay_embeddings=True))
-  assert decayed["token_embed"]["embedding"] is True
+_KERNELS = [
+  f"stack/blocks/{name}/kernel"
+  for name in ("attention/query", "attention/key", "attention/value", "attention/out")
+  + ("mlp/fc", "mlp/proj")
+]
+_EMBEDDINGS = {
+  "causal_lm": ["token_embed/embedding", "position_embed/embedding"],
+  "masked_lm": [
+    "token_embed/embedding",
+    "position_embed/embedding",
+    "token_type_embed/embedding",
+  ],
+}
+_DECAYED = {
+  "causal_lm": set(_KERNELS),
+  "masked_lm": set(_KERNELS) | {"mlm_head/transform/kernel"},
+}
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_by_parameter_role_on_every_parameter(objective, decay_embeddings):
+  """GPT-2/BERT practice: kernels decay; q/k/v/out and MLP biases, LayerNorm never do."""
+  model = model_lib.build(config_lib.model_config(tiny_config(objective)), seed=0)
+  params = nnx.state(model, nnx.Param)
+  mask = _flat(nnx.to_pure_dict(optim.decay_mask(params, decay_embeddings)))
+  expected = _DECAYED[objective] | (set(_EMBEDDINGS[objective]) if decay_embeddings else set())
+  assert {path for path, decays in mask.items() if decays} == expected
+  assert len(mask) == len(_flat(nnx.to_pure_dict(params)))
+  # The rank-2 attention biases [heads, head_dim] are exactly the case a rank rule gets wrong.
+  assert mask["stack/blocks/attention/query/bias"] is False
+
+
+def test_a_parameter_without_a_decay_rule_is_refused():
+  model = model_lib.build(config_lib.model_config(tiny_config()), seed=0)
+  params = nnx.state(model, nnx.Param)
+  params["stack"]["blocks"]["mlp"]["fc"]["gate"] = params["stack"]["blocks"]["mlp"]["fc"]["kernel"]
+  with pytest.raises(ValueError, match="gate"):
+    optim.decay_mask(params)
