@@ -64,34 +64,47 @@ def step_flops(
 # Dense (never 2:4 sparse) peak matmul FLOP/s per GPU or TPU chip, from the vendor datasheets:
 # NVIDIA A100, H100 (SXM, PCIe, NVL) and H200 Tensor Core GPU datasheets; Google Cloud TPU
 # system architecture pages for v4, v5e, v5p and v6e (Trillium). Rows: lower-case substrings of
-# `device.device_kind` (first match wins, so variants come before the family), the name, the
-# bf16 figure, the fp32 figure. TPUs have no fp32 figure: their matmuls run as bf16 passes.
-# NVIDIA fp32 is the non-tensor-core rate; XLA may use TF32 for fp32 dots, which runs faster.
+# `device.device_kind` (first match wins, so variants come before the family), the name, then the
+# bf16, TF32 and plain fp32 (non-tensor-core) figures. TPUs have no fp32 figures: their fp32
+# matmuls run as bf16 passes.
 _PEAKS = (
-  (("h100 pcie",), "NVIDIA H100 PCIe", 756e12, 51e12),
-  (("h100 nvl", "h200 nvl"), "NVIDIA H100/H200 NVL", 835e12, 60e12),
-  (("h200",), "NVIDIA H200 (H100 SXM figures)", 989e12, 67e12),
-  (("h100",), "NVIDIA H100 SXM", 989e12, 67e12),
-  (("a100",), "NVIDIA A100", 312e12, 19.5e12),
-  (("tpu v6 lite", "tpu v6e"), "TPU v6e (Trillium)", 918e12, None),
-  (("tpu v5 lite", "tpu v5e"), "TPU v5e", 197e12, None),
-  (("tpu v5p", "tpu v5"), "TPU v5p", 459e12, None),
-  (("tpu v4",), "TPU v4", 275e12, None),
+  (("h100 pcie",), "NVIDIA H100 PCIe", 756e12, 378e12, 51e12),
+  (("h100 nvl", "h200 nvl"), "NVIDIA H100/H200 NVL", 835e12, 417.5e12, 60e12),
+  (("h200",), "NVIDIA H200 (H100 SXM figures)", 989e12, 494.5e12, 67e12),
+  (("h100",), "NVIDIA H100 SXM", 989e12, 494.5e12, 67e12),
+  (("a100",), "NVIDIA A100", 312e12, 156e12, 19.5e12),
+  (("tpu v6 lite", "tpu v6e"), "TPU v6e (Trillium)", 918e12, None, None),
+  (("tpu v5 lite", "tpu v5e"), "TPU v5e", 197e12, None, None),
+  (("tpu v5p", "tpu v5"), "TPU v5p", 459e12, None, None),
+  (("tpu v4",), "TPU v4", 275e12, None, None),
 )
 _SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+# jax_default_matmul_precision values under which XLA runs fp32 matmuls in full fp32 on GPU;
+# with the default (None) and the others, fp32 dots use TF32 tensor cores.
+_FULL_FP32 = ("highest", "float32")
 
 
-def table_peak(device_kind: str, dtype: str) -> tuple[float | None, str]:
-  """(peak FLOP/s per device or None, where it came from) for a compute dtype."""
+def table_peak(
+  device_kind: str, dtype: str, matmul_precision: str | None = "from_jax"
+) -> tuple[float | None, str]:
+  """(peak FLOP/s per device or None, where it came from) for a compute dtype.
+
+  fp32 on NVIDIA GPUs counts the precision XLA actually runs: TF32 tensor cores unless
+  `jax_default_matmul_precision` asks for full fp32 ("highest"/"float32").
+  """
+  if matmul_precision == "from_jax":
+    matmul_precision = jax.config.jax_default_matmul_precision
   kind = device_kind.lower()
-  for patterns, name, bf16, fp32 in _PEAKS:
+  for patterns, name, bf16, tf32, fp32 in _PEAKS:
     if not any(p in kind for p in patterns):
       continue
     if dtype != "float32":
       return bf16, f"table: {name} bf16 dense"
     if fp32 is None:
       return bf16, f"table: {name} bf16 dense (fp32 matmuls run as bf16 passes on TPU)"
-    return fp32, f"table: {name} fp32 dense (non-tensor-core)"
+    if str(matmul_precision).lower() in _FULL_FP32:
+      return fp32, f"table: {name} fp32 dense (non-tensor-core; matmul precision highest)"
+    return tf32, f"table: {name} TF32 dense (XLA runs fp32 matmuls as TF32 by default)"
   return None, f"unknown accelerator {device_kind!r}: no peak figure, so no mfu"
 
 

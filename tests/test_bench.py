@@ -4,6 +4,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -75,7 +76,13 @@ def test_step_flops_and_missing_predictions():
 def test_peak_table_matches_device_kinds():
   assert flops.table_peak("NVIDIA H100 80GB HBM3", "bfloat16")[0] == 989e12
   assert flops.table_peak("NVIDIA H100 PCIe", "bfloat16")[0] == 756e12
-  assert flops.table_peak("NVIDIA H200", "float32")[0] == 67e12
+  # fp32 on NVIDIA: TF32 tensor cores by default, the plain fp32 rate only at "highest".
+  assert flops.table_peak("NVIDIA H200", "float32", None)[0] == 494.5e12
+  assert flops.table_peak("NVIDIA H200", "float32", "highest")[0] == 67e12
+  assert flops.table_peak("NVIDIA A100-SXM4-80GB", "float32", "default")[0] == 156e12
+  with jax.default_matmul_precision("float32"):
+    assert flops.table_peak("NVIDIA H100 PCIe", "float32")[0] == 51e12
+  assert flops.table_peak("NVIDIA H100 PCIe", "float32")[0] == 378e12
   assert flops.table_peak("TPU v5 lite", "bfloat16")[0] == 197e12
   assert flops.table_peak("TPU v5p", "float32") == (
     459e12,
