@@ -7,6 +7,7 @@ import math
 
 import jax
 import ml_collections
+from absl import logging
 
 from sslm_jax.model import ModelConfig
 
@@ -183,9 +184,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     f"batch_size={c.batch_size}.",
   )
   _require(
-    0 <= c.opt.warmup_steps <= c.num_train_steps,
-    f"opt.warmup_steps={c.opt.warmup_steps} must lie in [0, num_train_steps={c.num_train_steps}].",
+    isinstance(c.opt.warmup_steps, int) and c.opt.warmup_steps >= 0,
+    f"opt.warmup_steps={c.opt.warmup_steps!r} must be an integer >= 0.",
   )
+  if c.opt.warmup_steps > c.num_train_steps:  # a short smoke run of a big config
+    logging.warning(
+      "opt.warmup_steps=%d is longer than num_train_steps=%d: warming up over all %d steps.",
+      c.opt.warmup_steps,
+      c.num_train_steps,
+      c.num_train_steps,
+    )
 
 
 def padded_vocab_size(c: ml_collections.ConfigDict) -> int:

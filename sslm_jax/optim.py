@@ -14,8 +14,11 @@ _EMBEDDING_ROLE = "embedding"
 
 
 def schedule(opt, num_train_steps: int) -> optax.Schedule:
-  """Linear warmup from 0 to `learning_rate`, then decay to `final_lr_fraction` of it."""
-  peak, warmup = opt.learning_rate, opt.warmup_steps
+  """Linear warmup from 0 to `learning_rate`, then decay to `final_lr_fraction` of it.
+
+  A warmup longer than the run is cut to the run (config.validate warns about it).
+  """
+  peak, warmup = opt.learning_rate, min(opt.warmup_steps, num_train_steps)
   end = peak * opt.final_lr_fraction
   decay_steps = max(1, num_train_steps - warmup)
   if opt.decay == "cosine":

@@ -20,6 +20,19 @@ def test_schedule_warmup_peak_and_final_value(decay):
   assert 1e-4 < float(lr(55)) < 1e-3
 
 
+def test_warmup_longer_than_the_run_is_cut_to_the_run(caplog):
+  config = tiny_config()
+  config.num_train_steps, config.opt.warmup_steps = 10, 2000
+  config_lib.validate(config)  # a smoke run of a big config is not an error
+  assert "warming up over all 10 steps" in caplog.text
+  lr = optim.schedule(config.opt, config.num_train_steps)
+  assert float(lr(5)) == pytest.approx(0.5 * config.opt.learning_rate)
+  assert float(lr(10)) == pytest.approx(config.opt.learning_rate)
+  config.opt.warmup_steps = -1
+  with pytest.raises(config_lib.ConfigError, match="warmup_steps"):
+    config_lib.validate(config)
+
+
 _KERNELS = [
   f"stack/blocks/{name}/kernel"
   for name in ("attention/query", "attention/key", "attention/value", "attention/out")
