@@ -38,17 +38,41 @@ def test_config_validates_and_initialises_abstractly(path):
     )
 
 
+def _layer_params(d: int, f: int) -> int:
+  """q, k, v, out (kernels and biases), fc and proj, two LayerNorms."""
+  return 4 * (d * d + d) + (d * f + f) + (f * d + d) + 2 * (2 * d)
+
+
+def _gpt2_params(v: int, t: int, d: int, f: int, layers: int) -> int:
+  """Token and position tables, the layers, the final LayerNorm; the output is tied."""
+  return v * d + t * d + layers * _layer_params(d, f) + 2 * d
+
+
+def _bert_mlm_params(v: int, t: int, d: int, f: int, layers: int) -> int:
+  """Word, position and 2 token-type tables, embedding LayerNorm, layers, MLM head (dense,
+  LayerNorm, output bias; decoder tied). No pooler: pretraining without next-sentence
+  prediction does not use it."""
+  return v * d + t * d + 2 * d + 2 * d + layers * _layer_params(d, f) + (d * d + d + 2 * d) + v
+
+
+def test_parameter_formulas_match_the_published_counts():
+  # GPT2LMHeadModel 'gpt2' and BertForMaskedLM 'bert-base-uncased' as published.
+  assert _gpt2_params(50257, 1024, 768, 3072, 12) == 124_439_808
+  assert _bert_mlm_params(30522, 512, 768, 3072, 12) == 109_514_298
+
+
 @pytest.mark.parametrize(
-  "name, expected_millions",
-  # GPT-2 small is 124M with vocab 50257 (ours pads to 50304); BERT-base ~110M with its pooler,
-  # which pretraining without next-sentence prediction does not use.
-  [("gpt_base.py", 124.4), ("bert_base.py", 109.5)],
+  "name, formula", [("gpt_base.py", _gpt2_params), ("bert_base.py", _bert_mlm_params)]
 )
-def test_base_shapes_match_the_published_models(name, expected_millions):
+def test_base_shapes_match_the_published_models_exactly(name, formula):
+  """Exact counts at our padded vocabulary: a pooler or a missing table would show."""
   config = _load(os.path.join(os.path.dirname(__file__), "..", "configs", name))
   abstract = nnx.eval_shape(lambda: model_lib.build(config_lib.model_config(config), 0))
-  millions = model_lib.count_params(nnx.state(abstract, nnx.Param)) / 1e6
-  assert millions == pytest.approx(expected_millions, abs=1.0)
+  m = config.model
+  expected = formula(
+    config_lib.padded_vocab_size(config), config.data.seq_len, m.emb_dim, m.mlp_dim, m.num_layers
+  )
+  assert model_lib.count_params(nnx.state(abstract, nnx.Param)) == expected
 
 
 @pytest.mark.parametrize(

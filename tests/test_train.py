@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import jax
@@ -155,3 +156,21 @@ def test_damaged_checkpoint_names_the_recovery_and_loses_nothing(tmp_path):
   os.rename(newest, str(newest) + ".broken")
   _run(config, tmp_path)
   assert _records(tmp_path)[-1]["step"] == 10
+
+
+def test_eval_summary_from_sums():
+  from sslm_jax.train import eval_summary
+
+  sums = {"loss_sum": 60.0, "count": 20.0, "byte_sum": 50.0, "correct_sum": 5.0}
+  causal = eval_summary(sums, causal=True)
+  assert causal["eval_loss"] == pytest.approx(3.0)
+  assert causal["eval_perplexity"] == pytest.approx(math.exp(3.0))
+  assert causal["eval_bits_per_byte"] == pytest.approx(60.0 / 50.0 / math.log(2))
+  assert "eval_mlm_accuracy" not in causal
+  masked = eval_summary(sums, causal=False)
+  assert masked["eval_mlm_accuracy"] == pytest.approx(0.25)
+  assert "eval_bits_per_byte" not in masked
+  # No predicted tokens: no division by zero; a diverged loss gives a finite perplexity cap.
+  assert eval_summary({"loss_sum": 0.0, "count": 0.0}, causal=True)["eval_loss"] == 0.0
+  huge = eval_summary({"loss_sum": 1e6, "count": 1.0}, causal=True)
+  assert math.isfinite(huge["eval_perplexity"])
