@@ -21,6 +21,9 @@ def get_config():
   c.eval_steps = 50
   c.checkpoint_every_steps = 5000
 
+  # TFDS wikipedia has a train split only: the first 5,000 articles are held out for eval.
+  c.data.tfds_train_split = "train[5000:]"
+  c.data.tfds_eval_split = "train[:5000]"
   c.data.seq_len = 512
   c.data.vocab_size = 30522
   c.data.mlm_probability = 0.15

@@ -1,6 +1,10 @@
 import glob
 import importlib.util
+import json
 import os
+import re
+import tempfile
+from unittest import mock
 
 import jax
 import pytest
@@ -95,6 +99,53 @@ def test_validation_names_the_field(field, value, words):
   (config[parent] if parent else config)[leaf] = value
   with pytest.raises(config_lib.ConfigError, match=words):
     config_lib.validate(config)
+
+
+def _documented_overrides(path) -> dict:
+  """--config.X=V pairs of the command a config file opens with."""
+  with open(path) as f:
+    doc = f.read().split('"""')[1]
+  return dict(re.findall(r"--config\.([\w.]+)=(\S+)", doc))
+
+
+def _declared_splits(name: str) -> set[str]:
+  """The splits a TFDS dataset's own builder code generates, found offline.
+
+  Each download is answered with a local file shaped like a finished Wikipedia dump index (the
+  only download a split generator of our configs' datasets reads); nothing is fetched.
+  """
+  import tensorflow_datasets as tfds
+
+  tmp = tempfile.mkdtemp()
+  info = os.path.join(tmp, "dumpstatus.json")
+  with open(info, "w") as f:
+    json.dump({"jobs": {"articlesmultistreamdump": {"status": "done", "files": {}}}}, f)
+  manager = mock.MagicMock(manual_dir=tmp)
+  fake = lambda urls: jax.tree.map(lambda _: info, urls)  # noqa: E731
+  for method in ("download", "download_and_extract", "extract"):
+    getattr(manager, method).side_effect = fake
+  builder = tfds.builder(name, data_dir=tmp)
+  with mock.patch.object(builder, "_generate_examples", return_value=iter(())):
+    generators = builder._split_generators(manager)
+  names = generators if isinstance(generators, dict) else [g.name for g in generators]
+  return {str(n) for n in names}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_documented_tfds_splits_exist(path):
+  overrides = _documented_overrides(path)
+  if overrides.get("data.source") != "tfds":
+    return
+  config = _load(path)
+  declared = _declared_splits(overrides["data.tfds_name"])
+  for split in (config.data.tfds_train_split, config.data.tfds_eval_split):
+    assert split.split("[")[0] in declared, (path, split, declared)
+
+
+def test_documented_commands_name_tfds_configs():
+  """The check above must see the configs that document a TFDS command."""
+  tfds_configs = {os.path.basename(p) for p in CONFIGS if _documented_overrides(p)}
+  assert {"gpt_base.py", "bert_base.py"} <= tfds_configs
 
 
 def test_closest_field_suggestion():
