@@ -73,7 +73,7 @@ class Tokenizer:
 
     The visible space counts as one byte and a byte-fallback piece as one byte. The space
     SentencePiece puts in front of every encoded text is counted too, so an encoded text of n
-    bytes sums to n + 1.
+    bytes sums to n + 1 (target_bytes removes it).
     """
     if self._token_bytes is None:
       counts = np.zeros(self.vocab_size, np.int32)
@@ -86,6 +86,23 @@ class Tokenizer:
           counts[i] = len(self._sp.id_to_piece(i).replace(_SPACE, " ").encode("utf-8"))
       self._token_bytes = counts
     return self._token_bytes
+
+  def target_bytes(self, inputs_bT: np.ndarray, targets_bT: np.ndarray, start_id: int):
+    """int32: UTF-8 bytes of the original text each target token stands for.
+
+    A document's first piece carries the space SentencePiece adds in front of every encoded
+    text (the input before it is `start_id`); that byte is not in the text, so it is not
+    counted. Special ids (EOS) stand for no bytes.
+    """
+    bytes_bT = self.token_bytes()[targets_bT].astype(np.int32)
+    if self._adds_prefix_space():
+      first_bT = (inputs_bT == start_id) & (bytes_bT > 0)
+      bytes_bT = bytes_bT - first_bT.astype(np.int32)
+    return bytes_bT
+
+  def _adds_prefix_space(self) -> bool:
+    pieces = self._sp.encode("a", out_type=str)
+    return bool(pieces) and pieces[0].startswith(_SPACE)
 
 
 def _check_layout(tok: Tokenizer) -> None:

@@ -116,7 +116,7 @@ def eval_summary(sums: dict, causal: bool) -> dict:
   loss = sums["loss_sum"] / count
   out = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
   if causal and sums.get("byte_sum", 0) > 0:
-    out["eval_bits_per_byte"] = sums["loss_sum"] / sums["byte_sum"] / math.log(2)
+    out["eval_bits_per_byte"] = sums["byte_loss_sum"] / sums["byte_sum"] / math.log(2)
   if not causal:
     out["eval_mlm_accuracy"] = sums["correct_sum"] / count
   return out

@@ -114,3 +114,23 @@ def test_vocab_too_large_names_sizes_and_fix(tmp_path):
 def test_vocab_too_small_names_minimum(tmp_path):
   with pytest.raises(tokenizer_lib.TokenizerError, match=r"too small.*--config.data.vocab_size="):
     tokenizer_lib.train(corpus_texts(20), 100, str(tmp_path / "t.model"))
+
+
+def test_target_bytes_count_exactly_the_text(tok):
+  """Hand count: the targets of packed documents stand for exactly the documents' UTF-8 bytes.
+
+  No byte for EOS and none for the space SentencePiece adds in front of each document.
+  """
+  docs = ["kalo mine", "  two leading spaces\nand a newline", "ünïcödé ☃ kalo", "x"]
+  expected = sum(len(d.encode("utf-8")) for d in docs)  # 9 + 34 + 20 (4 two-byte, one 3) + 1
+  assert expected == 64
+  stream = []
+  for ids in tok.encode_batch(docs):
+    stream += [tokenizer_lib.BOS_ID, *ids, tokenizer_lib.EOS_ID]
+  row = np.asarray([stream])
+  inputs, targets = row[:, :-1], row[:, 1:]
+  counted = tok.target_bytes(inputs, targets, tokenizer_lib.BOS_ID)
+  assert int(counted.sum()) == expected
+  assert (counted[targets == tokenizer_lib.EOS_ID] == 0).all()
+  # Without the correction each document would add one phantom byte.
+  assert int(tok.token_bytes()[targets].sum()) == expected + len(docs)

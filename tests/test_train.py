@@ -161,11 +161,17 @@ def test_damaged_checkpoint_names_the_recovery_and_loses_nothing(tmp_path):
 def test_eval_summary_from_sums():
   from sslm_jax.train import eval_summary
 
-  sums = {"loss_sum": 60.0, "count": 20.0, "byte_sum": 50.0, "correct_sum": 5.0}
+  sums = {
+    "loss_sum": 60.0,
+    "count": 20.0,
+    "byte_sum": 50.0,
+    "byte_loss_sum": 55.0,
+    "correct_sum": 5.0,
+  }
   causal = eval_summary(sums, causal=True)
   assert causal["eval_loss"] == pytest.approx(3.0)
   assert causal["eval_perplexity"] == pytest.approx(math.exp(3.0))
-  assert causal["eval_bits_per_byte"] == pytest.approx(60.0 / 50.0 / math.log(2))
+  assert causal["eval_bits_per_byte"] == pytest.approx(55.0 / 50.0 / math.log(2))
   assert "eval_mlm_accuracy" not in causal
   masked = eval_summary(sums, causal=False)
   assert masked["eval_mlm_accuracy"] == pytest.approx(0.25)
