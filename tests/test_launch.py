@@ -1,10 +1,13 @@
 """The launch scripts: shell syntax, shellcheck, and the commands their --dry-run prints."""
 
 import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -172,8 +175,8 @@ def no_gcloud(tmp_path):
   assert not marker.exists(), "--dry-run ran gcloud"
 
 
-def gcloud_lines(stdout: str, verb: str) -> list[list[str]]:
-  return [w for w in lines(stdout) if w[:5] == ["gcloud", "compute", "tpus", "tpu-vm", verb]]
+def gcloud_lines(stdout: str, verb: str, group: str = "tpu-vm") -> list[list[str]]:
+  return [w for w in lines(stdout) if w[:5] == ["gcloud", "compute", "tpus", group, verb]]
 
 
 def remote_command(words: list[str]) -> str:
@@ -181,7 +184,26 @@ def remote_command(words: list[str]) -> str:
   return command
 
 
-def test_tpu_dry_run_prints_every_gcloud_command(no_gcloud):
+def ssh_commands(stdout: str, group: str = "tpu-vm") -> dict[str, list[str]]:
+  """The ssh lines by what their remote command does."""
+  kinds = {"install": "uv venv", "launch": "setsid", "stream": "tail ", "check": "pgrep"}
+  found = {}
+  for words in gcloud_lines(stdout, "ssh", group):
+    (kind,) = [k for k, marker in kinds.items() if marker in remote_command(words)]
+    assert kind not in found, f"two {kind} commands"
+    found[kind] = words
+  return found
+
+
+def trainer_words(launch: list[str]) -> list[str]:
+  """The remote trainer command line: python -m sslm_jax.main and the flags after it."""
+  remote = shlex.split(remote_command(launch))
+  start = remote.index("sslm_jax.main")
+  end = remote.index(">", start)
+  return remote[start - 2 : end]
+
+
+def test_tpu_dry_run_single_v5p_slice(no_gcloud):
   result = run(
     [
       TPU,
@@ -199,6 +221,7 @@ def test_tpu_dry_run_prints_every_gcloud_command(no_gcloud):
     env=no_gcloud,
   )
   assert result.returncode == 0, result.stderr
+  assert not gcloud_lines(result.stdout, "create", "queued-resources")
   (create,) = gcloud_lines(result.stdout, "create")
   assert "sslm-pod" in create
   assert {"--zone=us-east5-a", "--project=my-proj", "--accelerator-type=v5p-64"} <= set(create)
@@ -207,20 +230,268 @@ def test_tpu_dry_run_prints_every_gcloud_command(no_gcloud):
   (scp,) = gcloud_lines(result.stdout, "scp")
   assert "--worker=all" in scp
 
-  install, train = gcloud_lines(result.stdout, "ssh")
-  for words in (install, train):
+  ssh = ssh_commands(result.stdout)
+  assert set(ssh) == {"install", "launch", "stream", "check"}
+  for words in ssh.values():
     assert "sslm-pod" in words and "--worker=all" in words and "--zone=us-east5-a" in words
-  assert "pip install" in remote_command(install) and "jax" in remote_command(install)
-  assert "-e ." in remote_command(install)
 
-  remote = shlex.split(remote_command(train))
-  start = remote.index("sslm_jax.main")
-  assert remote[start - 1] == "-m" and "python" in remote[start - 2]
-  assert remote[start + 1 : start + 1 + len(TRAINER_FLAGS)] == TRAINER_FLAGS
+  # A virtual environment with a Python that jax supports, whatever the image's python3 is.
+  install = remote_command(ssh["install"])
+  assert "astral.sh/uv/install.sh" in install
+  assert "uv venv -q --python 3.11 .venv" in install
+  assert "uv pip install -q --python .venv/bin/python" in install
+  assert "jax\\[tpu\\]" in install and "-e ." in install
+
+  # Detached: own session, immune to hangups, output in a log file, stdin closed, backgrounded.
+  launch = remote_command(ssh["launch"])
+  assert "setsid nohup sh -c" in launch
+  assert "> logs/train.log 2>&1 < /dev/null &" in launch
+  assert trainer_words(ssh["launch"]) == [".venv/bin/python", "-m", "sslm_jax.main", *TRAINER_FLAGS]
+
+  # The stream follows the log until the trainer exits, then exits with the trainer's status.
+  stream = remote_command(ssh["stream"])
+  assert 'tail -n +1 --pid="$pid" -F logs/train.log' in stream
+  assert 'exit "$(cat logs/train.exit)"' in stream
 
   (delete,) = gcloud_lines(result.stdout, "delete")
   assert "sslm-pod" in delete
+  # Deleted last, and only after checking that no trainer runs any more.
+  assert lines(result.stdout)[-2:] == [ssh["check"], delete]
+  order = [lines(result.stdout).index(ssh[k]) for k in ("install", "launch", "stream", "check")]
+  assert order == sorted(order)
+
+
+@pytest.mark.parametrize("provisioning", ["--reserved", "--spot"])
+def test_tpu_dry_run_two_slices_as_a_queued_resource(provisioning, no_gcloud):
+  result = run(
+    [TPU, "--dry-run", "--name=sslm-ms", "--zone=us-east5-a", "--accelerator-type=v5p-64"]
+    + ["--num-slices=2", "--create", provisioning, "--network=train-net"]
+    + ["--subnetwork=train-subnet", "--service-account=sa@p.iam.gserviceaccount.com", "--delete"]
+    + ["--", *TRAINER_FLAGS, "--config.mesh.dcn_data=2"],
+    env=no_gcloud,
+  )
+  assert result.returncode == 0, result.stderr
+  # Multislice needs a queued resource; no single TPU VM is touched.
+  assert not any(w[3] == "tpu-vm" for w in lines(result.stdout) if w[0] == "gcloud")
+  (create,) = gcloud_lines(result.stdout, "create", "queued-resources")
+  assert create[5] == "sslm-ms"
+  assert {
+    "--zone=us-east5-a",
+    "--accelerator-type=v5p-64",
+    "--runtime-version=v2-alpha-tpuv5",
+    "--node-count=2",
+    "--node-prefix=sslm-ms",
+    provisioning,
+    "--network=train-net",
+    "--subnetwork=train-subnet",
+    "--service-account=sa@p.iam.gserviceaccount.com",
+  } <= set(create)
+  assert {"--reserved", "--spot"} & set(create) == {provisioning}
+  describe = gcloud_lines(result.stdout, "describe", "queued-resources")
+  assert describe and all("--format=value(state.state)" in w for w in describe)
+  assert "until the state is ACTIVE" in result.stdout
+
+  (scp,) = gcloud_lines(result.stdout, "scp", "queued-resources")
+  ssh = ssh_commands(result.stdout, "queued-resources")
+  assert set(ssh) == {"install", "launch", "stream", "check"}
+  for words in [scp, *ssh.values()]:
+    assert "--node=all" in words and "--worker=all" in words
+  assert trainer_words(ssh["launch"])[3:] == [*TRAINER_FLAGS, "--config.mesh.dcn_data=2"]
+
+  (delete,) = gcloud_lines(result.stdout, "delete", "queued-resources")
+  assert "--force" in delete  # the slices go with the request
   assert lines(result.stdout)[-1] == delete
+
+
+def test_tpu_python_version_of_the_venv(no_gcloud):
+  base = [TPU, "--dry-run", "--name=p", "--zone=z", "--python=3.12", "--", *TRAINER_FLAGS]
+  result = run(base, env=no_gcloud)
+  assert result.returncode == 0, result.stderr
+  install = remote_command(ssh_commands(result.stdout)["install"])
+  assert "[ -x .venv/bin/python3.12 ]" in install and "--python 3.12 .venv" in install
+  for too_old in ["3.10", "python3", "3"]:
+    result = run([TPU, "--dry-run", "--name=p", "--zone=z", f"--python={too_old}"], env=no_gcloud)
+    assert result.returncode == 2, too_old
+    assert "3.11 or newer" in result.stderr
+
+
+def test_tpu_refuses_v5e_and_names_v5litepod(no_gcloud):
+  result = run(
+    [TPU, "--dry-run", "--name=p", "--zone=z", "--accelerator-type=v5e-16", "--create"],
+    env=no_gcloud,
+  )
+  assert result.returncode == 2
+  assert "--accelerator-type=v5litepod-16" in result.stderr
+  assert result.stdout == ""
+  result = run(
+    [TPU, "--dry-run", "--name=p", "--zone=z", "--accelerator-type=v5litepod-16", "--create"],
+    env=no_gcloud,
+  )
+  assert result.returncode == 0, result.stderr
+  (create,) = gcloud_lines(result.stdout, "create")
+  assert "--version=v2-alpha-tpuv5-lite" in create
+
+
+@pytest.mark.parametrize(
+  "args",
+  [
+    ["--accelerator-type=v5p", "--create"],
+    ["--accelerator-type=v5p-0", "--create"],
+    ["--accelerator-type=tpu7x-8", "--create"],  # unknown family: needs --version
+    ["--accelerator-type=v3-32", "--create", "--num-slices=2"],
+    ["--accelerator-type=v5p-8", "--create", "--num-slices=0"],
+  ],
+)
+def test_tpu_rejects_bad_accelerator_types(args, no_gcloud):
+  result = run([TPU, "--dry-run", "--name=p", "--zone=z", *args], env=no_gcloud)
+  assert result.returncode == 2, result.stdout + result.stderr
+
+
+def test_tpu_newer_accelerator_family_with_explicit_version(no_gcloud):
+  result = run(
+    [TPU, "--dry-run", "--name=p", "--zone=z", "--accelerator-type=tpu7x-8", "--version=v-new"]
+    + ["--create"],
+    env=no_gcloud,
+  )
+  assert result.returncode == 0, result.stderr
+  (create,) = gcloud_lines(result.stdout, "create")
+  assert "--version=v-new" in create
+
+
+def test_tpu_logs_only_streams(no_gcloud):
+  result = run([TPU, "--dry-run", "--name=p", "--zone=z", "--logs"], env=no_gcloud)
+  assert result.returncode == 0, result.stderr
+  assert set(ssh_commands(result.stdout)) == {"stream"}
+  assert [w[4] for w in lines(result.stdout)] == ["ssh"]
+
+
+def test_tpu_no_follow_starts_and_returns(no_gcloud):
+  result = run(
+    [
+      TPU,
+      "--dry-run",
+      "--name=p",
+      "--zone=z",
+      "--skip-install",
+      "--no-follow",
+      "--",
+      *TRAINER_FLAGS,
+    ],
+    env=no_gcloud,
+  )
+  assert result.returncode == 0, result.stderr
+  assert set(ssh_commands(result.stdout)) == {"launch"}
+  follow = lines(result.stdout)[-1]
+  assert follow[0].endswith("launch/tpu_pod.sh") and "--logs" in follow
+
+
+def test_tpu_stop_sends_sigterm_and_waits(no_gcloud):
+  result = run(
+    [TPU, "--dry-run", "--name=p", "--zone=z", "--skip-install", "--stop"], env=no_gcloud
+  )
+  assert result.returncode == 0, result.stderr
+  (stop,) = gcloud_lines(result.stdout, "ssh")
+  assert "pkill -TERM -f" in remote_command(stop) and "pgrep" in remote_command(stop)
+  assert "setsid" not in result.stdout
+
+
+def test_tpu_trainer_pattern_matches_only_the_trainer():
+  """The pattern that --stop and the delete check use, read back from the script."""
+  (pattern,) = re.findall(r"^TRAINER_PATTERN='(.*)'$", TPU.read_text(), re.M)
+  trainer = ".venv/bin/python -m sslm_jax.main --config=configs/gpt_base.py"
+  assert re.search(pattern, trainer)
+  assert re.search(pattern, "/usr/bin/python3.11 -m sslm_jax.main --config=c")
+  wrapper = 'sh -c echo $$ > logs/train.pid; "$@" sh ' + trainer
+  assert not re.search(pattern, wrapper)
+  assert not re.search(pattern, f"bash -c pkill -TERM -f -- '{pattern}'")
+  assert not re.search(pattern, "python -m sslm_jax.other")
+
+
+def test_tpu_remote_commands_detach_and_stream(tmp_path, no_gcloud):
+  """Runs the launch and stream commands here, in a stand-in home directory whose checkout
+  holds a fake trainer: the run must outlive a dropped stream, and the stream must end with it."""
+  result = run(
+    [TPU, "--dry-run", "--name=p", "--zone=z", "--skip-install", "--", *TRAINER_FLAGS],
+    env=no_gcloud,
+  )
+  ssh = ssh_commands(result.stdout)
+  checkout = tmp_path / "sslm_jax"
+  (checkout / ".venv" / "bin").mkdir(parents=True)
+  (checkout / ".venv" / "bin" / "python").symlink_to(sys.executable)
+  (checkout / "sslm_jax").mkdir()
+  (checkout / "sslm_jax" / "__init__.py").write_text("")
+  (checkout / "sslm_jax" / "main.py").write_text(
+    "import os, sys, time\n"
+    "print('args', repr(sys.argv[1:]), flush=True)\n"
+    "while not os.path.exists('finish'):\n"
+    "  time.sleep(0.05)\n"
+    "print('done', flush=True)\n"
+    "sys.exit(3)\n"
+  )
+  env = dict(clean_env(), HOME=str(tmp_path))
+
+  def remote(kind, **kwargs):
+    return subprocess.Popen(
+      ["bash", "-c", remote_command(ssh[kind])],
+      cwd=tmp_path,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+      **kwargs,
+    )
+
+  launch = remote("launch")
+  out, err = launch.communicate(timeout=30)
+  assert launch.returncode == 0, err
+  pid = int((checkout / "logs" / "train.pid").read_text())
+  try:
+    assert f"pid {pid}" in out
+    # The trainer left the launching session: what ends that session spares it.
+    try:
+      os.killpg(launch.pid, signal.SIGTERM)
+    except ProcessLookupError:
+      pass
+    time.sleep(0.2)
+    os.kill(pid, 0)  # still alive
+    # A second launch refuses while the first trainer runs.
+    again = remote("launch")
+    _, err = again.communicate(timeout=30)
+    assert again.returncode != 0 and "still running" in err
+
+    # Drop a stream the way a lost connection does: the trainer lives on.
+    stream = remote("stream")
+    time.sleep(1.0)
+    assert stream.poll() is None, "the stream ended while the trainer runs"
+    os.killpg(stream.pid, signal.SIGHUP)
+    stream.communicate(timeout=30)
+    os.kill(pid, 0)  # still alive
+
+    # A stream follows the trainer to its end and exits with its status.
+    stream = remote("stream")
+    time.sleep(1.0)
+    (checkout / "finish").write_text("")
+    out, err = stream.communicate(timeout=30)
+    assert stream.returncode == 3, err
+    printed = out.splitlines()
+    prefix = printed[0][: printed[0].index("] ") + 2]
+    assert prefix.startswith("[worker ")
+    assert printed == [f"{prefix}args {TRAINER_FLAGS!r}", f"{prefix}done"]
+    # Afterwards, --logs prints the whole log and the same status.
+    stream = remote("stream")
+    assert stream.communicate(timeout=30)[0] == out and stream.returncode == 3
+  finally:
+    (checkout / "finish").write_text("")  # lets the fake trainer end by itself
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while cmdline.exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    try:
+      if b"train.pid" in cmdline.read_bytes():
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+      pass  # it has ended
 
 
 def test_tpu_dry_run_with_git_url_installs_from_git(no_gcloud):
@@ -233,18 +504,19 @@ def test_tpu_dry_run_with_git_url_installs_from_git(no_gcloud):
   assert not gcloud_lines(result.stdout, "scp")
   assert not gcloud_lines(result.stdout, "create")
   assert not gcloud_lines(result.stdout, "delete")
-  install, train = gcloud_lines(result.stdout, "ssh")
-  assert "git clone" in remote_command(install)
-  assert "https://example.com/sslm_jax.git" in remote_command(install)
-  assert "-m sslm_jax.main --config=configs/gpt_tiny.py" in remote_command(train)
+  ssh = ssh_commands(result.stdout)
+  assert set(ssh) == {"install", "launch", "stream"}
+  assert "git clone" in remote_command(ssh["install"])
+  assert "https://example.com/sslm_jax.git" in remote_command(ssh["install"])
+  assert "-m sslm_jax.main --config=configs/gpt_tiny.py" in remote_command(ssh["launch"])
 
 
 def test_tpu_options_from_environment(no_gcloud):
   env = dict(no_gcloud, TPU_NAME="env-pod", TPU_ZONE="europe-west4-a")
   result = run([TPU, "--dry-run", "--skip-install", "--", *TRAINER_FLAGS], env=env)
   assert result.returncode == 0, result.stderr
-  (train,) = gcloud_lines(result.stdout, "ssh")
-  assert "env-pod" in train and "--zone=europe-west4-a" in train
+  launch = ssh_commands(result.stdout)["launch"]
+  assert "env-pod" in launch and "--zone=europe-west4-a" in launch
 
 
 def test_tpu_warns_about_a_local_workdir(no_gcloud):
@@ -266,6 +538,11 @@ def test_tpu_warns_about_a_local_workdir(no_gcloud):
     ["--name=p", "--zone=z", "--create"],
     ["--name=p", "--zone=z", "--name"],
     ["--name=p", "--zone=z", "--remote-dir=../elsewhere"],
+    ["--name=p", "--zone=z", "--accelerator-type=v5p-8", "--create", "--spot", "--reserved"],
+    ["--name=p", "--zone=z", "--network=n"],
+    ["--name=p", "--zone=z", "--reserved"],
+    ["--name=p", "--zone=z", "--logs", "--", "--config=c"],
+    ["--name=p", "--zone=z", "--no-follow", "--delete", "--", "--config=c"],
   ],
 )
 def test_tpu_usage_errors_exit_2(args, no_gcloud):
@@ -277,17 +554,94 @@ def test_tpu_usage_errors_exit_2(args, no_gcloud):
 # slurm_gpu.sbatch
 
 
+def sbatch_directives() -> list[str]:
+  return [line for line in SLURM.read_text().splitlines() if line.startswith("#SBATCH")]
+
+
 def test_slurm_defaults_one_task_per_node():
-  directives = [line for line in SLURM.read_text().splitlines() if line.startswith("#SBATCH")]
-  assert "#SBATCH --ntasks-per-node=1" in directives
-  assert any(line.startswith("#SBATCH --gpus-per-node=") for line in directives)
+  assert "#SBATCH --ntasks-per-node=1" in sbatch_directives()
+  assert any(line.startswith("#SBATCH --gpus-per-node=") for line in sbatch_directives())
+
+
+def test_slurm_signals_before_the_time_limit_and_requeues():
+  directives = sbatch_directives()
+  # USR1 to the batch shell only ("B:"), which relays SIGTERM to the trainers itself.
+  (signal_line,) = [d for d in directives if d.startswith("#SBATCH --signal=")]
+  match = re.fullmatch(r"#SBATCH --signal=B:USR1@(\d+)", signal_line)
+  assert match and int(match[1]) >= 120
+  assert "#SBATCH --requeue" in directives
+  assert "#SBATCH --open-mode=append" in directives
+  result = run(["bash", SLURM, "--dry-run", "--config=c"], SLURM_JOB_ID="77")
+  assert ["scancel", "--signal=TERM", "77"] in lines(result.stdout)
+  assert ["scontrol", "requeue", "77"] in lines(result.stdout)
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+  """srun, scancel and scontrol stand-ins. The fake srun is its own task: it records its pid
+  and, on SIGTERM, exits with FAKE_STOP_STATUS; scancel --signal=TERM sends it that signal."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  log = tmp_path / "calls.log"
+  scripts = {
+    "srun": f'echo $$ > {tmp_path}/srun.pid\necho "srun $*" >> {log}\n'
+    "trap 'exit \"${FAKE_STOP_STATUS:-0}\"' TERM\n"
+    f"while [ ! -e {tmp_path}/finish ]; do sleep 0.05; done\n",
+    "scancel": f'echo "scancel $*" >> {log}\n'
+    f'if [ "$1" = --signal=TERM ]; then kill -TERM "$(cat {tmp_path}/srun.pid)"; fi\n',
+    "scontrol": f'echo "scontrol $*" >> {log}\n',
+  }
+  for name, body in scripts.items():
+    (bin_dir / name).write_text("#!/bin/bash\n" + body)
+    (bin_dir / name).chmod(0o755)
+  env = clean_env(SLURM_JOB_ID="4242", SLURM_GPUS_ON_NODE="2")
+  env["PATH"] = os.pathsep.join([str(bin_dir), env["PATH"]])
+  return tmp_path, env, log
+
+
+def start_job(tmp_path, env):
+  job = subprocess.Popen(
+    ["bash", SLURM, "--config=c", "--workdir=w"],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.monotonic() + 20
+  while not (tmp_path / "srun.pid").exists():
+    assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+    time.sleep(0.05)
+  return job
+
+
+@pytest.mark.parametrize("stop_status", [0, 1])
+def test_slurm_time_limit_signal_stops_the_trainers_and_requeues(stop_status, fake_slurm):
+  tmp_path, env, log = fake_slurm
+  job = start_job(tmp_path, dict(env, FAKE_STOP_STATUS=str(stop_status)))
+  job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@N sends
+  _, err = job.communicate(timeout=30)
+  calls = log.read_text().splitlines()
+  assert calls[0].startswith("srun --kill-on-bad-exit=1")
+  assert "scancel --signal=TERM 4242" in calls
+  assert job.returncode == stop_status, err
+  # Requeued only when the trainers saved and exited cleanly.
+  assert ("scontrol requeue 4242" in calls) == (stop_status == 0)
+
+
+def test_slurm_finished_run_is_not_requeued(fake_slurm):
+  tmp_path, env, log = fake_slurm
+  job = start_job(tmp_path, env)
+  (tmp_path / "finish").write_text("")
+  _, err = job.communicate(timeout=30)
+  assert job.returncode == 0, err
+  assert [c.split()[0] for c in log.read_text().splitlines()] == ["srun"]
 
 
 def test_slurm_dry_run_prints_srun():
   result = run(["bash", SLURM, "--dry-run", *TRAINER_FLAGS])
   assert result.returncode == 0, result.stderr
-  srun = lines(result.stdout)[-1]
-  assert srun[0] == "srun"
+  (srun,) = [w for w in lines(result.stdout) if w[0] == "srun"]
   assert contains_run(srun, ["-m", "sslm_jax.main", *TRAINER_FLAGS])
   assert not any(w.startswith(("--coordinator_address", "--process_id")) for w in srun)
 
