@@ -11,21 +11,83 @@ import time
 import tqdm
 from absl import logging
 from etils import epath
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
+
+# Object stores that etils.epath reaches (gs:// through tf.io.gfile, or gcsfs without TensorFlow).
+_OBJECT_STORES = ("gs", "s3", "az")
 
 
 def is_time(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
 
 
-def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
-  """Drop records past `last_step`, left by a run that died after its newest checkpoint."""
+def _on_object_store(path: str) -> bool:
+  return "://" in path and path.split("://", 1)[0] in _OBJECT_STORES
+
+
+class _ObjectFile:
+  """A growing file on an object store, which cannot append to an object.
+
+  The content stays in memory and each flush uploads all of it again as one object, so readers
+  see the previous version or the new one, never a part. It is written through etils.epath like
+  the rest of the workdir: no storage client of its own, the checkpoints' credentials.
+  """
+
+  def __init__(self, path: str, initial: bytes = b""):
+    self._path = epath.Path(path)
+    self._data = bytearray(initial)
+    self._dirty = True
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+    self._dirty = True
+
+  def flush(self) -> None:
+    if self._dirty:
+      self._path.write_bytes(bytes(self._data))
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _ObjectStoreEventFiles:
+  """tensorboardX's record-writer factory for object stores: event files as _ObjectFile.
+
+  tensorboardX's own gs:// writer needs google-cloud-storage and its s3:// one boto3; these write
+  wherever the checkpoints can.
+  """
+
+  def open(self, path: str) -> _ObjectFile:
+    return _ObjectFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # objects need no parent directories
+
+
+for _scheme in _OBJECT_STORES:
+  record_writer.register_writer_factory(_scheme, _ObjectStoreEventFiles())
+
+
+def _kept_records(path: epath.Path, last_step: int) -> str:
+  """The lines of metrics.jsonl up to `last_step`; later ones were logged after the checkpoint."""
   if not path.exists():
-    return
+    return ""
   kept = [
     line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step
   ]
-  path.write_text("".join(line + "\n" for line in kept))
+  return "".join(line + "\n" for line in kept)
+
+
+def _open_jsonl(path: epath.Path, kept: str):
+  """metrics.jsonl rewritten to `kept`, open for appending bytes (in memory on object stores)."""
+  if _on_object_store(str(path)):
+    f = _ObjectFile(str(path), kept.encode())
+    f.flush()
+    return f
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(kept)
+  return path.open("ab")
 
 
 class Writer:
@@ -33,14 +95,20 @@ class Writer:
 
   def __init__(self, workdir: str, *, start_step: int, total_steps: int, enabled: bool):
     self.enabled = enabled
-    self._jsonl = epath.Path(workdir) / "metrics.jsonl"
+    self._jsonl = None
     self._tb = None
     self._bar = None
     if not enabled:
       return
-    # A fresh start (step 0) rewrites everything, its baseline eval included.
-    _truncate_jsonl(self._jsonl, start_step if start_step > 0 else -1)
-    self._tb = SummaryWriter(logdir=str(epath.Path(workdir) / "tensorboard"), purge_step=start_step)
+    # A resumed run keeps what was logged up to its checkpoint and writes from the step after it;
+    # a fresh start (step 0) rewrites everything, its baseline eval included.
+    last_kept = start_step if start_step > 0 else -1
+    jsonl = epath.Path(workdir) / "metrics.jsonl"
+    self._jsonl = _open_jsonl(jsonl, _kept_records(jsonl, last_kept))
+    # TensorBoard hides older events at or after the purge step.
+    self._tb = SummaryWriter(
+      logdir=str(epath.Path(workdir) / "tensorboard"), purge_step=last_kept + 1
+    )
     self._bar = tqdm.tqdm(
       total=total_steps,
       initial=start_step,
@@ -54,8 +122,8 @@ class Writer:
     if not self.enabled:
       return
     record = {"step": step, **{k: _plain(v) for k, v in scalars.items()}}
-    with self._jsonl.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    self._jsonl.write((json.dumps(record) + "\n").encode())
+    self._jsonl.flush()
     for name, value in record.items():
       if name != "step" and isinstance(value, (int, float)):
         self._tb.add_scalar(name, value, step)
@@ -72,6 +140,7 @@ class Writer:
     if self.enabled:
       self._bar.close()
       self._tb.close()
+      self._jsonl.close()
 
 
 def _plain(v):
