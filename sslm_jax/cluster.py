@@ -1,0 +1,201 @@
+"""Joining the other processes of a run, watching them, and leaving together.
+
+`join` calls `jax.distributed.initialize` whenever this process is one of several: explicit
+--coordinator_address flags, or any cluster environment JAX itself recognises (Cloud TPU VM
+metadata, GKE and multislice TPU variables, SLURM, Open MPI, Kubernetes). Detection asks JAX's
+own cluster environments, so it is as fast and side-effect free as JAX's: on a machine without
+TPU chips no metadata server is asked, whether or not the `libtpu` wheel is installed.
+
+Once joined, a background watch asks JAX's coordination service which processes are alive. When
+one is lost (killed, crashed, its host gone), every survivor exits at once with an error naming
+the step and the checkpoint a rerun resumes from, instead of hanging in a collective and then
+aborting with native stack traces. JAX's "recoverability" mode keeps its runtime from killing the
+survivors itself, so that this message can be the last line; `leave` then orders a clean exit
+(process 0 hosts the coordination service, so it goes last).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import threading
+import time
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax._src import clusters as jax_clusters
+from jax._src import distributed as jax_distributed
+
+from sslm_jax import rendezvous
+
+WATCH_PERIOD_S = 2.0
+_LEAVE_TIMEOUT_S = 60
+
+
+def _has_kubernetes_client() -> bool:
+  return importlib.util.find_spec("kubernetes") is not None
+
+
+def _present(env) -> bool:
+  if env.opt_in_only_method:  # mpi4py: JAX uses it only when asked by name
+    return False
+  if env.__name__ == "K8sCluster" and not _has_kubernetes_client():
+    return False  # JAX would warn on every Kubernetes pod; without the package it cannot join
+  return env.is_env_present()
+
+
+def detect() -> tuple[str, int] | None:
+  """(environment, number of processes) of the cluster JAX would join here, or None.
+
+  Environments are tried in JAX's own order. A probe that fails (a metadata server or a
+  Kubernetes API that does not answer) raises JoinError rather than training alone.
+  """
+  for env in jax_clusters.ClusterEnv._cluster_types:
+    try:
+      if not _present(env):
+        continue
+      count = env.get_process_count()
+    except Exception as e:  # requests, kubernetes and socket errors alike
+      raise rendezvous.JoinError(
+        f"this looks like a {env.__name__} environment, but asking it for the other processes "
+        f"failed ({type(e).__name__}: {e}). Start every process with --coordinator_address, "
+        "--num_processes and --process_id instead."
+      ) from e
+    return env.__name__, count
+  return None
+
+
+class _Watch(threading.Thread):
+  """Exit this process, with a message, as soon as another process of the run is lost."""
+
+  def __init__(self, checkpoint_dir: str | None, period_s: float):
+    super().__init__(name="sslm_jax_process_watch", daemon=True)
+    self.checkpoint_dir, self.period_s = checkpoint_dir, period_s
+    self.step: int | None = None  # the training step this process reached
+    self.armed = threading.Event()
+    self.armed.set()
+    self.verdict = threading.Event()  # set once a loss has been reported
+
+  def run(self):
+    # JAX has no public call for this; it is what jax.experimental.multihost_utils.live_devices
+    # uses. It returns once every live process asked, so it also paces the watches together.
+    client = jax_distributed.global_state.client
+    everyone = list(range(jax.process_count()))
+    while self.armed.wait() and not self.verdict.wait(self.period_s):
+      try:
+        missing = sorted(set(everyone) - set(client.get_live_nodes(everyone)))
+      except Exception:  # the coordination service itself is gone: process 0 was lost
+        missing = [0]
+      if missing and self.armed.is_set():
+        self._exit(missing)
+
+  def _exit(self, missing: list[int]) -> None:
+    self.verdict.set()
+    where = "before training started" if self.step is None else f"at step {self.step}"
+    logging.flush()  # so that the message below is the last line
+    sys.stdout.flush()
+    print(
+      f"sslm_jax: error: process(es) {missing} of {jax.process_count()} stopped answering "
+      f"{where} (killed, crashed or its host lost); process {jax.process_index()} stops too. "
+      f"{resume_hint(self.checkpoint_dir)}",
+      file=sys.stderr,
+      flush=True,
+    )
+    os._exit(2)  # skips JAX's shutdown barrier, which would wait for the lost process
+
+
+def resume_hint(checkpoint_dir: str | None) -> str:
+  """Which checkpoint the same command, run again, resumes from."""
+  try:
+    steps = ocp.utils.checkpoint_steps(checkpoint_dir) if checkpoint_dir else []
+  except Exception:  # no directory yet, or storage that cannot be listed
+    steps = []
+  if not steps:
+    return "Rerun the same command to start again from step 0 (no checkpoint was saved yet)."
+  return (
+    f"Rerun the same command to resume from the checkpoint at step {max(steps)} "
+    f"in {checkpoint_dir}."
+  )
+
+
+_watch: _Watch | None = None
+
+
+def join(
+  coordinator_address: str | None,
+  num_processes: int | None,
+  process_id: int | None,
+  *,
+  initialization_timeout: int,
+  heartbeat_timeout: int,
+  checkpoint_dir: str | None = None,
+) -> None:
+  """Initialise jax.distributed when this process is one of several; otherwise do nothing."""
+  global _watch
+  kwargs = {}
+  if coordinator_address is not None:
+    if num_processes is None or process_id is None:
+      raise rendezvous.JoinError(
+        "--coordinator_address needs --num_processes and --process_id too."
+      )
+    rendezvous.roll_call(coordinator_address, num_processes, process_id, initialization_timeout)
+    kwargs = dict(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
+  else:
+    found = detect()
+    if found is None or found[1] < 2:
+      return
+    logging.info("%s environment with %d processes: joining them.", *found)
+  # Without it JAX's runtime aborts every survivor when a process is lost (see _Watch).
+  jax.config.update("jax_enable_recoverability", True)
+  jax.distributed.initialize(
+    initialization_timeout=initialization_timeout,
+    heartbeat_timeout_seconds=heartbeat_timeout,
+    **kwargs,
+  )
+  logging.info("Process %d of %d joined.", jax.process_index(), jax.process_count())
+  _watch = _Watch(checkpoint_dir, WATCH_PERIOD_S)
+  _watch.start()
+
+
+def note_step(step: int) -> None:
+  """The training loop's progress, named in the message if another process is lost."""
+  if _watch is not None:
+    _watch.step = step
+
+
+def wait_for_lost_process(timeout_s: float) -> None:
+  """After an unexpected error: give the watch time to blame a lost process (it then exits)."""
+  if _watch is not None and _watch.armed.is_set():
+    _watch.verdict.wait(timeout_s)
+
+
+def leave() -> None:
+  """End a run that finished (or stopped) cleanly on every process without false alarms.
+
+  Every process waits for the others here, then stops watching; process 0 then waits for the
+  others to disconnect, since the coordination service they still talk to lives in it.
+  """
+  global _watch
+  if _watch is None:
+    return
+  client = jax_distributed.global_state.client
+  client.wait_at_barrier("sslm_jax_leave", _LEAVE_TIMEOUT_S * 1000)
+  _watch.armed.clear()
+  _watch = None
+  if jax.process_index() != 0:
+    return
+  others_gone = threading.Event()
+
+  def wait_for_others():
+    everyone = list(range(jax.process_count()))
+    while set(client.get_live_nodes(everyone)) != {0}:
+      time.sleep(0.1)
+    others_gone.set()
+
+  threading.Thread(target=wait_for_others, daemon=True).start()
+  if not others_gone.wait(_LEAVE_TIMEOUT_S):
+    logging.warning("Other processes still connected after %d s; leaving anyway.", _LEAVE_TIMEOUT_S)
