@@ -3,6 +3,10 @@
   python -m sslm_jax.main --config=configs/bert_base.py --workdir=runs/bert_base \
       --config.data.source=tfds --config.data.tfds_name=wikipedia/20230601.en
 
+TFDS builds Wikipedia with Apache Beam: prepare it once where it can be downloaded
+(`pip install apache-beam mwparserfromhell && tfds build wikipedia/20230601.en --data_dir=DIR`)
+and pass --config.data.tfds_data_dir=DIR.
+
 Hyperparameters follow BERT (AdamW lr 1e-4, b2 0.999, eps 1e-6, weight decay 0.01, 10k warmup,
 linear decay, dropout 0.1, 15% masking with 80/10/10) without next-sentence prediction.
 Sized for accelerators: expect eval_mlm_accuracy above 0.5 after ~50k steps of batch 256.

@@ -29,14 +29,21 @@ SHAPE_FIELDS = (
   "model.vocab_multiple",
   "model.param_dtype",
 )
-# Fields that change what the run computes; --allow_config_change=NAME,... (or all) accepts them.
+# Fields that change what the run computes or which examples a step sees;
+# --allow_config_change=NAME,... (or all) accepts them.
 RUN_FIELDS = (
   "seed",
+  "batch_size",
   "data.source",
   "data.text_files",
   "data.eval_text_files",
+  "data.text_key",
+  "data.eval_fraction",
   "data.tfds_name",
   "data.tfds_text_key",
+  "data.tfds_train_split",
+  "data.tfds_eval_split",
+  "data.tfds_data_dir",
   "data.mlm_probability",
   "model.dropout_rate",
   "opt.learning_rate",
@@ -50,33 +57,109 @@ RUN_FIELDS = (
   "opt.decay_embeddings",
   "opt.grad_clip_norm",
 )
+# Facts about the data recorded beside the config fields, and allowed to change by these names:
+# the tokenizer's hash, the files (names and sizes) or tfds dataset version, the version of the
+# data order, and (compared with the workdir's data cache, never recorded) what the cache holds.
+DATA_KEYS = ("tokenizer_sha256", "data_listing", "data_order", "data_cache")
+CHANGEABLE = RUN_FIELDS + DATA_KEYS
+# Recorded keys (besides data.* fields) the data cache is built from: when one of them differs, a
+# rebuilt cache is expected; otherwise a cache that would be rebuilt is itself a difference.
+_CACHE_INPUTS = ("objective", "tokenizer_sha256", "data_listing")
+# What a checkpoint written before a key was recorded implicitly had.
+_BEFORE_RECORDED = {"data_order": 1}
+_NOTES = {
+  "data_order": "order 1 is NumPy's generator, whose stream may change with NumPy; order 2 is "
+  "sslm_jax's own keyed permutation. Resuming reorders the rest of the data",
+  "data_cache": "the cached token rows would be rebuilt from different inputs",
+  "tokenizer_sha256": "the workdir's tokenizer.model, or data.tokenizer_path; restore the file, "
+  "or allow the change to train one anew (identical when the data and its settings are)",
+}
 
 
-def fingerprint(config, tokenizer_sha256: str | None = None) -> dict:
-  """What must match for a checkpoint to be resumed by this config."""
+def fingerprint(config, data_record: dict | None = None) -> dict:
+  """What must match for a checkpoint to be resumed by this config.
+
+  `data_record` (tokenizer_sha256, data_listing, data_order) comes from the data pipeline.
+  """
   fp = {name: config[name] for name in SHAPE_FIELDS + RUN_FIELDS}
-  if tokenizer_sha256:
-    fp["tokenizer_sha256"] = tokenizer_sha256
+  fp.update(data_record or {})
   return fp
 
 
-def check_fingerprint(saved: dict, current: dict, where: str, allowed=frozenset()) -> None:
-  """Refuse to resume when a recorded field differs, unless it is allowed and not a shape."""
+def _listing_changes(old: dict, new: dict, limit: int = 8) -> list[str]:
+  """Files added, removed or resized between two data listings, group by group."""
+  changes = []
+  for group in sorted(set(old) | set(new)):
+    before, after = old.get(group), new.get(group)
+    if before == after:
+      continue
+    if not (isinstance(before, list) and isinstance(after, list)):
+      changes.append(f"{group}: {before!r} -> {after!r}")
+      continue
+    sizes_before, sizes_after = dict(before), dict(after)
+    found = {
+      "added": [n for n in sizes_after if n not in sizes_before],
+      "removed": [n for n in sizes_before if n not in sizes_after],
+      "resized": [
+        f"{n} ({sizes_before[n]} -> {sizes_after[n]} bytes)"
+        for n in sizes_after
+        if n in sizes_before and sizes_before[n] != sizes_after[n]
+      ],
+    }
+    for what, names in found.items():
+      if names:
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        where = "" if group == "files" else f"{group} "  # 'train'/'eval' with eval_text_files
+        changes.append(f"{where}files {what}: {', '.join(names[:limit])}{more}")
+  return changes or ["(the listing differs in order only)"]
+
+
+def _difference(key: str, old, new) -> str:
+  if key == "data_listing" and isinstance(old, dict) and isinstance(new, dict):
+    return "data_listing: the data files changed since the checkpoint was written:\n    " + (
+      "\n    ".join(_listing_changes(old, new))
+    )
+  if key == "data_cache" and isinstance(old, dict) and isinstance(new, dict):
+    parts = [
+      f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+      for k in sorted(set(old) | set(new))
+      if old.get(k) != new.get(k)
+    ]
+    return f"data_cache: {_NOTES[key]} ({'; '.join(parts)})"
+  note = f" ({_NOTES[key]})" if key in _NOTES else ""
+  return f"{key}: checkpoint has {old!r}, config asks for {new!r}{note}"
+
+
+def check_fingerprint(
+  saved: dict, current: dict, where: str, allowed=frozenset(), cache=None
+) -> list[str]:
+  """Refuse to resume when a recorded field differs, unless it is allowed and not a shape.
+
+  `cache` is (what the workdir's data cache was built from, what it would be rebuilt from): a
+  rebuild that no recorded difference explains is refused as `data_cache`. Returns the keys the
+  checkpoint does not record (it predates them), which therefore could not be compared.
+  """
+  saved = {**_BEFORE_RECORDED, **saved}
   differing = [k for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+  explained = any(k.startswith("data.") or k in _CACHE_INPUTS for k in differing)
+  if cache is not None and cache[0] != cache[1] and not explained:
+    saved, current = {**saved, "data_cache": cache[0]}, {**current, "data_cache": cache[1]}
+    differing.append("data_cache")
   refused = [k for k in differing if k in SHAPE_FIELDS or not ({k, "all"} & set(allowed))]
   if refused:
-    lines = [f"{k}: checkpoint has {saved[k]!r}, config asks for {current[k]!r}" for k in refused]
+    lines = [_difference(k, saved[k], current[k]) for k in refused]
     shapes = any(k in SHAPE_FIELDS for k in refused)
     fix = (
       "Use a new --workdir, or change the config back to match."
       if shapes
-      else "Change the config back, or pass --allow_config_change="
+      else "Change the config (or the data) back, or pass --allow_config_change="
       + ",".join(refused)
       + " if the change is intended."
     )
     raise CheckpointMismatch(
       f"{where} holds a checkpoint of a different run:\n  " + "\n  ".join(lines) + "\n" + fix
     )
+  return sorted(set(current) - set(saved))
 
 
 def _excerpt(error: Exception) -> str:
@@ -85,24 +168,45 @@ def _excerpt(error: Exception) -> str:
   return f"{type(error).__name__}: {text[:300]}"
 
 
+def _on_gcs(path) -> bool:
+  return str(path).startswith("gs://")
+
+
+def move_command(source, target) -> str:
+  """The shell command that moves a checkpoint directory aside on its filesystem."""
+  if _on_gcs(source):
+    return f"gcloud storage mv {source} {target}"
+  return f"mv {source} {target}"
+
+
+def unfinished_saves(directory: epath.Path) -> list[str]:
+  """Step directories whose save never completed, as Orbax judges them on this filesystem.
+
+  Locally a save is written under a temporary name and renamed when complete; on gs:// it is
+  written in place and completed by a commit_success.txt file, so there an unfinished save has
+  the step's own name and no such file.
+  """
+  if not directory.exists():
+    return []
+  return sorted(p.get().name for p in ocp.step.all_temporary_paths(directory))
+
+
 class Checkpointer:
   """Asynchronous, atomic Orbax saves of {state, meta}.
 
-  Keeps the newest `keep` steps plus every `keep_every`-th. A save is written to a temporary
-  directory and renamed when complete, so one killed half way never becomes the newest.
+  Keeps the newest `keep` steps plus every `keep_every`-th. A save killed half way never becomes
+  the newest: it is written under a temporary name and renamed when complete, or on gs:// marked
+  complete by a commit file written last.
   """
 
   def __init__(self, directory: str, keep: int, keep_every: int = 0):
     # Orbax needs absolute paths; remote ones (gs://...) already are.
     self.directory = epath.Path(directory if "://" in directory else os.path.abspath(directory))
-    unfinished = (
-      sorted(p.name for p in self.directory.glob("*") if "orbax-checkpoint-tmp" in p.name)
-      if self.directory.exists()
-      else []
-    )
+    unfinished = unfinished_saves(self.directory)
     if unfinished:
       logging.warning(
-        "Ignoring unfinished checkpoint save(s) %s in %s (the run was stopped while saving).",
+        "Ignoring unfinished checkpoint save(s) %s in %s (the run was stopped while saving); "
+        "resuming from the newest finished one. A step saved again replaces its unfinished save.",
         unfinished,
         self.directory,
       )
@@ -168,10 +272,10 @@ class Checkpointer:
     except Exception as e:  # Orbax/TensorStore raise many types for missing or damaged files
       others = [s for s in self._manager.all_steps() if s != step]
       fallback = f"resume from step {max(others)}" if others else "start from scratch"
+      path = self.directory / str(step)
       raise CheckpointError(
-        f"checkpoint {self.directory / str(step)} cannot be read ({_excerpt(e)}). "
-        f"Move it aside (mv {self.directory / str(step)} "
-        f"{self.directory / str(step)}.broken) and rerun to {fallback}."
+        f"checkpoint {path} cannot be read ({_excerpt(e)}). Move it aside "
+        f"({move_command(path, f'{path}.broken')}) and rerun to {fallback}."
       ) from e
     return restored["state"]
 

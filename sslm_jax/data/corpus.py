@@ -192,15 +192,45 @@ def _text_documents(
           yield text
 
 
-def _tfds_documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats) -> Iterator[str]:
-  name = c.data.tfds_train_split if split == "train" else c.data.tfds_eval_split
+def _tfds_builder(c: ml_collections.ConfigDict):
   try:
-    ds = tfds.load(
-      c.data.tfds_name, split=name, data_dir=c.data.tfds_data_dir or None, shuffle_files=False
-    )
+    return tfds.builder(c.data.tfds_name, data_dir=c.data.tfds_data_dir or None)
   except tfds.core.DatasetNotFoundError as e:
     raise DataError(
       f"tfds dataset {c.data.tfds_name!r} is unknown ({e}); fix --config.data.tfds_name."
+    ) from e
+
+
+def _prepared_builder(c: ml_collections.ConfigDict):
+  """The dataset's builder, prepared here if it is not yet (which needs its download to work)."""
+  builder = _tfds_builder(c)
+  if builder.is_prepared():
+    return builder
+  logging.info(
+    "tfds %s is not prepared in %s: preparing it", builder.info.full_name, builder.data_dir
+  )
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # no network, a gated dataset, a missing optional dependency, ...
+    reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    raise DataError(
+      f"tfds dataset {c.data.tfds_name!r} is not prepared in {builder.data_dir} and preparing it "
+      f"here failed ({reason}). Prepare it where it can be downloaded (`tfds build "
+      f"{c.data.tfds_name} --data_dir=DIR`), copy DIR here and pass "
+      "--config.data.tfds_data_dir=DIR."
+    ) from e
+  return builder
+
+
+def _tfds_documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats) -> Iterator[str]:
+  name = c.data.tfds_train_split if split == "train" else c.data.tfds_eval_split
+  builder = _prepared_builder(c)
+  try:
+    ds = builder.as_dataset(split=name, shuffle_files=False)
+  except (ValueError, KeyError) as e:  # an unknown split or a bad slice
+    raise DataError(
+      f"tfds dataset {c.data.tfds_name!r} has no split {name!r} ({e}); it has "
+      f"{sorted(builder.info.splits)}: set --config.data.tfds_{split}_split."
     ) from e
   key = c.data.tfds_text_key
   if key not in ds.element_spec:
@@ -301,6 +331,50 @@ def describe(c: ml_collections.ConfigDict) -> dict:
       [f"{p}:{tf.io.gfile.stat(p).length}" for _, p in paths]
     )
   return desc
+
+
+# Longer listings are recorded as a count and a digest, so every checkpoint stays small; a change
+# is then still refused, but its message cannot name the files.
+MAX_LISTED_FILES = 5000
+
+
+def _file_list(files: list[tuple[str, int]]) -> list | dict:
+  if len(files) <= MAX_LISTED_FILES:
+    return [[name, size] for name, size in files]
+  return {
+    "num_files": len(files),
+    "sha256": _listing_digest([f"{name}:{size}" for name, size in files]),
+  }
+
+
+def listing(c: ml_collections.ConfigDict) -> dict:
+  """The files the data comes from (names and sizes), or the tfds dataset version and splits.
+
+  Only reads: a checkpoint records it, and a resume compares it before anything is rebuilt.
+  Names are relative to each pattern's fixed directory, so moving the data keeps the listing.
+  """
+  d = c.data
+  if d.source == "builtin":
+    return {
+      "source": "builtin",
+      "files": _file_list([(key, path.stat().st_size) for key, path in builtin_files()]),
+    }
+  if d.source == "tfds":
+    builder = _tfds_builder(c)
+    return {
+      "source": "tfds",
+      "dataset": builder.info.full_name,  # name/config/version, e.g. lm1b/1.1.0
+      "splits": [d.tfds_train_split, d.tfds_eval_split],
+    }
+  groups = {"train": d.text_files, "eval": d.eval_text_files} if d.eval_text_files else {}
+  groups = groups or {"files": d.text_files}
+  return {
+    "source": "text",
+    **{
+      group: _file_list([(n, tf.io.gfile.stat(p).length) for n, p in text_paths(patterns)])
+      for group, patterns in groups.items()
+    },
+  }
 
 
 def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
