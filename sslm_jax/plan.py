@@ -1,12 +1,16 @@
-"""`--plan`: per-device memory of a config on this mesh, from XLA's analysis of the train step."""
+"""`--plan`: per-device memory of a config from XLA's analysis of the train step, compiled for
+this machine's mesh or, with `--topology`, for a TPU slice described by name (no TPU needed)."""
 
 from __future__ import annotations
+
+import time
 
 import jax
 import jax.numpy as jnp
 
 from sslm_jax import config as config_lib
-from sslm_jax import optim, sharding, train, train_state
+from sslm_jax import flops, optim, sharding, train, train_state
+from sslm_jax import topology as topology_lib
 
 
 def abstract_batch(config, local: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
@@ -43,8 +47,8 @@ def step_bytes(analysis) -> int:
   )
 
 
-def memory_plan(config, mesh) -> dict:
-  """Bytes per device: parameters, optimizer state, and the compiled step's total."""
+def _lower(config, mesh):
+  """(state spec, the train step lowered for `mesh` from shapes alone: nothing is allocated)."""
   rules = sharding.rules_from_config(config.mesh.rules)
   tx = optim.make(config.opt, config.num_train_steps)
   spec = train_state.state_spec(config_lib.model_config(config), config.seed, tx, mesh, rules)
@@ -53,7 +57,10 @@ def memory_plan(config, mesh) -> dict:
     k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
     for k, v in abstract_batch(config).items()
   }
-  analysis = trainer.lower(spec.abstract, batch).compile().memory_analysis()
+  return spec, trainer.lower(spec.abstract, batch)
+
+
+def _memory_fields(mesh, spec, analysis) -> dict:
   return {
     "mesh": dict(mesh.shape),
     "params_bytes": train_state.bytes_per_device(spec.abstract.params),
@@ -61,25 +68,218 @@ def memory_plan(config, mesh) -> dict:
     "step_argument_bytes": analysis.argument_size_in_bytes,
     "step_temp_bytes": analysis.temp_size_in_bytes,
     "step_total_bytes": step_bytes(analysis),
-    "device_limit_bytes": device_memory_limit(mesh.devices.flat[0]),
   }
 
 
+def memory_plan(config, mesh) -> dict:
+  """Bytes per device: parameters, optimizer state, and the compiled step's total."""
+  spec, lowered = _lower(config, mesh)
+  plan = _memory_fields(mesh, spec, lowered.compile().memory_analysis())
+  plan["device_limit_bytes"] = device_memory_limit(mesh.devices.flat[0])
+  return plan
+
+
+def _xla_costs(compiled) -> tuple[float, float]:
+  """(FLOPs, HBM bytes accessed) of one device's program, as XLA's cost analysis counts them."""
+  costs = compiled.cost_analysis()
+  costs = costs[0] if isinstance(costs, (list, tuple)) else costs  # a list in older JAX
+  return float(costs.get("flops", 0.0)), float(costs.get("bytes accessed", 0.0))
+
+
+def step_costs(config, mesh, compiled) -> tuple[float, float, int]:
+  """(FLOPs, HBM bytes) per device of one whole step, and how many extra compiles that took.
+
+  XLA's cost analysis counts the body of a loop once at most, so a step whose layers run under a
+  scan (or whose microbatches do) under-reports. Two loop-free copies of the step, with 1 and 2
+  unrolled layers, measure the cost outside the layers and of one layer; the step costs the
+  first plus (layers - 1) times the difference. Without scan or accumulation, the step's own
+  counts are exact.
+  """
+  layers = config.model.num_layers
+  accumulates = config.opt.grad_accum_steps > 1
+  if not accumulates and (layers == 1 or not config.model.scan_layers):
+    return (*_xla_costs(compiled), 0)
+
+  def unrolled(num_layers):
+    copy = config.copy_and_resolve_references()
+    copy.model.num_layers, copy.model.scan_layers = num_layers, False
+    copy.opt.grad_accum_steps = 1
+    return _xla_costs(_lower(copy, mesh)[1].compile())
+
+  one, two = unrolled(1), unrolled(2)
+  # A second layer never costs less than nothing, whatever XLA's count of the copies says.
+  flops_, bytes_ = (a + (layers - 1) * max(b - a, 0.0) for a, b in zip(one, two, strict=True))
+  return flops_, bytes_, 2
+
+
+def _check_slices(mesh_cfg, topology) -> None:
+  dcn = mesh_cfg.get("dcn_data", 1) * mesh_cfg.get("dcn_fsdp", 1)
+  if dcn != topology.num_slices:
+    raise sharding.MeshError(
+      f"{topology.name} is {topology.num_slices} slice(s) but mesh.dcn_data*dcn_fsdp = {dcn}; "
+      f"set --config.mesh.dcn_data={topology.num_slices} (or dcn_fsdp) so the mesh spans "
+      "every slice over the data-center network, one slice per step along it."
+    )
+
+
+def _topology_mesh(config, topology, devices) -> jax.sharding.Mesh:
+  """The mesh a run on the slice(s) would build, refused for the same reasons it would be."""
+  _check_slices(config.mesh, topology)
+  try:
+    mesh = sharding.make_mesh(config.mesh, devices)
+  except NotImplementedError as e:  # jax.make_mesh cannot lay these axis sizes onto the torus
+    raise sharding.MeshError(
+      f"mesh data={config.mesh.data}, fsdp={config.mesh.fsdp}, tensor={config.mesh.tensor} does "
+      f"not map onto the {topology.libtpu_name} torus: each axis must be a product of torus "
+      f"sides ({e})."
+    ) from e
+  sharding.check_batch(mesh, config.batch_size, sharding.rules_from_config(config.mesh.rules))
+  return mesh
+
+
+def topology_plan(config, topology: topology_lib.Topology, costs: bool = True) -> dict:
+  """Memory and (with `costs`) a roofline step time per chip, compiled for named TPU slice(s)."""
+  devices = topology_lib.devices(topology)
+  mesh = _topology_mesh(config, topology, devices)
+  start = time.perf_counter()
+  spec, lowered = _lower(config, mesh)
+  plan = dict(
+    mesh=dict(mesh.shape),
+    params_bytes=train_state.bytes_per_device(spec.abstract.params),
+    opt_state_bytes=train_state.bytes_per_device(spec.abstract.opt_state),
+    topology=topology.name,
+    generation=topology.chip.generation,
+    libtpu_name=topology.libtpu_name,
+    num_slices=topology.num_slices,
+    num_chips=len(devices),
+    num_hosts=len({d.process_index for d in devices}),
+    device_limit_bytes=topology.chip.hbm_bytes,
+  )
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:  # XLA refuses a program larger than the chip's HBM
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    plan.update(
+      xla_refusal=str(e).strip().splitlines()[0], compile_seconds=time.perf_counter() - start
+    )
+    return plan
+  compile_seconds = time.perf_counter() - start
+  plan.update(
+    _memory_fields(mesh, spec, compiled.memory_analysis()), compile_seconds=compile_seconds
+  )
+  if not costs:
+    return plan
+  flops_per_chip, bytes_per_chip, extra = step_costs(config, mesh, compiled)
+  peak, peak_source = flops.table_peak(devices[0].device_kind, config.model.dtype)
+  model_cfg = config_lib.model_config(config)
+  num_predictions = None if model_cfg.causal else config_lib.num_predictions(config)
+  plan.update(
+    hbm_bytes_per_s=topology.chip.hbm_bytes_per_s,
+    peak_flops=peak,
+    peak_source=peak_source,
+    xla_flops=flops_per_chip,
+    xla_bytes=bytes_per_chip,
+    model_flops=flops.step_flops(
+      model_cfg, config.batch_size, config.data.seq_len, num_predictions
+    ),
+    tokens_per_step=config.batch_size * config.data.seq_len,
+    cost_compile_seconds=time.perf_counter() - start - compile_seconds,
+    cost_compiles=extra,
+  )
+  return plan
+
+
 def format_plan(plan: dict) -> str:
+  unit = "chip" if "topology" in plan else "device"
   limit = plan["device_limit_bytes"]
-  if limit:
+  if "xla_refusal" in plan:
+    fit = f"DOES NOT FIT in {_gib(limit).strip()} per {unit}"
+  elif limit:
     verdict = "fits" if plan["step_total_bytes"] <= limit else "DOES NOT FIT"
-    fit = f"{verdict} in {_gib(limit).strip()} per device"
+    used = plan["step_total_bytes"] / limit
+    fit = f"{verdict} in {_gib(limit).strip()} per {unit} ({used:.0%} used)"
   else:
     fit = "this device reports no memory limit (CPU): compare with your accelerator's memory"
-  return "\n".join(
-    [
-      f"memory plan per device on mesh {plan['mesh']}:",
-      f"  parameters        {_gib(plan['params_bytes'])}",
-      f"  optimizer state   {_gib(plan['opt_state_bytes'])}",
-      f"  train step total  {_gib(plan['step_total_bytes'])}"
-      f"  (arguments {_gib(plan['step_argument_bytes']).strip()},"
-      f" temporaries {_gib(plan['step_temp_bytes']).strip()})",
-      f"  verdict: {fit}",
+  if "topology" in plan:
+    slices = f"{plan['num_slices']} slices of " if plan["num_slices"] > 1 else ""
+    header = [
+      f"plan for {plan['topology']}: {plan['num_chips']} TPU {plan['generation']} chips on "
+      f"{plan['num_hosts']} host{'s' if plan['num_hosts'] > 1 else ''} ({slices}libtpu "
+      f"topology {plan['libtpu_name']}), "
+      "compiled ahead of time",
+      f"memory plan per chip on mesh {plan['mesh']}:",
     ]
+  else:
+    header = [f"memory plan per device on mesh {plan['mesh']}:"]
+  lines = [
+    *header,
+    f"  parameters        {_gib(plan['params_bytes'])}",
+    f"  optimizer state   {_gib(plan['opt_state_bytes'])}",
+    _step_line(plan),
+    f"  verdict: {fit}",
+  ]
+  if "xla_flops" in plan:
+    lines += _roofline_lines(plan)
+  elif "topology" in plan and "xla_refusal" not in plan:
+    lines.append(f"compiled in {plan['compile_seconds']:.1f} s (step costs not asked for)")
+  return "\n".join(lines)
+
+
+def _step_line(plan: dict) -> str:
+  if "xla_refusal" in plan:
+    return f"  train step total  too large to compile: {plan['xla_refusal']}"
+  return (
+    f"  train step total  {_gib(plan['step_total_bytes'])}"
+    f"  (arguments {_gib(plan['step_argument_bytes']).strip()},"
+    f" temporaries {_gib(plan['step_temp_bytes']).strip()})"
   )
+
+
+def roofline(plan: dict) -> dict:
+  """Seconds per step if a chip ran at its peak FLOP/s or its HBM bandwidth, whichever binds.
+
+  The FLOPs are XLA's count or the model's share per chip (flops.py), whichever is larger: XLA's
+  TPU cost analysis counts less than the model's matmuls for some layouts (seen with fsdp=32).
+  """
+  counted = max(plan["xla_flops"], plan["model_flops"] / plan["num_chips"])
+  compute = counted / plan["peak_flops"]
+  memory = plan["xla_bytes"] / plan["hbm_bytes_per_s"]
+  seconds = max(compute, memory)
+  return {
+    "compute_flops": counted,
+    "compute_seconds": compute,
+    "memory_seconds": memory,
+    "step_seconds": seconds,
+    "bound": "compute" if compute >= memory else "HBM bandwidth",
+    "tokens_per_second": plan["tokens_per_step"] / seconds,
+    "mfu": plan["model_flops"] / (plan["num_chips"] * plan["peak_flops"] * seconds),
+  }
+
+
+def _roofline_lines(plan: dict) -> list[str]:
+  r = roofline(plan)
+  counted = (
+    "layers counted from loop-free 1- and 2-layer copies"
+    if plan["cost_compiles"]
+    else "every layer counted"
+  )
+  return [
+    f"step time per chip, roofline lower bound from XLA's cost analysis ({counted}):",
+    f"  compute  {r['compute_flops']:.3e} FLOP  at {plan['peak_flops'] / 1e12:.0f} TFLOP/s"
+    f" ({plan['peak_source']})  -> {r['compute_seconds'] * 1e3:8.2f} ms",
+    f"           (XLA counts {plan['xla_flops']:.3e}, the model"
+    f" {plan['model_flops'] / plan['num_chips']:.3e} per chip; the larger is used)",
+    f"  memory   {plan['xla_bytes']:.3e} bytes at {plan['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM"
+    f"  -> {r['memory_seconds'] * 1e3:8.2f} ms",
+    f"  bound    {r['step_seconds'] * 1e3:.2f} ms/step ({r['bound']}): at most"
+    f" {r['tokens_per_second']:,.0f} tokens/s; model FLOPs {plan['model_flops']:.3e} per step"
+    f" -> MFU at most {r['mfu']:.0%}",
+    "  (ICI/DCN communication and imperfect overlap only add to this: a real step is slower)",
+    f"compiled in {plan['compile_seconds']:.1f} s"
+    + (
+      f", plus {plan['cost_compile_seconds']:.1f} s for the cost copies"
+      if plan["cost_compiles"]
+      else ""
+    ),
+  ]
