@@ -114,7 +114,7 @@ def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -
   """Benchmark the train step of `config`; returns the JSON record."""
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(mesh, config.batch_size, jax.process_count())
+  sharding.check_batch(mesh, config.batch_size, sharding.rules_from_config(config.mesh.rules))
   model_cfg = config_lib.model_config(config)
   tx = optim.make(config.opt, config.num_train_steps)
   rules = sharding.rules_from_config(config.mesh.rules)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 
 import jax
 import ml_collections
@@ -30,10 +31,18 @@ def defaults() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.keep_every_steps = 0  # also keep every step divisible by this (0: none)
   c.sample_at_end = True
+  # A jax.profiler trace of `profile_steps` steps from `profile_start_step` into
+  # workdir/tensorboard (0 steps: none). Start after the first step, which includes compiling.
+  c.profile_start_step = 5
+  c.profile_steps = 0
   # XLA options for compiling the train step only, 'name=value,...'; e.g.
   # xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT. None is set by default: see
   # the README for what was measured.
   c.compiler_options = ""
+  # Run-to-run deterministic GPU kernels (XLA's --xla_gpu_deterministic_ops), so a resumed GPU run
+  # repeats an uninterrupted one bit for bit; slower (scatters serialize, no autotuning choice).
+  # CPU and TPU steps are deterministic without it.
+  c.deterministic = False
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin"  # 'builtin' | 'text' | 'tfds'
@@ -129,6 +138,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
       isinstance(value, int) and value > 0,
       f"{name}={value!r} must be a positive integer; set --config.{name}=N with N > 0.",
     )
+  for name in ("profile_start_step", "profile_steps"):
+    _require(
+      isinstance(c[name], int) and c[name] >= 0,
+      f"{name}={c[name]!r} must be an integer >= 0; set --config.{name}=N.",
+    )
   for name in ("log_every_steps", "eval_every_steps", "checkpoint_every_steps"):
     _require(
       isinstance(c[name], int) and c[name] > 0,
@@ -194,6 +208,31 @@ def validate(c: ml_collections.ConfigDict) -> None:
       c.num_train_steps,
       c.num_train_steps,
     )
+
+
+DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def request_determinism(c: ml_collections.ConfigDict, environ=os.environ) -> None:
+  """With c.deterministic, add DETERMINISTIC_XLA_FLAG to XLA_FLAGS (replacing any other value).
+
+  On GPU the flag makes XLA use deterministic scatters (the embedding gradient), pick kernels
+  without timing them, and ask cuDNN for its deterministic attention backward. XLA reads
+  XLA_FLAGS once, when the backend starts, so this runs before anything touches a device.
+  """
+  if not c.deterministic:
+    return
+  from jax._src import xla_bridge  # no public way to ask whether the backend has started
+
+  _require(
+    not xla_bridge.backends_are_initialized(),
+    "deterministic=True must be applied before JAX starts its backend; set it in the config "
+    f"file or on the command line, or put {DETERMINISTIC_XLA_FLAG} in XLA_FLAGS yourself.",
+  )
+  name = DETERMINISTIC_XLA_FLAG.split("=")[0]
+  kept = [f for f in environ.get("XLA_FLAGS", "").split() if f.split("=")[0] != name]
+  environ["XLA_FLAGS"] = " ".join([*kept, DETERMINISTIC_XLA_FLAG])
+  logging.info("deterministic=True: XLA_FLAGS=%s", environ["XLA_FLAGS"])
 
 
 def padded_vocab_size(c: ml_collections.ConfigDict) -> int:

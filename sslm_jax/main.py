@@ -5,6 +5,7 @@ Rerunning the same command with the same --workdir resumes from the newest check
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging as std_logging
@@ -15,16 +16,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from sslm_jax import checkpoint, rendezvous, sharding, train
+from sslm_jax import checkpoint, cluster, metrics, rendezvous, sharding, train
 from sslm_jax import config as config_lib
+from sslm_jax import lease as lease_lib
 from sslm_jax import plan as plan_lib
 from sslm_jax import sample as sample_lib
 from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax import topology as topology_lib
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, config.")
@@ -36,8 +40,32 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 flags.DEFINE_integer(
   "initialization_timeout", 300, "Seconds to wait for every process to join before failing."
 )
+flags.DEFINE_integer(
+  "heartbeat_timeout",
+  20,
+  "Multi-process runs: seconds of silence after which a process counts as lost; the others then "
+  "exit with an error naming the checkpoint to resume from.",
+)
+flags.DEFINE_float(
+  "lease_timeout",
+  120,
+  "Seconds without a heartbeat after which another run may take over this run's workdir "
+  "(a run that died on the same host is taken over at once).",
+)
 flags.DEFINE_bool(
   "plan", False, "Train nothing: print per-device memory of parameters, optimizer and step."
+)
+flags.DEFINE_string(
+  "topology",
+  None,
+  "With --plan: compile for this TPU slice instead of the local devices (needs libtpu, no TPU), "
+  "e.g. v5p-64, v5e-256, v6e-64, v4-128, or 2xv5p-64 for two slices.",
+)
+flags.DEFINE_string(
+  "compilation_cache_dir",
+  "",
+  "Persistent XLA compilation cache, so reruns and resumes skip compiling (default: "
+  "WORKDIR/xla_cache; 'none' turns it off). A user-wide directory serves every run.",
 )
 flags.DEFINE_list(
   "allow_config_change",
@@ -114,40 +142,45 @@ OUR_ERRORS = (
   checkpoint.CheckpointError,
   tokenizer_lib.TokenizerError,
   train.NonFiniteError,
+  metrics.MetricsError,
   rendezvous.JoinError,
+  topology_lib.TopologyError,
 )
 
 
 def _check_resumable(config, workdir: str) -> dict:
-  """Refuse, before touching the workdir, a checkpoint of another objective or shape."""
-  fp = checkpoint.fingerprint(config)
+  """Refuse, before anything in the workdir is written, a checkpoint of another run.
+
+  Compares the config fields, the data listing, the tokenizer and the data cache, all read
+  without writing, so a refused run leaves the tokenizer and the cache as they were.
+  """
+  from sslm_jax.data import pipeline  # reads the data listing; TensorFlow stays out of the core
+
+  fp = checkpoint.fingerprint(config, pipeline.resume_record(config, workdir))
   saved = checkpoint.saved_fingerprint(f"{workdir}/checkpoints")
   if saved is not None:
-    checkpoint.check_fingerprint(saved[1], fp, workdir, _allowed_changes())
+    step, recorded = saved
+    cache = pipeline.cache_requests(config, workdir)
+    unrecorded = checkpoint.check_fingerprint(recorded, fp, workdir, _allowed_changes(), cache)
+    if unrecorded:
+      logging.warning(
+        "The checkpoint at step %d predates recording %s, so they could not be compared; "
+        "resume with them as they were.",
+        step,
+        ", ".join(unrecorded),
+      )
   return fp
 
 
 def _allowed_changes() -> frozenset:
   allowed = frozenset(FLAGS.allow_config_change)
-  unknown = allowed - set(checkpoint.RUN_FIELDS) - set(checkpoint.SHAPE_FIELDS) - {"all"}
+  unknown = allowed - set(checkpoint.CHANGEABLE) - set(checkpoint.SHAPE_FIELDS) - {"all"}
   if unknown:
     raise UsageError(
       f"--allow_config_change names {sorted(unknown)}, which checkpoints do not record; "
-      f"allowed: all, {', '.join(checkpoint.RUN_FIELDS)}."
+      f"allowed: all, {', '.join(checkpoint.CHANGEABLE)}."
     )
   return allowed
-
-
-def _check_writable(workdir: str) -> None:
-  probe = epath.Path(workdir) / ".sslm_jax_write_probe"
-  try:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    probe.write_text("ok")
-    probe.unlink()
-  except OSError as e:
-    raise UsageError(
-      f"workdir {workdir} is not writable ({e.strerror or e}); choose a --workdir you can write."
-    ) from e
 
 
 def _samples_hook(config, data):
@@ -161,24 +194,83 @@ def _samples_hook(config, data):
   return on_end
 
 
+def _from_process_0(text: str) -> str:
+  """Process 0's `text` (up to 4 KiB of UTF-8), on every process."""
+  if jax.process_count() == 1:
+    return text
+  buffer = np.zeros(4096, np.uint8)
+  encoded = text.encode()[: buffer.size]
+  buffer[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+  received = np.asarray(multihost_utils.broadcast_one_to_all(buffer), np.uint8)
+  return received.tobytes().rstrip(b"\0").decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _workdir_lease(workdir: str):
+  """Hold the workdir for this run, or refuse on every process if another live run holds it.
+
+  Process 0 takes the lease and tells the others the outcome, so no process is left waiting.
+  """
+  if FLAGS.lease_timeout <= 0:
+    raise UsageError(f"--lease_timeout must be positive, got {FLAGS.lease_timeout}.")
+  held, refusal = None, ""
+  if jax.process_index() == 0:
+    try:
+      lease_lib.check_writable(workdir)
+      held = lease_lib.acquire(workdir, FLAGS.lease_timeout, on_lost=_fail)
+    except Exception as e:  # whatever happened, every process must hear of it
+      ours = isinstance(e, (lease_lib.WorkdirError, lease_lib.LeaseHeld))
+      refusal = str(e) if ours else f"could not take the lease in {workdir} ({e!r})."
+  refusal = _from_process_0(refusal)
+  if refusal:
+    raise UsageError(refusal)
+  try:
+    yield
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _plan_topology(config) -> dict:
+  """--plan --topology: compile for a described TPU slice; nothing runs on this machine."""
+  if not FLAGS.plan:
+    raise UsageError(f"--topology={FLAGS.topology} describes a slice to plan for; add --plan.")
+  topology = topology_lib.parse(FLAGS.topology)
+  topology_lib.plan_only_process()  # before validate() asks JAX for its default backend
+  config_lib.validate(config)
+  plan = plan_lib.topology_plan(config, topology)
+  if jax.process_index() == 0:
+    print(plan_lib.format_plan(plan), flush=True)
+  return {}
+
+
 def run(config, workdir: str) -> dict:
+  if FLAGS.topology:
+    return _plan_topology(config)
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(mesh, config.batch_size, jax.process_count())
+  sharding.check_batch(mesh, config.batch_size, sharding.rules_from_config(config.mesh.rules))
   if FLAGS.plan:
     report = plan_lib.format_plan(plan_lib.memory_plan(config, mesh))
     if jax.process_index() == 0:
       print(report, flush=True)
     return {}
+  with _workdir_lease(workdir):
+    return _train(config, workdir, mesh)
+
+
+def _train(config, workdir: str, mesh) -> dict:
+  """Everything that reads or writes the workdir; runs under its lease."""
   fingerprint = _check_resumable(config, workdir)
   from sslm_jax.data import pipeline  # the only TensorFlow import, kept out of the core
 
   if jax.process_index() == 0:
-    _check_writable(workdir)
     pipeline.prepare(config, workdir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("data prepared")
-  data = pipeline.build(config, workdir, jax.process_index(), jax.process_count())
+  # The rows the mesh places on this process: tensor-parallel replicas on other hosts load the same.
+  batch = sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh.rules))
+  data = pipeline.build(config, workdir, rows=sharding.batch_rows(batch, config.batch_size))
   fingerprint["tokenizer_sha256"] = data.tokenizer.sha256
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -193,45 +285,60 @@ def run(config, workdir: str) -> dict:
 
 
 def initialize_distributed() -> None:
-  """Join the other processes: explicit flags, or JAX's auto-detection on Cloud TPU and SLURM."""
-  explicit = FLAGS.coordinator_address is not None
-  on_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-  on_tpu_pod = "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  if not (explicit or on_slurm or on_tpu_pod):
-    return
-  if explicit and (FLAGS.num_processes is None or FLAGS.process_id is None):
-    raise UsageError("--coordinator_address needs --num_processes and --process_id too.")
-  kwargs = {"initialization_timeout": FLAGS.initialization_timeout}
-  if explicit:
-    rendezvous.roll_call(
-      FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.initialization_timeout
-    )
-    kwargs.update(
-      coordinator_address=FLAGS.coordinator_address,
-      num_processes=FLAGS.num_processes,
-      process_id=FLAGS.process_id,
-    )
-  jax.distributed.initialize(**kwargs)
-  logging.info("Process %d of %d joined.", jax.process_index(), jax.process_count())
-
-
-def _quiet_orbax_info() -> None:
-  """Orbax logs ~20 INFO lines per save; keep its warnings and errors, drop the rest."""
-  logging.get_absl_handler().addFilter(
-    lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  """Join the other processes: explicit flags, or any cluster environment JAX detects."""
+  cluster.join(
+    FLAGS.coordinator_address,
+    FLAGS.num_processes,
+    FLAGS.process_id,
+    initialization_timeout=FLAGS.initialization_timeout,
+    heartbeat_timeout=FLAGS.heartbeat_timeout,
+    checkpoint_dir=f"{FLAGS.workdir}/checkpoints",
   )
+
+
+def _quiet_library_info() -> None:
+  """Keep the log to what matters: drop Orbax's ~20 INFO lines per save and JAX's INFO line about
+  backends this machine does not have (libtpu missing on a CPU or GPU host); warnings and errors
+  of both are kept."""
+
+  def keep(record) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    if "/orbax/" in record.pathname:
+      return False
+    return not record.getMessage().startswith("Unable to initialize backend")
+
+  logging.get_absl_handler().addFilter(keep)
+
+
+def _use_compilation_cache(workdir: str) -> None:
+  """Persistent XLA compilation cache: reruns and resumes load the compiled steps."""
+  directory = FLAGS.compilation_cache_dir
+  if directory == "none":
+    return
+  directory = directory or f"{workdir}/xla_cache"
+  if "://" not in directory:
+    directory = os.path.abspath(directory)
+  jax.config.update("jax_compilation_cache_dir", directory)
 
 
 def main(argv):
   del argv
   from sslm_jax.data import pipeline
 
-  _quiet_orbax_info()
+  _quiet_library_info()
   try:
+    config_lib.request_determinism(FLAGS.config)  # XLA reads its flags when the backend starts
+    _use_compilation_cache(FLAGS.workdir)
     initialize_distributed()
     run(FLAGS.config, FLAGS.workdir)
+    cluster.leave()
   except (*OUR_ERRORS, pipeline.DataError) as e:
     _fail(str(e))
+  except Exception:
+    # A collective that failed because another process died: the watch names it (and exits).
+    cluster.wait_for_lost_process(FLAGS.heartbeat_timeout + 2 * cluster.WATCH_PERIOD_S)
+    raise
 
 
 if __name__ == "__main__":

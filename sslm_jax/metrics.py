@@ -8,6 +8,7 @@ import math
 import sys
 import time
 
+import jax
 import tqdm
 from absl import logging
 from etils import epath
@@ -19,6 +20,31 @@ _OBJECT_STORES = ("gs", "s3", "az")
 
 def is_time(step: int, every: int) -> bool:
   return every > 0 and step % every == 0
+
+
+class StepProfiler:
+  """A jax.profiler trace of steps [first, first + count) in workdir/tensorboard (its Profile
+  tab, with tensorboard-plugin-profile installed). Each process traces its own devices."""
+
+  def __init__(self, workdir: str, first: int, count: int):
+    self.logdir, self.first, self.last = f"{workdir}/tensorboard", first, first + count - 1
+    self.active = False
+
+  def before_step(self, step: int) -> None:
+    if step == self.first and self.last >= self.first:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after_step(self, step: int, state) -> None:
+    if self.active and step == self.last:
+      jax.block_until_ready(state)  # the traced steps' device work, not just their dispatch
+      self.close()
+      logging.info("Profiled steps %d-%d into %s/plugins/profile", self.first, step, self.logdir)
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _on_object_store(path: str) -> bool:
@@ -90,11 +116,16 @@ def _open_jsonl(path: epath.Path, kept: str):
   return path.open("ab")
 
 
+class MetricsError(RuntimeError):
+  """Metrics could not be written; the message names the step, the workdir and the fix."""
+
+
 class Writer:
   """Writes metrics on the primary process only; other processes get a silent writer."""
 
   def __init__(self, workdir: str, *, start_step: int, total_steps: int, enabled: bool):
     self.enabled = enabled
+    self._workdir = workdir
     self._jsonl = None
     self._tb = None
     self._bar = None
@@ -122,12 +153,18 @@ class Writer:
     if not self.enabled:
       return
     record = {"step": step, **{k: _plain(v) for k, v in scalars.items()}}
-    self._jsonl.write((json.dumps(record) + "\n").encode())
-    self._jsonl.flush()
-    for name, value in record.items():
-      if name != "step" and isinstance(value, (int, float)):
-        self._tb.add_scalar(name, value, step)
-    self._tb.flush()
+    try:
+      self._jsonl.write((json.dumps(record) + "\n").encode())
+      self._jsonl.flush()
+      for name, value in record.items():
+        if name != "step" and isinstance(value, (int, float)):
+          self._tb.add_scalar(name, value, step)
+      self._tb.flush()
+    except OSError as e:  # a full disk or lost permissions
+      raise MetricsError(
+        f"writing the metrics of step {step} in {self._workdir} failed ({e}); free disk space "
+        "or fix permissions there, then rerun to resume from the newest checkpoint."
+      ) from e
     logging.info("step %d: %s", step, _summary(record))
 
   def progress(self, step: int, loss: float, tokens_per_sec: float) -> None:
@@ -139,8 +176,11 @@ class Writer:
   def close(self) -> None:
     if self.enabled:
       self._bar.close()
-      self._tb.close()
-      self._jsonl.close()
+      try:
+        self._tb.close()
+        self._jsonl.close()
+      except OSError as e:  # the write that failed was reported already; don't mask it
+        logging.warning("Closing the metrics files: %s", e)
 
 
 def _plain(v):

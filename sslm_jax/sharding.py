@@ -101,13 +101,14 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def check_batch(mesh: jax.sharding.Mesh, batch_size: int, process_count: int) -> None:
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if batch_size % data_parallel or batch_size % process_count:
-    need = math.lcm(data_parallel, process_count)
+def check_batch(mesh: jax.sharding.Mesh, batch_size: int, rules) -> None:
+  """The batch splits evenly over the mesh axes it is sharded on."""
+  batch = batch_sharding(mesh, rules)
+  shards = _num_batch_shards(batch)
+  if batch_size % shards:
     raise MeshError(
-      f"batch_size={batch_size} is not divisible by data*fsdp={data_parallel} "
-      f"(and {process_count} processes); use a multiple of {need}."
+      f"batch_size={batch_size} is not divisible by {'*'.join(_batch_axes(batch))}={shards}, "
+      f"the mesh axes the batch is split over; use a multiple of {shards}."
     )
 
 
@@ -155,9 +156,43 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("act_batch",), rules))
 
 
+def _batch_axes(sharding: NamedSharding) -> tuple[str, ...]:
+  """The mesh axes that split a batch's leading dimension."""
+  first = sharding.spec[0] if len(sharding.spec) else None
+  if first is None:
+    return ()
+  return first if isinstance(first, tuple) else (first,)
+
+
+def _num_batch_shards(sharding: NamedSharding) -> int:
+  return math.prod(sharding.mesh.shape[a] for a in _batch_axes(sharding))
+
+
+def batch_rows(sharding: NamedSharding, batch_size: int, devices=None) -> np.ndarray:
+  """Sorted indices of the rows of every global batch that `devices` (default: this process's)
+  hold, read from the sharding's own device -> index map.
+
+  Processes whose devices are replicas of each other (a `tensor` axis across hosts) get the same
+  rows. On a pod the mesh follows the chips' torus, so one host's rows can be several separate
+  spans; loaded in this order they are what `global_batch` expects.
+  """
+  devices = sharding.addressable_devices if devices is None else devices
+  index_map = sharding.devices_indices_map((batch_size,))
+  spans = sorted({index_map[d][0].indices(batch_size)[:2] for d in devices})
+  return np.concatenate([np.arange(start, end) for start, end in spans])
+
+
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
-  """This process's rows -> global jax.Arrays (each process passes its contiguous share)."""
-  return {
-    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-    for k, v in local_batch.items()
-  }
+  """This process's rows, as `batch_rows` gives them, -> global jax.Arrays.
+
+  The global size follows from the sharding: the local rows fill this process's distinct shards.
+  Replica processes pass the same rows, so every copy of a shard holds the same data.
+  """
+  shards = _num_batch_shards(sharding)
+  local_shards = len(batch_rows(sharding, shards))
+  out = {}
+  for k, v in local_batch.items():
+    v = np.asarray(v)
+    global_shape = (v.shape[0] // local_shards * shards, *v.shape[1:])
+    out[k] = jax.make_array_from_process_local_data(sharding, v, global_shape)
+  return out

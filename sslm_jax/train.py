@@ -282,6 +282,7 @@ def train_and_evaluate(
   batches = data.train_batches(start)
   goodput, pending, compiled = metrics.Goodput(), None, False
   stopper = preemption.Preemption()
+  profiler = metrics.StepProfiler(workdir, config.profile_start_step, config.profile_steps)
 
   def pull(step_and_metrics) -> dict:
     step, device_metrics = step_and_metrics
@@ -297,7 +298,9 @@ def train_and_evaluate(
         with goodput.timed("compile"):
           logging.info("Compiled the train step in %.1f s", trainer.compile(state, batch))
         compiled = True
+      profiler.before_step(step)
       state, step_metrics = trainer.train(state, batch)
+      profiler.after_step(step, state)
       goodput.add_tokens(tokens_per_step)
       if pending is not None:
         pull(pending)  # step t-1's metrics, fetched while step t runs
@@ -341,6 +344,7 @@ def train_and_evaluate(
       data.on_end(spec.merge, state)
   finally:
     stopper.close()
+    profiler.close()
     try:
       ckpt.wait()  # raises CheckpointError if the last asynchronous save failed
     finally:

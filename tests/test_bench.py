@@ -138,6 +138,7 @@ KEYS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config_file", ["gpt_tiny.py", "bert_tiny.py"])
 def test_bench_runs_without_tensorflow(config_file):
   args = [

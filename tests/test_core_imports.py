@@ -14,6 +14,11 @@ CORE = [
   "sslm_jax.sample",
   "sslm_jax.config",
   "sslm_jax.data.masking",
+  "sslm_jax.data.permute",
+  "sslm_jax.lease",
+  "sslm_jax.cluster",
+  "sslm_jax.topology",
+  "sslm_jax.plan",
 ]
 
 

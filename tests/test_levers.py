@@ -87,6 +87,7 @@ def test_gradient_accumulation_runs_in_the_train_step():
   assert int(state.step) == 1 and float(metrics["predicted_tokens"]) > 0
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_trains(objective):
   config = tiny_config(objective)
   config.model.dtype = "bfloat16"
@@ -134,6 +135,7 @@ def test_compiler_options_parse_values_and_repeated_fields():
   }
 
 
+@pytest.mark.slow
 def test_compiler_options_reach_the_train_step_compile():
   config = tiny_config("causal_lm")
   config.compiler_options = "xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_ELTWISE"

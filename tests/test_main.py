@@ -1,5 +1,6 @@
 """The command line end to end: tiny runs on the built-in corpus, resume, and bad input."""
 
+import glob
 import json
 import os
 import subprocess
@@ -60,6 +61,7 @@ def gpt_run(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt_tiny", "bert_tiny"])
 def test_tiny_run_writes_everything_and_resumes(tmp_path, name):
   # A relative --workdir, as in the README, resolved against the current directory.
@@ -70,6 +72,8 @@ def test_tiny_run_writes_everything_and_resumes(tmp_path, name):
   for item in ("config.json", "tokenizer.model", "metrics.jsonl", "checkpoints", "tensorboard"):
     assert os.path.exists(os.path.join(workdir, item)), item
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  # The persistent compilation cache, so that a rerun loads the compiled train step.
+  assert glob.glob(os.path.join(workdir, "xla_cache", "jit_train_step-*"))
   records = _records(workdir)
   assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
   final = records[-1]

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -10,6 +12,8 @@ import time
 import numpy as np
 import pytest
 from test_main import SMALL
+
+pytestmark = pytest.mark.slow  # every test here runs several trainer processes
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
@@ -108,6 +112,37 @@ def test_elastic_resume_8_devices_then_4_then_2_processes(tmp_path, straight):
   )
 
 
+@pytest.mark.parametrize(
+  "mesh",
+  [
+    # tensor=8 over 2 processes x 4 devices: the processes are replicas of each other, so each
+    # must load the whole batch (8 heads, so that the head dimension splits 8 ways).
+    ["--config.mesh.tensor=8", "--config.model.num_heads=8"],
+    # The batch split fsdp-major over (fsdp=2, data=2): each process holds two separate quarters
+    # of every batch (rows [0, 2) and [4, 6) on process 0), as one host does on a pod's torus.
+    [
+      "--config.mesh.data=2",
+      "--config.mesh.fsdp=2",
+      "--config.mesh.tensor=2",
+      """--config.mesh.rules=(("act_batch", ("fsdp", "data")),)""",
+    ],
+  ],
+  ids=["tensor_across_processes", "rows_in_two_spans"],
+)
+def test_each_process_loads_the_rows_its_devices_hold(tmp_path, mesh):
+  mesh = [*mesh, "--config.num_train_steps=2"]
+  one = _single(tmp_path / "one", *mesh)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = _launch(2, 4, tmp_path / "two", *mesh)
+  assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+  runs = []
+  for name in ("one", "two"):
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      runs.append([r[k] for r in map(json.loads, f) for k in ("train_loss", "eval_loss") if k in r])
+  assert len(runs[1]) == 4  # eval at steps 0 and 2, train at steps 1 and 2
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
+
+
 def test_a_missing_peer_fails_fast_and_names_it(tmp_path):
   port = _free_port()
   t0 = time.perf_counter()
@@ -134,3 +169,111 @@ def test_a_missing_peer_fails_fast_and_names_it(tmp_path):
   assert "process(es) [1, 2] of 3 did not arrive within 5 s" in result.stderr
   assert elapsed < 60
   assert not os.listdir(tmp_path)
+
+
+class _Pair:
+  """Two trainer processes started directly (no launcher), so a signal reaches the trainer itself.
+
+  Output goes to files beside the workdir: a pipe nobody reads fills up and blocks the process.
+  """
+
+  def __init__(self, workdir, *extra):
+    self.workdir, port = workdir, _free_port()
+    env = _env(4)
+    self.logs = [open(f"{workdir}.process_{i}.log", "w+") for i in range(2)]
+    self.procs = [
+      subprocess.Popen(
+        [sys.executable, "-m", "sslm_jax.main", *FLAGS, f"--workdir={workdir}", *extra]
+        + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+      )
+      for i, log in enumerate(self.logs)
+    ]
+
+  def output(self, i) -> str:
+    self.logs[i].flush()
+    self.logs[i].seek(0)
+    return self.logs[i].read()
+
+  def wait_for_step(self, step, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+      if max(_losses_so_far(self.workdir) or [0]) >= step:
+        return
+      for i, proc in enumerate(self.procs):
+        assert proc.poll() is None, self.output(i)[-3000:]
+      time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+  def kill_all(self):
+    for proc in self.procs:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _losses_so_far(workdir):
+  try:
+    return _losses(workdir)
+  except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line half written
+    return {}
+
+
+def _finished_checkpoints(workdir) -> list[int]:
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+_LONG_RUN = ["--config.num_train_steps=100000", "--config.eval_every_steps=100000"]
+
+
+def test_sigint_to_one_process_stops_both_at_one_step_and_the_rerun_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  pair = _Pair(workdir, *_LONG_RUN, "--config.checkpoint_every_steps=100000")
+  try:
+    pair.wait_for_step(3)
+    sent = time.monotonic()
+    pair.procs[1].send_signal(signal.SIGINT)  # only process 1, as a Ctrl-C in its terminal would
+    codes = [proc.wait(timeout=120) for proc in pair.procs]
+    elapsed = time.monotonic() - sent
+  finally:
+    pair.kill_all()
+  outputs = [pair.output(i) for i in range(2)]
+  assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+  print(f"SIGINT to one of two processes -> both exited 0 in {elapsed:.1f} s")
+  stopped = [re.search(r"Stopped at step (\d+)", out) for out in outputs]
+  assert all(stopped), outputs[0][-2000:] + outputs[1][-2000:]
+  step = int(stopped[0].group(1))
+  assert int(stopped[1].group(1)) == step
+  assert _finished_checkpoints(workdir) == [step]
+  again = _single(workdir, f"--config.num_train_steps={step + 1}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert f"Resuming from the checkpoint at step {step}" in again.stderr
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_losing_a_process_ends_the_survivor_within_30_s(tmp_path, victim):
+  workdir = tmp_path / "run"
+  pair = _Pair(workdir, *_LONG_RUN, "--config.checkpoint_every_steps=5")
+  try:
+    pair.wait_for_step(7)  # the checkpoint at step 5 is saved
+    killed = time.monotonic()
+    pair.procs[victim].kill()  # SIGKILL to the trainer's own pid
+    survivor = pair.procs[1 - victim]
+    code = survivor.wait(timeout=120)
+    elapsed = time.monotonic() - killed
+  finally:
+    pair.kill_all()
+  output = pair.output(1 - victim)
+  print(f"process {victim} killed -> survivor exited {code} after {elapsed:.1f} s")
+  assert code != 0 and elapsed < 30, output[-3000:]
+  if victim == 0:
+    # Process 0 hosts JAX's coordination service: its loss ends the survivors at once, with
+    # JAX's own "Terminating process because the JAX distributed service detected fatal errors".
+    return
+  last = output.strip().splitlines()[-1]
+  newest = max(_finished_checkpoints(workdir))
+  assert last.startswith("sslm_jax: error: process(es) [1] of 2 stopped answering at step "), last
+  assert f"resume from the checkpoint at step {newest} in " in last, last

@@ -2,6 +2,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import pytest
 from conftest import tiny_config
 from flax import nnx
@@ -77,9 +78,48 @@ def test_batch_must_divide_over_data_parallel_axes():
   config = tiny_config()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 4, 2, 1
   mesh = sharding.make_mesh(config.mesh)
-  with pytest.raises(sharding.MeshError, match="use a multiple of 8"):
-    sharding.check_batch(mesh, 12, 1)
-  sharding.check_batch(mesh, 16, 1)
+  with pytest.raises(sharding.MeshError, match=r"not divisible by data\*fsdp=8.*multiple of 8"):
+    sharding.check_batch(mesh, 12, sharding.DEFAULT_RULES)
+  sharding.check_batch(mesh, 16, sharding.DEFAULT_RULES)
+
+
+def _rows_per_process(shape, num_processes, rules=sharding.DEFAULT_RULES, batch_size=16):
+  """The rows each process loads, as (start, end) spans, faking processes as consecutive runs of
+  jax.devices() (as the devices of a real multi-process run are numbered)."""
+  config = tiny_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
+  batch = sharding.batch_sharding(sharding.make_mesh(config.mesh), rules)
+  per = len(jax.devices()) // num_processes
+  groups = [jax.devices()[p * per : (p + 1) * per] for p in range(num_processes)]
+  out = []
+  for devices in groups:
+    rows = sharding.batch_rows(batch, batch_size, devices)
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    out.append([(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, breaks)])
+  return out
+
+
+@pytest.mark.parametrize(
+  "shape, num_processes, rows",
+  [
+    ((8, 1, 1), 2, [[(0, 8)], [(8, 16)]]),  # data parallel: each process its half
+    ((1, 2, 4), 2, [[(0, 8)], [(8, 16)]]),  # tensor within a process
+    ((1, 1, 8), 2, [[(0, 16)], [(0, 16)]]),  # tensor across both: replicas load the whole batch
+    ((2, 1, 4), 4, [[(0, 8)], [(0, 8)], [(8, 16)], [(8, 16)]]),  # pairs of processes are replicas
+    ((2, 2, 2), 8, [[(a, a + 4)] for a in (0, 0, 4, 4, 8, 8, 12, 12)]),
+    ((2, 2, 2), 1, [[(0, 16)]]),
+  ],
+)
+def test_each_process_loads_the_rows_its_devices_hold(shape, num_processes, rows):
+  assert _rows_per_process(shape, num_processes) == rows
+
+
+def test_a_process_may_hold_rows_in_several_spans():
+  """Batch split fsdp-major: process 0 (data=0) holds shards 0 and 2, i.e. two separate spans,
+  as one host of a pod does when the mesh follows the torus; they are loaded, not refused."""
+  swapped = sharding.rules_from_config([("act_batch", ("fsdp", "data"))])
+  assert _rows_per_process((2, 2, 2), 2, swapped) == [[(0, 4), (8, 12)], [(4, 8), (12, 16)]]
+  assert _rows_per_process((2, 1, 4), 2, swapped) == [[(0, 8)], [(8, 16)]]
 
 
 def test_memory_plan_shrinks_with_fsdp():

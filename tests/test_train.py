@@ -1,3 +1,4 @@
+import glob
 import json
 import math
 import os
@@ -180,3 +181,14 @@ def test_eval_summary_from_sums():
   assert eval_summary({"loss_sum": 0.0, "count": 0.0}, causal=True)["eval_loss"] == 0.0
   huge = eval_summary({"loss_sum": 1e6, "count": 1.0}, causal=True)
   assert math.isfinite(huge["eval_perplexity"])
+
+
+def test_profiler_traces_the_chosen_steps_only_when_asked(tmp_path):
+  config = tiny_config()
+  config.num_train_steps, config.profile_start_step, config.profile_steps = 4, 2, 2
+  _run(config, tmp_path / "profiled")
+  traces = glob.glob(str(tmp_path / "profiled/tensorboard/plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+  config.profile_steps = 0
+  _run(config, tmp_path / "plain")
+  assert not os.path.exists(tmp_path / "plain/tensorboard/plugins")

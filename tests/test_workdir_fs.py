@@ -20,7 +20,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from sslm_jax import main, metrics
+from sslm_jax import lease, metrics
 
 GS_WORKDIR = "gs://bucket/run"
 
@@ -170,14 +170,14 @@ def test_each_record_reaches_the_bucket_when_written(bucket):
 
 
 def test_write_probe_on_object_store(bucket):
-  main._check_writable(GS_WORKDIR)
+  lease.check_writable(GS_WORKDIR)
   assert not [key for key in bucket if "probe" in key]
 
 
 def test_write_probe_refused_by_object_store(read_only_bucket):
   # A storage client's refusal is no OSError (tf.io.gfile raises tf.errors.PermissionDeniedError).
-  with pytest.raises(main.UsageError, match=r"not writable \(Forbidden: 403"):
-    main._check_writable(GS_WORKDIR)
+  with pytest.raises(lease.WorkdirError, match=r"not writable \(Forbidden: 403"):
+    lease.check_writable(GS_WORKDIR)
 
 
 def test_object_store_workdir_needs_no_tensorflow():
@@ -190,8 +190,8 @@ def test_object_store_workdir_needs_no_tensorflow():
       inspect.getsource(ObjectStore),
       "for p in ObjectStore.protocol: fsspec.register_implementation(p, ObjectStore)",
       "from etils import epath",
-      "from sslm_jax import main, metrics",
-      f"main._check_writable({GS_WORKDIR!r})",
+      "from sslm_jax import lease, metrics",
+      f"lease.check_writable({GS_WORKDIR!r})",
       f"(epath.Path({GS_WORKDIR!r}) / 'config.json').write_text(json.dumps({{'seed': 0}}))",
       f"w = metrics.Writer({GS_WORKDIR!r}, start_step=0, total_steps=2, enabled=True)",
       "w.write(1, {'train_loss': 2.0}); w.write(2, {'train_loss': 1.0}); w.close()",
@@ -208,3 +208,16 @@ def test_object_store_workdir_needs_no_tensorflow():
     [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
   )
   assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_metrics_write_that_fails_is_one_clear_error(tmp_path, monkeypatch):
+  writer = metrics.Writer(str(tmp_path), start_step=0, total_steps=4, enabled=True)
+  writer.write(1, {"train_loss": 2.0})
+
+  def full(data):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(writer._jsonl, "write", full)
+  with pytest.raises(metrics.MetricsError, match=r"metrics of step 2 .*No space left.*rerun"):
+    writer.write(2, {"train_loss": 1.0})
+  writer.close()  # closing after the failure does not raise over it

@@ -10,7 +10,6 @@ import dataclasses
 import io
 import json
 import os
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -21,7 +20,7 @@ from absl import logging
 
 from sslm_jax import config as config_lib
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import corpus, masking
+from sslm_jax.data import corpus, masking, permute
 from sslm_jax.data.corpus import DataError
 
 __all__ = ["Data", "DataError", "build", "causal_features", "masked_features", "prepare"]
@@ -106,7 +105,11 @@ def masked_features(
 
 @dataclasses.dataclass
 class Data:
-  """Batches for this process; `b = batch_size // process_count` rows of each global batch."""
+  """Batches for this process: rows `row_ids` (sorted) of each global batch, in that order.
+
+  Processes that are replicas of each other under the mesh (a `tensor` axis across hosts) are
+  given the same rows, so they load the same data.
+  """
 
   tokenizer: tokenizer_lib.Tokenizer
   num_train_rows: int
@@ -115,25 +118,19 @@ class Data:
   train_rows: np.ndarray = dataclasses.field(repr=False)
   eval_rows: np.ndarray = dataclasses.field(repr=False)
   samples: list[str] = dataclasses.field(repr=False)
-  process_index: int = 0
-  process_count: int = 1
-  _perms: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
-  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, init=False, repr=False)
+  row_ids: np.ndarray | None = None  # None: the whole global batch
   _eval_cache: list | None = dataclasses.field(default=None, init=False, repr=False)
 
   @property
   def local_batch_size(self) -> int:
-    return self.config.batch_size // self.process_count
+    return self.config.batch_size if self.row_ids is None else len(self.row_ids)
 
-  def _permutation(self, epoch: int) -> np.ndarray:
-    with self._lock:
-      if epoch not in self._perms:
-        # Parallel map calls straddle at most a couple of epochs; keep only the newest few.
-        for old in sorted(self._perms)[:-3]:
-          del self._perms[old]
-        rng = np.random.default_rng([self.config.seed, epoch])
-        self._perms[epoch] = rng.permutation(self.num_train_rows)
-      return self._perms[epoch]
+  def _rows(self) -> np.ndarray:
+    return np.arange(self.config.batch_size) if self.row_ids is None else self.row_ids
+
+  def _permutation(self, epoch: int) -> permute.KeyedPermutation:
+    """The epoch's order of train rows; indexing it computes only the rows asked for."""
+    return permute.KeyedPermutation(self.num_train_rows, "train", self.config.seed, epoch)
 
   def _features(self, rows: np.ndarray, example_ids_b: np.ndarray, seed: int) -> dict:
     if self.config.objective == "causal_lm":
@@ -142,10 +139,9 @@ class Data:
 
   def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
     """This process's part of global batch `step`, with no dependence on earlier calls."""
-    b = self.local_batch_size
-    g_b = step * self.config.batch_size + self.process_index * b + np.arange(b, dtype=np.int64)
+    g_b = step * self.config.batch_size + self._rows().astype(np.int64)
     epoch_b, offset_b = np.divmod(g_b, self.num_train_rows)
-    row_b = np.empty(b, np.int64)
+    row_b = np.empty(len(g_b), np.int64)
     for epoch in np.unique(epoch_b):
       here = epoch_b == epoch
       row_b[here] = self._permutation(int(epoch))[offset_b[here]]
@@ -170,16 +166,17 @@ class Data:
     return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
   def _make_eval_batches(self) -> list[dict[str, np.ndarray]]:
-    big_b, b = self.config.batch_size, self.local_batch_size
+    big_b = self.config.batch_size
     steps = min(self.config.eval_steps, self.num_eval_rows // big_b)
-    order = np.random.default_rng(EVAL_SEED).permutation(self.num_eval_rows)
+    order = permute.KeyedPermutation(self.num_eval_rows, "eval", EVAL_SEED, 0)
     batches = []
     for j in range(steps):
-      start = j * big_b + self.process_index * b
-      row_b = order[start : start + b]
+      row_b = order[j * big_b + self._rows()]
       batch = self._features(self.eval_rows[row_b], row_b, EVAL_SEED)
       if self.config.objective == "causal_lm":
-        bytes_bT = self.tokenizer.token_bytes()[batch["targets"]]
+        bytes_bT = self.tokenizer.target_bytes(
+          batch["inputs"], batch["targets"], tokenizer_lib.BOS_ID
+        )
         batch["target_bytes"] = (bytes_bT * batch["weights"]).astype(np.int32)
       batches.append(batch)
     return batches
@@ -307,6 +304,35 @@ def _tokenizer(
   return tok
 
 
+def _existing_tokenizer(c: ml_collections.ConfigDict, workdir: str):
+  """The tokenizer prepare() would use, or None where it would train a new one (reads only)."""
+  path = c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+  if c.data.tokenizer_path or tf.io.gfile.exists(path):
+    return tokenizer_lib.load(path)
+  return None
+
+
+def resume_record(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """What a checkpoint records about its data beside the config, computed without writing."""
+  tok = _existing_tokenizer(c, workdir)
+  return {
+    "tokenizer_sha256": tok.sha256 if tok else "none yet (prepare would train a new one)",
+    "data_listing": corpus.listing(c),
+    "data_order": permute.ORDER_VERSION,
+  }
+
+
+def cache_requests(c: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict] | None:
+  """(what the cache in workdir/data was built from, what prepare() would build it from now).
+
+  None when there is no cache or no tokenizer yet: then nothing cached is replaced.
+  """
+  meta, tok = _read_meta(workdir), _existing_tokenizer(c, workdir)
+  if meta is None or tok is None:
+    return None
+  return meta["request"], _request(c, tok)
+
+
 def _pack(c, tok, split: str, stats: corpus.DecodeStats, samples: list[str] | None = None):
   start_id, end_id = _doc_ids(c)
   texts = corpus.documents(c, split, stats)
@@ -352,14 +378,28 @@ def prepare(c: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def build(
-  c: ml_collections.ConfigDict, workdir: str, process_index: int = 0, process_count: int = 1
+  c: ml_collections.ConfigDict,
+  workdir: str,
+  process_index: int = 0,
+  process_count: int = 1,
+  rows: np.ndarray | None = None,
 ) -> Data:
-  """Open the cache prepare() wrote; this process serves rows [p*b, (p+1)*b) of each batch."""
-  if c.batch_size % process_count:
-    raise DataError(
-      f"batch_size={c.batch_size} is not divisible by the {process_count} processes; set "
-      f"--config.batch_size to a multiple of {process_count}."
-    )
+  """Open the cache prepare() wrote; this process serves `rows` (sorted indices) of each batch.
+
+  Training passes the rows its mesh places on this process (sharding.batch_rows); without them,
+  process p of n serves the even share [p*b, (p+1)*b), b = batch_size // n.
+  """
+  if rows is None:
+    if c.batch_size % process_count:
+      raise DataError(
+        f"batch_size={c.batch_size} is not divisible by the {process_count} processes; set "
+        f"--config.batch_size to a multiple of {process_count}."
+      )
+    b = c.batch_size // process_count
+    rows = np.arange(process_index * b, (process_index + 1) * b)
+  rows = np.asarray(rows, np.int64)
+  if not len(rows) or rows.min() < 0 or rows.max() >= c.batch_size or (np.diff(rows) <= 0).any():
+    raise DataError(f"rows {rows} are not sorted, distinct indices into a batch of {c.batch_size}.")
   paths = _paths(workdir)
   tok = _tokenizer(c, workdir, may_train=False)
   meta = _read_meta(workdir)
@@ -382,6 +422,5 @@ def build(
     train_rows=train_rows,
     eval_rows=eval_rows,
     samples=meta["samples"],
-    process_index=process_index,
-    process_count=process_count,
+    row_ids=rows,
   )
