@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
+from jax._src import compilation_cache
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -262,6 +263,7 @@ def run(config, workdir: str) -> dict:
 def _train(config, workdir: str, mesh) -> dict:
   """Everything that reads or writes the workdir; runs under its lease."""
   fingerprint = _check_resumable(config, workdir)
+  _use_compilation_cache(workdir)  # only now: a refused run leaves the workdir untouched
   from sslm_jax.data import pipeline  # the only TensorFlow import, kept out of the core
 
   if jax.process_index() == 0:
@@ -320,6 +322,9 @@ def _use_compilation_cache(workdir: str) -> None:
   if "://" not in directory:
     directory = os.path.abspath(directory)
   jax.config.update("jax_compilation_cache_dir", directory)
+  # Multi-process runs compiled small programs (the lease broadcast) before the cache was set;
+  # JAX decides once whether to use a cache, so let it decide again.
+  compilation_cache.reset_cache()
 
 
 def main(argv):
@@ -329,7 +334,6 @@ def main(argv):
   _quiet_library_info()
   try:
     config_lib.request_determinism(FLAGS.config)  # XLA reads its flags when the backend starts
-    _use_compilation_cache(FLAGS.workdir)
     initialize_distributed()
     run(FLAGS.config, FLAGS.workdir)
     cluster.leave()
