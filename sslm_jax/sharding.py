@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 
@@ -182,14 +183,20 @@ def batch_rows(sharding: NamedSharding, batch_size: int, devices=None) -> np.nda
   return np.concatenate([np.arange(start, end) for start, end in spans])
 
 
+@functools.cache
+def _shard_counts(sharding: NamedSharding) -> tuple[int, int]:
+  """(distinct batch shards, those this process holds): fixed per sharding, so counted once."""
+  shards = _num_batch_shards(sharding)
+  return shards, len(batch_rows(sharding, shards))
+
+
 def global_batch(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict:
   """This process's rows, as `batch_rows` gives them, -> global jax.Arrays.
 
   The global size follows from the sharding: the local rows fill this process's distinct shards.
   Replica processes pass the same rows, so every copy of a shard holds the same data.
   """
-  shards = _num_batch_shards(sharding)
-  local_shards = len(batch_rows(sharding, shards))
+  shards, local_shards = _shard_counts(sharding)
   out = {}
   for k, v in local_batch.items():
     v = np.asarray(v)
