@@ -18,8 +18,10 @@
 # backward pass; without rematerialisation the 355M step at batch 16 plans ~300 GB per device.
 # `dots_no_batch` keeps the projection and MLP matmul outputs and recomputes attention: ~50-60 GB
 # for either model (sslm_jax.main --plan, compiled for CPU; the GPU figure differs somewhat).
-# On a GPU, model.attention_impl=auto runs cuDNN flash attention, which never stores the scores;
-# the JSON line's attention_impl says which implementation ran.
+# On Hopper or later GPUs, model.attention_impl=auto runs cuDNN flash attention, fed the packed
+# documents as per-row lengths and offsets (never a T x S mask), so neither the forward nor the
+# backward pass stores the scores; older GPUs run XLA's attention. The JSON line's
+# attention_impl says which implementation ran.
 set -euo pipefail
 
 dry_run=false

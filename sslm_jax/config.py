@@ -72,7 +72,11 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.vocab_multiple = 128  # embedding rows padded to a multiple of this
   c.model.scan_layers = True
   c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
-  c.model.attention_impl = "auto"  # auto (cudnn on GPU for bf16/fp16, else xla) | xla | cudnn
+  c.model.attention_impl = (
+    "auto"  # auto (cudnn on Hopper+ GPUs for bf16/fp16, else xla) | xla | cudnn
+  )
+  # Documents per row that cuDNN's packed layout holds; 0: measured on the data at start.
+  c.model.max_segments_per_row = 0
 
   c.opt = ml_collections.ConfigDict()
   c.opt.learning_rate = 1e-3
@@ -185,6 +189,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
     f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, not {c.model.dtype}.",
   )
   _require(
+    c.model.attention_impl != "cudnn" or _gpu_capability() >= (9, 0),
+    "model.attention_impl='cudnn' takes packed documents as lengths and offsets, which cuDNN "
+    f"supports from Hopper (compute capability 9.0) on; this GPU is {_gpu_capability()}. "
+    "Use 'auto' or 'xla'.",
+  )
+  _require(
+    c.model.max_segments_per_row >= 0,
+    f"model.max_segments_per_row={c.model.max_segments_per_row}: use 0 (measure on the data) "
+    "or a positive bound.",
+  )
+  _require(
     not c.compiler_options or "=" in c.compiler_options.split(",")[0],
     f"compiler_options={c.compiler_options!r}: use 'name=value,name=value' (or '' for none).",
   )
@@ -258,6 +273,7 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     scan_layers=bool(c.model.scan_layers),
     remat_policy=c.model.remat_policy,
     attention_impl=attention_impl(c),
+    max_segments=max(1, c.model.max_segments_per_row),
   )
 
 
@@ -268,11 +284,20 @@ def attention_impl(c: ml_collections.ConfigDict) -> str:
   head_dim = c.model.emb_dim // c.model.num_heads
   cudnn_ok = (
     jax.default_backend() == "gpu"
+    and _gpu_capability() >= (9, 0)
     and c.model.dtype in ("bfloat16", "float16")
     and head_dim <= 128
     and head_dim % 8 == 0
   )
   return "cudnn" if cudnn_ok else "xla"
+
+
+def _gpu_capability() -> tuple[int, ...]:
+  """The first local GPU's compute capability, (0,) without one or on ROCm."""
+  if jax.default_backend() != "gpu":
+    return (0,)
+  capability = getattr(jax.local_devices()[0], "compute_capability", None)
+  return tuple(int(x) for x in capability.split(".")) if capability else (0,)
 
 
 def num_predictions(c: ml_collections.ConfigDict) -> int:

@@ -274,6 +274,7 @@ def _train(config, workdir: str, mesh) -> dict:
   batch = sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh.rules))
   data = pipeline.build(config, workdir, rows=sharding.batch_rows(batch, config.batch_size))
   fingerprint["tokenizer_sha256"] = data.tokenizer.sha256
+  pipeline.size_packing(config, data)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
   hooks = train.DataHooks(

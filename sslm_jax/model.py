@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,8 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = "xla"  # 'xla' | 'cudnn' (config.attention_impl resolves 'auto')
+  # cuDNN's packed layout holds this many documents per row (config.py measures it on the data).
+  max_segments: int = 1
 
   @property
   def causal(self) -> bool:
@@ -107,7 +109,7 @@ def _layer_norm(cfg, *, rngs):
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with a boolean [B, 1, T, S] segment mask; causal for GPT."""
+  """Multi-head self-attention within packed segments (see `attention_segments`); causal for GPT."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -123,19 +125,17 @@ class Attention(nnx.Module):
       std=out_std, rngs=rngs,
     )  # fmt: skip
 
-  def __call__(self, x_BTD, mask_B1TS):
+  def __call__(self, x_BTD, segments):
     names = ("act_batch", "act_len", "act_heads", None)
     q_BTNH = constrain(self.query(x_BTD), names)
     k_BSNH = constrain(self.key(x_BTD), names)
     v_BSNH = constrain(self.value(x_BTD), names)
-    out_BTNH = jax.nn.dot_product_attention(
-      q_BTNH,
-      k_BSNH,
-      v_BSNH,
-      mask=mask_B1TS,
-      is_causal=self.cfg.causal,  # lets cuDNN skip the masked half
-      implementation=self.cfg.attention_impl,
-    )
+    if isinstance(segments, Packing):
+      out_BTNH = fused_packed_attention(q_BTNH, k_BSNH, v_BSNH, segments, causal=self.cfg.causal)
+    else:
+      out_BTNH = jax.nn.dot_product_attention(
+        q_BTNH, k_BSNH, v_BSNH, mask=segments, is_causal=self.cfg.causal, implementation="xla"
+      )
     return self.out(out_BTNH)
 
 
@@ -165,16 +165,16 @@ class Block(nnx.Module):
     self.mlp_norm = _layer_norm(cfg, rngs=rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, mask_B1TS, dropout_key=None):
+  def __call__(self, x_BTD, segments, dropout_key=None):
     rate, dt = self.cfg.dropout_rate, x_BTD.dtype
     k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     if self.cfg.causal:
-      h = self.attention(self.attention_norm(x_BTD).astype(dt), mask_B1TS)
+      h = self.attention(self.attention_norm(x_BTD).astype(dt), segments)
       x_BTD = x_BTD + dropout(h, rate, k_attn)
       h = self.mlp(self.mlp_norm(x_BTD).astype(dt))
       x_BTD = x_BTD + dropout(h, rate, k_mlp)
     else:
-      h = self.attention(x_BTD, mask_B1TS)
+      h = self.attention(x_BTD, segments)
       x_BTD = self.attention_norm(x_BTD + dropout(h, rate, k_attn)).astype(dt)
       h = self.mlp(x_BTD)
       x_BTD = self.mlp_norm(x_BTD + dropout(h, rate, k_mlp)).astype(dt)
@@ -206,12 +206,12 @@ class Stack(nnx.Module):
 
     self.blocks = make_blocks(rngs)
 
-  def __call__(self, x_BTD, mask_B1TS, dropout_key=None):
+  def __call__(self, x_BTD, segments, dropout_key=None):
     cfg = self.cfg
     keys_L = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
 
     def layer(block, x_BTD, key):
-      return block(x_BTD, mask_B1TS, key)
+      return block(x_BTD, segments, key)
 
     if cfg.remat_policy != "none":
       layer = nnx.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
@@ -232,6 +232,66 @@ def segment_mask(segment_ids_BT):
   """[B, 1, T, S]: same packed segment and not padding (id 0). Causality is the attention's."""
   same_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
   return same_B1TS & (segment_ids_BT[:, None, None, :] > 0)
+
+
+class Packing(NamedTuple):
+  """Packed documents as cuDNN's flash attention takes them: per row, the length and the start
+  of each segment, -1 past the row's last one. The kernel never sees a [T, S] mask."""
+
+  lengths_BM: jax.Array
+  offsets_BM1: jax.Array  # M + 1 columns, as the kernel's API asks; the last is always -1
+
+
+def packing(segment_ids_BT, max_segments: int) -> Packing:
+  """Lengths and starts of the runs of equal nonzero ids in each row (id 0 is padding).
+
+  Runs past the first `max_segments` of a row are dropped (their tokens attend to nothing):
+  the caller sizes `max_segments` from the data (config.max_segments_per_row).
+  """
+  b, t = segment_ids_BT.shape
+  m = max_segments
+  prev_BT = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+  real_BT = segment_ids_BT > 0
+  starts_BT = real_BT & (segment_ids_BT != prev_BT)
+  slot_BT = jnp.where(real_BT, jnp.cumsum(starts_BT, axis=1) - 1, m)  # m: dropped
+  rows_B1 = jnp.arange(b)[:, None]
+  lengths_BM = jnp.zeros((b, m), jnp.int32).at[rows_B1, slot_BT].add(1, mode="drop")
+  t_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  offsets_BM = jnp.full((b, m), t, jnp.int32).at[rows_B1, slot_BT].min(t_BT, mode="drop")
+  used_BM = lengths_BM > 0
+  lengths_BM = jnp.where(used_BM, lengths_BM, -1)
+  offsets_BM = jnp.where(used_BM, offsets_BM, -1)
+  return Packing(lengths_BM, jnp.pad(offsets_BM, ((0, 0), (0, 1)), constant_values=-1))
+
+
+def attention_segments(cfg: ModelConfig, segment_ids_BT):
+  """What each attention layer takes: a dense [B, 1, T, S] mask for XLA, a Packing for cuDNN."""
+  if cfg.attention_impl == "cudnn":
+    return packing(segment_ids_BT, max(2, cfg.max_segments))
+  return segment_mask(segment_ids_BT)
+
+
+def fused_packed_attention(q_BTNH, k_BSNH, v_BSNH, segments: Packing, *, causal: bool):
+  """cuDNN flash attention over packed documents, given their lengths and offsets.
+
+  jax.nn.dot_product_attention takes only one length per row, so packing goes through the
+  kernel's own entry point, which JAX exposes under jax._src (checked against JAX 0.10).
+  """
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+  mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+  return cudnn.dot_product_attention(
+    q_BTNH,
+    k_BSNH,
+    v_BSNH,
+    q_seqlen=segments.lengths_BM,
+    kv_seqlen=segments.lengths_BM,
+    q_offsets=segments.offsets_BM1,
+    kv_offsets=segments.offsets_BM1,
+    scale=1.0 / math.sqrt(q_BTNH.shape[-1]),
+    mask_type=mask_type,
+    qkv_layout="BTNH",
+  )
 
 
 def _embed(cfg, num, names, std, *, rngs):
@@ -272,7 +332,7 @@ class GPT(nnx.Module):
     x_BTD = self.token_embed(inputs_BT) + self.position_embed(positions_BT)
     x_BTD = dropout(x_BTD.astype(cfg.dtype), cfg.dropout_rate, k_embed)
     x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
-    x_BTD = self.stack(x_BTD, segment_mask(segment_ids_BT), k_stack)
+    x_BTD = self.stack(x_BTD, attention_segments(cfg, segment_ids_BT), k_stack)
     return self.final_norm(x_BTD)
 
   def __call__(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None):
@@ -328,7 +388,7 @@ class BERT(nnx.Module):
     )
     x_BTD = dropout(self.embed_norm(x_BTD).astype(cfg.dtype), cfg.dropout_rate, k_embed)
     x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
-    return self.stack(x_BTD, segment_mask(segment_ids_BT), k_stack)
+    return self.stack(x_BTD, attention_segments(cfg, segment_ids_BT), k_stack)
 
   def __call__(
     self, inputs_BT, positions_BT, segment_ids_BT, masked_positions_BP, dropout_key=None

@@ -23,7 +23,15 @@ from sslm_jax import tokenizer as tokenizer_lib
 from sslm_jax.data import corpus, masking, permute
 from sslm_jax.data.corpus import DataError
 
-__all__ = ["Data", "DataError", "build", "causal_features", "masked_features", "prepare"]
+__all__ = [
+  "Data",
+  "DataError",
+  "build",
+  "causal_features",
+  "masked_features",
+  "prepare",
+  "size_packing",
+]
 
 CACHE_VERSION = 1
 # Eval rows and eval masks use this fixed seed, so runs with different seeds are compared on the
@@ -187,9 +195,36 @@ class Data:
       self._eval_cache = self._make_eval_batches()
     return iter(self._eval_cache)
 
+  def max_segments_per_row(self, chunk: int = 8192) -> int:
+    """The most documents (whole or cut) that any train or eval row holds."""
+    start, t = _doc_ids(self.config)[0], self.config.data.seq_len
+    most = 1
+    for rows in (self.train_rows, self.eval_rows):
+      for i in range(0, len(rows), chunk):
+        inputs_bT = np.asarray(rows[i : i + chunk, :t])
+        starts_b = (inputs_bT == start).sum(axis=1) + (inputs_bT[:, 0] != start)
+        most = max(most, int(starts_b.max(initial=1)))
+    return most
+
   def sample_texts(self, n: int) -> list[str]:
     """Up to n held-out snippets (the first lines of eval documents) to prompt samples with."""
     return list(self.samples[:n])
+
+
+def size_packing(c: ml_collections.ConfigDict, data: Data) -> None:
+  """Set model.max_segments_per_row for cuDNN's packed attention, which is compiled for a
+  fixed number of documents per row, from the data (or check the user's bound against it)."""
+  if config_lib.attention_impl(c) != "cudnn":
+    return
+  needed, bound = data.max_segments_per_row(), c.model.max_segments_per_row
+  if bound and bound < needed:
+    raise DataError(
+      f"model.max_segments_per_row={bound}, but some rows of the data hold {needed} documents; "
+      f"set it to {needed} or more, or to 0 to measure it on the data."
+    )
+  if not bound:
+    c.model.max_segments_per_row = needed
+    logging.info("cuDNN packed attention: up to %d documents per row.", needed)
 
 
 # ----------------------------------------------------------------------------- cache files
