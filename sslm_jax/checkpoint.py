@@ -46,6 +46,7 @@ RUN_FIELDS = (
   "data.tfds_data_dir",
   "data.mlm_probability",
   "model.dropout_rate",
+  "model.gelu",
   "opt.learning_rate",
   "opt.warmup_steps",
   "opt.decay",

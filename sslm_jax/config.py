@@ -75,6 +75,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.model.attention_impl = (
     "auto"  # auto (cudnn on Hopper+ GPUs for bf16/fp16, else xla) | xla | cudnn
   )
+  c.model.gelu = (
+    "auto"  # auto (tanh for causal_lm like GPT-2, erf for masked_lm like BERT) | tanh | erf
+  )
   # Documents per row that cuDNN's packed layout holds; 0: measured on the data at start.
   c.model.max_segments_per_row = 0
 
@@ -195,6 +198,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     "Use 'auto' or 'xla'.",
   )
   _require(
+    c.model.gelu in GELU_FORMS,
+    f"model.gelu={c.model.gelu!r}: use one of {', '.join(GELU_FORMS)}.",
+  )
+  _require(
     c.model.max_segments_per_row >= 0,
     f"model.max_segments_per_row={c.model.max_segments_per_row}: use 0 (measure on the data) "
     "or a positive bound.",
@@ -274,7 +281,19 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     remat_policy=c.model.remat_policy,
     attention_impl=attention_impl(c),
     max_segments=max(1, c.model.max_segments_per_row),
+    real_vocab_size=c.data.vocab_size,
+    gelu=gelu_form(c),
   )
+
+
+GELU_FORMS = ("auto", "tanh", "erf")
+
+
+def gelu_form(c: ml_collections.ConfigDict) -> str:
+  """'auto' resolved: GPT-2's tanh approximation for causal_lm, BERT's erf for masked_lm."""
+  if c.model.gelu != "auto":
+    return c.model.gelu
+  return "tanh" if c.objective == "causal_lm" else "erf"
 
 
 def attention_impl(c: ml_collections.ConfigDict) -> str:

@@ -29,7 +29,7 @@ class ModelConfig:
   """Static model hyperparameters; hashable so it can be closed over by jit."""
 
   objective: Objective
-  vocab_size: int  # already padded (see config.py)
+  vocab_size: int  # embedding rows, padded to model.vocab_multiple (see config.py)
   max_len: int
   num_layers: int
   num_heads: int
@@ -46,6 +46,13 @@ class ModelConfig:
   attention_impl: str = "xla"  # 'xla' | 'cudnn' (config.attention_impl resolves 'auto')
   # cuDNN's packed layout holds this many documents per row (config.py measures it on the data).
   max_segments: int = 1
+  real_vocab_size: int = 0  # the tokenizer's ids; rows past it are padding, masked in logits
+  gelu: str = "erf"  # 'erf' (BERT) | 'tanh' (GPT-2's approximation, Hugging Face's gelu_new)
+
+  @property
+  def num_ids(self) -> int:
+    """Ids the model may predict: the tokenizer's, never the padding rows."""
+    return self.real_vocab_size or self.vocab_size
 
   @property
   def causal(self) -> bool:
@@ -73,7 +80,9 @@ def dropout(x, rate: float, key):
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def gelu(x):
+def gelu(x, form: str = "erf"):
+  if form == "tanh":
+    return jax.nn.gelu(x, approximate=True)
   # The erf form; jax.nn.gelu(approximate=False) lowers to many more ops on CPU.
   return 0.5 * x * (1.0 + jax.lax.erf(x / math.sqrt(2.0)).astype(x.dtype))
 
@@ -141,6 +150,7 @@ class Attention(nnx.Module):
 
 class Mlp(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
     d, f = cfg.emb_dim, cfg.mlp_dim
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.causal else cfg.init_std
     self.fc = _dense(
@@ -151,7 +161,7 @@ class Mlp(nnx.Module):
     )
 
   def __call__(self, x_BTD):
-    h_BTF = constrain(gelu(self.fc(x_BTD)), ("act_batch", "act_len", "act_mlp"))
+    h_BTF = constrain(gelu(self.fc(x_BTD), self.cfg.gelu), ("act_batch", "act_len", "act_mlp"))
     return self.proj(h_BTF)
 
 
@@ -316,6 +326,18 @@ def _tied_logits(x_BxD, embedding_VD, dtype):
   )
 
 
+# Far below any real logit, yet finite: exp() of it is exactly 0 and p * log p stays 0, not NaN.
+PADDING_LOGIT = -1e9
+
+
+def mask_padding_ids(logits_BxV, cfg: ModelConfig):
+  """Padding rows of the embedding (ids >= the tokenizer's) get PADDING_LOGIT: they take no
+  part in the softmax of the loss, eval, sampling or mask filling."""
+  if cfg.num_ids >= logits_BxV.shape[-1]:
+    return logits_BxV
+  return jnp.where(jnp.arange(logits_BxV.shape[-1]) < cfg.num_ids, logits_BxV, PADDING_LOGIT)
+
+
 class GPT(nnx.Module):
   """GPT-2: learned absolute positions, pre-LN blocks, final LN, tied output embedding."""
 
@@ -339,6 +361,7 @@ class GPT(nnx.Module):
     """Next-token logits [B, T, V] in float32."""
     x_BTD = self.hidden(inputs_BT, positions_BT, segment_ids_BT, dropout_key)
     logits_BTV = _tied_logits(x_BTD, self.token_embed.embedding[...], self.cfg.dtype)
+    logits_BTV = mask_padding_ids(logits_BTV, self.cfg)
     return constrain(logits_BTV, ("act_batch", "act_len", "act_vocab"))
 
 
@@ -346,6 +369,7 @@ class MlmHead(nnx.Module):
   """BERT's prediction head: dense + GELU + LayerNorm, then the tied decoder plus a bias."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
     d = cfg.emb_dim
     self.transform = _dense(
       cfg, "BPD,DE->BPE", (d, d), (d,), ("embed", "mlp"), ("mlp",), std=cfg.init_std, rngs=rngs
@@ -356,8 +380,11 @@ class MlmHead(nnx.Module):
     )
 
   def __call__(self, x_BPD, embedding_VD, dtype):
-    h_BPD = self.norm(gelu(self.transform(x_BPD)))
-    return _tied_logits(h_BPD, embedding_VD, dtype) + self.decoder_bias[...].astype(jnp.float32)
+    h_BPD = self.norm(gelu(self.transform(x_BPD), self.cfg.gelu))
+    logits_BPV = _tied_logits(h_BPD, embedding_VD, dtype) + self.decoder_bias[...].astype(
+      jnp.float32
+    )
+    return mask_padding_ids(logits_BPV, self.cfg)
 
 
 class BERT(nnx.Module):
@@ -391,10 +418,19 @@ class BERT(nnx.Module):
     return self.stack(x_BTD, attention_segments(cfg, segment_ids_BT), k_stack)
 
   def __call__(
-    self, inputs_BT, positions_BT, segment_ids_BT, masked_positions_BP, dropout_key=None
+    self,
+    inputs_BT,
+    positions_BT,
+    segment_ids_BT,
+    masked_positions_BP,
+    dropout_key=None,
+    token_types_BT=None,
   ):
-    """Logits [B, P, V] in float32 at the P gathered (masked) positions only."""
-    x_BTD = self.hidden(inputs_BT, positions_BT, segment_ids_BT, dropout_key)
+    """Logits [B, P, V] in float32 at the P gathered (masked) positions only.
+
+    `token_types_BT` tells the sentences of a pair apart (0 first, 1 second); zeros if None.
+    """
+    x_BTD = self.hidden(inputs_BT, positions_BT, segment_ids_BT, dropout_key, token_types_BT)
     x_BPD = jnp.take_along_axis(x_BTD, masked_positions_BP[..., None], axis=1)
     return self.mlm_head(x_BPD, self.token_embed.embedding[...], self.cfg.dtype)
 

@@ -129,3 +129,58 @@ def test_dropout_depends_on_key_only():
   c = _loss(model, batch, jax.random.key(2))
   assert float(a) == float(b) and float(a) != float(c)
   assert float(_loss(model, batch)) != float(a)
+
+
+def test_padding_rows_of_the_vocabulary_take_no_part_in_the_softmax(objective):
+  """vocab 200 padded to 256 rows: the loss is the 200-way loss, padding ids get no mass."""
+  config = tiny_config(objective)
+  config.data.vocab_size = 200
+  model_cfg = config_lib.model_config(config)
+  assert model_cfg.vocab_size == 256 and model_cfg.num_ids == 200
+  model = model_lib.build(model_cfg, seed=0)
+  # Make the padding rows attractive: unmasked, they would take most of the probability.
+  emb = model.token_embed.embedding
+  emb[...] = emb[...].at[200:].set(emb[...][:200].mean(0) * 50.0)
+  batch = synthetic_batch(config)
+  batch["targets" if objective == "causal_lm" else "masked_targets"] %= 200
+  args = [batch["inputs"] % 200, batch["positions"], batch["segment_ids"]]
+  if objective == "masked_lm":
+    args.append(batch["masked_positions"])
+  logits = np.asarray(model(*args))
+  assert np.all(logits[..., 200:] == model_lib.PADDING_LOGIT)
+  targets = batch["targets"] if objective == "causal_lm" else batch["masked_targets"]
+  real = logits[..., :200].astype(np.float64)
+  log_z = np.log(np.exp(real - real.max(-1, keepdims=True)).sum(-1)) + real.max(-1)
+  nll = log_z - np.take_along_axis(real, targets[..., None], -1)[..., 0]
+  weights = batch["weights"] if objective == "causal_lm" else batch["masked_weights"]
+  want = float((nll * weights).sum() / weights.sum())
+  got = float(_loss(model, {**batch, "inputs": args[0]}))
+  assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_bert_takes_token_types():
+  config = tiny_config("masked_lm")
+  model = model_lib.build(config_lib.model_config(config), seed=0)
+  batch = synthetic_batch(config)
+  args = (batch["inputs"], batch["positions"], batch["segment_ids"], batch["masked_positions"])
+  default = np.asarray(model(*args))
+  zeros = np.asarray(model(*args, token_types_BT=np.zeros_like(batch["inputs"])))
+  np.testing.assert_array_equal(default, zeros)
+  pair = np.zeros_like(batch["inputs"])
+  pair[:, batch["inputs"].shape[1] // 2 :] = 1
+  assert not np.allclose(np.asarray(model(*args, token_types_BT=pair)), default, atol=1e-4)
+
+
+@pytest.mark.parametrize("form", ["erf", "tanh"])
+def test_gelu_forms(form):
+  x = np.linspace(-4, 4, 81, dtype=np.float32)
+  got = np.asarray(model_lib.gelu(jnp.asarray(x), form))
+  from math import erf, sqrt
+
+  if form == "erf":
+    want = 0.5 * x * (1 + np.vectorize(erf)(x / sqrt(2.0)))
+  else:
+    want = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert config_lib.gelu_form(tiny_config("causal_lm")) == "tanh"
+  assert config_lib.gelu_form(tiny_config("masked_lm")) == "erf"

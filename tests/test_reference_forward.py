@@ -40,9 +40,15 @@ def _ln(x, p, eps):
 
 
 def _gelu(x):
+  """BERT's exact GELU: x Phi(x)."""
   from math import erf, sqrt
 
   return 0.5 * x * (1.0 + np.vectorize(erf)(x / sqrt(2.0)))
+
+
+def _gelu_tanh(x):
+  """GPT-2's approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+  return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
 
 def _attention(x, p, segments, causal):
@@ -62,8 +68,8 @@ def _attention(x, p, segments, causal):
   return np.einsum("bnth,nhd->btd", heads, p["out"]["kernel"]) + p["out"]["bias"]
 
 
-def _mlp(x, p):
-  return _gelu(x @ p["fc"]["kernel"] + p["fc"]["bias"]) @ p["proj"]["kernel"] + p["proj"]["bias"]
+def _mlp(x, p, act=_gelu):
+  return act(x @ p["fc"]["kernel"] + p["fc"]["bias"]) @ p["proj"]["kernel"] + p["proj"]["bias"]
 
 
 def _layer(blocks, i):
@@ -71,13 +77,14 @@ def _layer(blocks, i):
 
 
 def gpt2_logits(p, tokens, positions, segments, num_layers, eps=1e-5):
-  """GPT-2: x = wte + wpe; per layer x += attn(ln_1(x)); x += mlp(ln_2(x)); ln_f; x wte^T."""
+  """GPT-2: x = wte + wpe; per layer x += attn(ln_1(x)); x += mlp(ln_2(x)); ln_f; x wte^T.
+  The MLP's GELU is the tanh approximation, as in GPT-2."""
   wte = np.asarray(p["token_embed"]["embedding"], np.float64)
   x = wte[tokens] + np.asarray(p["position_embed"]["embedding"], np.float64)[positions]
   for i in range(num_layers):
     b = _layer(p["stack"]["blocks"], i)
     x = x + _attention(_ln(x, b["attention_norm"], eps), b["attention"], segments, True)
-    x = x + _mlp(_ln(x, b["mlp_norm"], eps), b["mlp"])
+    x = x + _mlp(_ln(x, b["mlp_norm"], eps), b["mlp"], _gelu_tanh)
   final = jax.tree.map(lambda a: np.asarray(a, np.float64), p["final_norm"])
   return _ln(x, final, eps) @ wte.T
 
