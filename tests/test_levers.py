@@ -111,13 +111,19 @@ def test_bfloat16_compute_trains(objective):
 
 
 @pytest.mark.parametrize(
-  "backend, dtype, expected",
-  [("cpu", "bfloat16", "xla"), ("gpu", "float32", "xla"), ("gpu", "bfloat16", "cudnn")],
+  "backend, capability, dtype, expected",
+  [
+    ("cpu", (0,), "bfloat16", "xla"),
+    ("gpu", (9, 0), "float32", "xla"),
+    ("gpu", (9, 0), "bfloat16", "cudnn"),
+    ("gpu", (8, 0), "bfloat16", "xla"),  # packed lengths/offsets need Hopper
+  ],
 )
-def test_auto_attention_takes_cudnn_only_on_gpu_in_half_precision(
-  monkeypatch, backend, dtype, expected
+def test_auto_attention_takes_cudnn_only_on_hopper_gpus_in_half_precision(
+  monkeypatch, backend, capability, dtype, expected
 ):
   monkeypatch.setattr(config_lib.jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(config_lib, "_gpu_capability", lambda: capability)
   config = tiny_config("causal_lm")
   config.model.dtype = dtype
   assert config_lib.model_config(config).attention_impl == expected
