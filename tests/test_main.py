@@ -133,3 +133,26 @@ def test_unwritable_workdir_is_a_clear_error(tmp_path):
   assert result.returncode == 2
   assert "is not writable" in result.stderr and "Traceback" not in result.stderr
   assert blocker.read_text() == "not a directory"
+
+
+def test_start_up_keeps_warnings_and_drops_backend_probing_info():
+  """JAX's INFO line about a missing libtpu and Orbax's INFO chatter never reach the log."""
+  script = (
+    "import sslm_jax.main as m\n"
+    "from absl import app, logging\n"
+    "def run(argv):\n"
+    "  logging.set_verbosity(logging.INFO)\n"
+    "  m._quiet_library_info()\n"
+    "  logging.info(\"Unable to initialize backend 'tpu': ... libtpu.so\")\n"
+    "  logging.info('an ordinary info line')\n"
+    "  logging.warning('Unable to initialize backend, as a warning')\n"
+    "app.run(run, argv=['x', '--config=configs/gpt_tiny.py', '--workdir=unused'])\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
+  assert "libtpu.so" not in result.stderr
+  assert "an ordinary info line" in result.stderr
+  assert "as a warning" in result.stderr
