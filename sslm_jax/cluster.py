@@ -34,6 +34,23 @@ WATCH_PERIOD_S = 2.0
 _LEAVE_TIMEOUT_S = 60
 
 
+def skip_tpu_without_chips() -> None:
+  """Keep JAX from starting libtpu on a host without TPU chips.
+
+  With the `libtpu` wheel installed (the test extra brings it for the TPU plans), JAX tries the
+  TPU backend first wherever it runs, and libtpu prints lines about TPU hosts and workers before
+  it fails, ahead of everything the run has to say. Call before JAX starts its backends; an
+  explicit JAX_PLATFORMS is left alone.
+  """
+  from jax._src import hardware_utils, xla_bridge
+
+  if os.environ.get("JAX_PLATFORMS") or jax.config.jax_platforms:
+    return
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+    return
+  xla_bridge._backend_factories.pop("tpu", None)
+
+
 def _has_kubernetes_client() -> bool:
   return importlib.util.find_spec("kubernetes") is not None
 

@@ -333,6 +333,7 @@ def main(argv):
   from sslm_jax.data import pipeline
 
   _quiet_library_info()
+  cluster.skip_tpu_without_chips()
   try:
     config_lib.request_determinism(FLAGS.config)  # XLA reads its flags when the backend starts
     initialize_distributed()

@@ -221,3 +221,31 @@ def test_the_resume_hint_names_the_newest_finished_checkpoint(tmp_path):
   for name in ("5", "10", "15.orbax-checkpoint-tmp-123"):
     (tmp_path / name).mkdir()
   assert f"checkpoint at step 10 in {tmp_path}." in cluster.resume_hint(str(tmp_path))
+
+
+def test_libtpu_is_not_started_on_a_host_without_tpu_chips():
+  """With libtpu installed (the test extra brings it), JAX would start it anyway and libtpu would
+  print lines about TPU workers before failing; the trainer's commands skip it."""
+  import importlib.util
+  import os
+  import subprocess
+  import sys
+
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed here: nothing to skip")
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+    pytest.skip("this host has TPU chips")
+  script = (
+    "from sslm_jax import cluster\n"
+    "cluster.skip_tpu_without_chips()\n"
+    "import jax\n"
+    "print(jax.default_backend())\n"
+  )
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  result = subprocess.run(
+    [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["cpu"]
+  for noise in ("TPU_WORKER_HOSTNAMES", "libtpu", "InitGoogle", "accelerator type"):
+    assert noise not in result.stderr, result.stderr
