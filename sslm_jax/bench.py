@@ -1,6 +1,7 @@
 """Train-step throughput and MFU of one config, with the training code's own step.
 
   python -m sslm_jax.bench --config=configs/gpt_base.py --steps=20 [--data=synthetic|real]
+  python -m sslm_jax.bench --mode=generate [--gen_shape=gpt2_small|tiny] [--gen_batch_sizes=1,8]
 
 Compiles the step, runs --warmup_steps untimed and --steps timed steps (each waited for), and
 prints as its last stdout line one JSON object: tokens_per_sec and step_time_s (from the median
@@ -9,6 +10,12 @@ device (a vendor table; on CPU a GEMM measured in this run, per host) and where 
 from, the devices, compute dtype and peak memory per device. Synthetic
 data never imports TensorFlow; --data=real reads the training pipeline (needs --workdir) and
 also reports input_wait_fraction, the share of loop time spent waiting for the next batch.
+
+--mode=generate times greedy KV-cache generation (sslm_jax/decode.py) of exactly --gen_new_tokens
+after a --gen_prompt_len prompt, with random weights, against Hugging Face's GPT2LMHeadModel
+.generate of the same shape in the same run (needs torch and transformers, the test extra).
+Compiling and one warm-up run per batch size are untimed; it reports the median of --gen_repeats
+alternating runs as new tokens/s for both and the ratio ours/HF per batch size.
 """
 
 from __future__ import annotations
@@ -34,7 +41,17 @@ flags.DEFINE_integer("steps", 10, "Timed train steps.", lower_bound=1)
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compiling.", lower_bound=0)
 flags.DEFINE_enum("data", "synthetic", ["synthetic", "real"], "Random batches or the pipeline.")
 flags.DEFINE_string("workdir", None, "Run directory holding the data cache (for --data=real).")
-flags.mark_flags_as_required(["config"])
+flags.DEFINE_enum("mode", "train", ["train", "generate"], "Time the train step or generation.")
+flags.DEFINE_enum("gen_shape", "gpt2_small", ["gpt2_small", "tiny"], "Model for --mode=generate.")
+flags.DEFINE_list("gen_batch_sizes", ["1", "8"], "Batch sizes timed by --mode=generate.")
+flags.DEFINE_integer("gen_prompt_len", 64, "Prompt tokens per row for --mode=generate.")
+flags.DEFINE_integer("gen_new_tokens", 128, "New tokens per row for --mode=generate.")
+flags.DEFINE_integer("gen_repeats", 3, "Timed runs per batch size (median reported).")
+flags.register_multi_flags_validator(
+  ["config", "mode"],
+  lambda f: f["config"] is not None or f["mode"] != "train",
+  "--config is required unless --mode=generate.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -157,11 +174,88 @@ def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -
   return record
 
 
+# (layers, width, heads, MLP width, vocabulary): GPT-2 small with an 8k vocabulary, and a toy.
+GEN_SHAPES = {"gpt2_small": (12, 768, 12, 3072, 8192), "tiny": (2, 32, 2, 64, 128)}
+
+
+def _median_seconds(fns, repeats: int) -> list[float]:
+  """Median wall time of each of `fns`, run alternately (on a shared machine the load drifts;
+  alternating exposes both to it alike). One untimed run each first: compiling, warming up."""
+  for fn in fns:
+    fn()
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, fn_times in zip(fns, times, strict=True):
+      t0 = time.perf_counter()
+      fn()
+      fn_times.append(time.perf_counter() - t0)
+  return [statistics.median(t) for t in times]
+
+
+def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens: int,
+                 repeats: int) -> dict:  # fmt: skip
+  """Greedy generation tokens/s, ours (decode.generate) against Hugging Face's, same shape."""
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    raise UsageError(f"--mode=generate compares with Hugging Face and needs torch and "
+                     f"transformers (pip install -e '.[test]'): {e}") from e  # fmt: skip
+  from sslm_jax import decode
+  from sslm_jax import model as model_lib
+
+  layers, width, heads, mlp, vocab = GEN_SHAPES[shape]
+  max_len = decode.bucket(prompt_len + new_tokens)
+  cfg = model_lib.ModelConfig(
+    objective="causal_lm", vocab_size=vocab, max_len=max_len, num_layers=layers,
+    num_heads=heads, emb_dim=width, mlp_dim=mlp, gelu="tanh", scan_layers=False,
+  )  # fmt: skip
+  ours = model_lib.build(cfg, seed=0)
+  hf_config = transformers.GPT2Config(
+    vocab_size=vocab, n_positions=max_len, n_embd=width, n_layer=layers, n_head=heads,
+    n_inner=mlp, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+  )  # fmt: skip
+  torch.manual_seed(0)
+  hf = transformers.GPT2LMHeadModel(hf_config).eval()
+  rng = np.random.default_rng(0)
+  record = {"shape": dict(zip(("layers", "width", "heads", "mlp", "vocab"), GEN_SHAPES[shape],
+                              strict=True)),
+            "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
+            "torch_threads": torch.get_num_threads(), "devices": jax.device_count()}  # fmt: skip
+  for b in batch_sizes:
+    prompts = rng.integers(1, vocab, (b, prompt_len))
+
+    def ours_run(prompts=prompts):
+      out = decode.generate(ours, prompts.tolist(), max_new_tokens=new_tokens, temperature=0,
+                            eos_id=-1)  # fmt: skip
+      assert all(len(row) == new_tokens for row in out)
+
+    def hf_run(prompts=prompts, b=b):
+      with torch.no_grad():
+        out = hf.generate(
+          torch.as_tensor(prompts), attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+          use_cache=True, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        )  # fmt: skip
+      assert out.shape == (b, prompt_len + new_tokens)
+
+    ours_s, hf_s = _median_seconds([ours_run, hf_run], repeats)
+    ours_tps, hf_tps = b * new_tokens / ours_s, b * new_tokens / hf_s
+    record[f"batch_{b}"] = {"ours_tokens_per_sec": ours_tps, "hf_tokens_per_sec": hf_tps,
+                            "ratio_ours_over_hf": ours_tps / hf_tps}  # fmt: skip
+  return record
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    record = run(FLAGS.config, FLAGS.steps, FLAGS.warmup_steps, FLAGS.data, FLAGS.workdir)
+    if FLAGS.mode == "generate":
+      record = run_generate(
+        FLAGS.gen_shape, [int(b) for b in FLAGS.gen_batch_sizes], FLAGS.gen_prompt_len,
+        FLAGS.gen_new_tokens, FLAGS.gen_repeats,
+      )  # fmt: skip
+    else:
+      record = run(FLAGS.config, FLAGS.steps, FLAGS.warmup_steps, FLAGS.data, FLAGS.workdir)
   except (UsageError, config_lib.ConfigError, sharding.MeshError) as e:
     print(f"sslm_jax.bench: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -43,6 +43,10 @@ def defaults() -> ml_collections.ConfigDict:
   # repeats an uninterrupted one bit for bit; slower (scatters serialize, no autotuning choice).
   # CPU and TPU steps are deterministic without it.
   c.deterministic = False
+  # A local Hugging Face GPT2LMHeadModel / BertForMaskedLM directory (config.json and
+  # model.safetensors) whose weights start the run instead of random ones; its shape must match
+  # the model fields (mismatches are named). Ignored when resuming from a checkpoint.
+  c.init_from_hf = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "builtin"  # 'builtin' | 'text' | 'tfds'
@@ -57,7 +61,8 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.tfds_data_dir = ""
   c.data.seq_len = 128
   c.data.vocab_size = 8192
-  c.data.tokenizer_path = ""  # an existing sentencepiece model; else one is trained
+  # A sentencepiece .model or a Hugging Face tokenizer.json; empty: one is trained.
+  c.data.tokenizer_path = ""
   c.data.tokenizer_sample_bytes = 20_000_000
   c.data.mlm_probability = 0.15
 
@@ -210,6 +215,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
     not c.compiler_options or "=" in c.compiler_options.split(",")[0],
     f"compiler_options={c.compiler_options!r}: use 'name=value,name=value' (or '' for none).",
   )
+  _require(
+    isinstance(c.init_from_hf, str),
+    f"init_from_hf={c.init_from_hf!r} must be a directory path (or '' for random init).",
+  )
+  if c.init_from_hf and os.path.isdir(c.init_from_hf):
+    from sslm_jax import hf  # imports this module; a missing directory is reported at step 0
+
+    hf.check_dir(c.init_from_hf, c)
   _require(
     c.opt.decay in ("cosine", "linear", "constant"),
     f"opt.decay={c.opt.decay!r}: use 'cosine', 'linear' or 'constant'.",

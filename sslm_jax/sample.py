@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from sslm_jax import decode
 from sslm_jax import tokenizer as tok
+
+# Never sampled: every special id but EOS, which ends a sample.
+BANNED_IDS = (tok.PAD_ID, tok.UNK_ID, tok.BOS_ID, tok.MASK_ID, tok.CLS_ID, tok.SEP_ID)
 
 
 def fit_prompt(prompt_ids: list[int], max_len: int, max_new_tokens: int) -> tuple[list[int], int]:
@@ -23,51 +25,6 @@ def fit_prompt(prompt_ids: list[int], max_len: int, max_new_tokens: int) -> tupl
     return list(prompt_ids), max_len - len(prompt_ids)
   tail = max_len - room - 1
   return prompt_ids[:1] + (prompt_ids[len(prompt_ids) - tail :] if tail > 0 else []), room
-
-
-def generate(
-  model,
-  prompt_ids: list[int],
-  *,
-  vocab_size: int,
-  max_new_tokens: int,
-  temperature=0.8,
-  top_k=40,
-  seed=0,
-):
-  """Top-k sampling over the real vocabulary (never a padding row) after a prompt that fits.
-
-  Each new token re-runs the fixed-size window (short samples need no cache). The prompt must
-  fit with room for one token (see fit_prompt).
-  """
-  max_new_tokens = min(max_new_tokens, model.cfg.max_len - len(prompt_ids))
-  if max_new_tokens < 1:
-    raise ValueError(f"a prompt of {len(prompt_ids)} tokens leaves no room in {model.cfg.max_len}.")
-  window = len(prompt_ids) + max_new_tokens
-  ids_1W = np.zeros((1, window), np.int32)
-  ids_1W[0, : len(prompt_ids)] = prompt_ids
-  positions_1W = np.arange(window, dtype=np.int32)[None]
-  segments_1W = np.ones((1, window), np.int32)
-  top_k = min(top_k, vocab_size)
-
-  graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def next_token(params, ids_1W, index, key):
-    logits_V = nnx.merge(graphdef, params)(ids_1W, positions_1W, segments_1W)[0, index - 1]
-    top_logits_K, top_ids_K = jax.lax.top_k(logits_V[:vocab_size], top_k)
-    choice = jax.random.categorical(key, top_logits_K / temperature)
-    return top_ids_K[choice]
-
-  key = jax.random.key(seed)
-  n = len(prompt_ids)
-  for i in range(max_new_tokens):
-    token = int(next_token(params, jnp.asarray(ids_1W), n, jax.random.fold_in(key, i)))
-    if token == tok.EOS_ID:
-      break
-    ids_1W[0, n] = token
-    n += 1
-  return ids_1W[0, len(prompt_ids) : n].tolist()
 
 
 def fill_mask(
@@ -93,7 +50,11 @@ def show(model, tokenizer: tok.Tokenizer, texts: list[str]) -> list[str]:
       prompt, room = fit_prompt(
         [tok.BOS_ID] + ids[: min(len(ids) // 2, 24)], model.cfg.max_len, max_new_tokens=32
       )
-      new = generate(model, prompt, vocab_size=tokenizer.vocab_size, max_new_tokens=room)
+      (new,) = decode.generate(
+        model, [prompt], max_new_tokens=room, temperature=0.8, top_k=40, eos_id=tok.EOS_ID,
+        banned_ids=BANNED_IDS,
+      )  # fmt: skip
+      new = new[:-1] if new and new[-1] == tok.EOS_ID else new
       # Decode together so the first new piece keeps its leading space.
       shown = tokenizer.decode(prompt)
       continuation = tokenizer.decode(prompt + new)[len(shown) :]

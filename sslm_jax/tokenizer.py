@@ -20,6 +20,7 @@ from etils import epath
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID = 0, 1, 2, 3, 4, 5, 6
 NUM_SPECIAL = 7
+SPECIAL_IDS = frozenset(range(NUM_SPECIAL))
 # Control symbols (not user-defined ones): a literal "[CLS]" in the corpus must stay ordinary text,
 # or it would fake a document boundary or a mask.
 CONTROL_SYMBOLS = ("[MASK]", "[CLS]", "[SEP]")  # at ids MASK_ID, CLS_ID, SEP_ID
@@ -38,7 +39,15 @@ class TokenizerError(ValueError):
 
 
 class Tokenizer:
-  """A loaded SentencePiece model plus the facts the data pipeline and metrics need."""
+  """A loaded SentencePiece model plus the facts the data pipeline and metrics need.
+
+  The special ids are attributes (as on `hf_tokenizer.HFTokenizer`, which the pipeline can use
+  instead); here they are always the module constants.
+  """
+
+  pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+  mask_id, cls_id, sep_id = MASK_ID, CLS_ID, SEP_ID
+  special_ids = SPECIAL_IDS
 
   def __init__(self, model_proto: bytes, path: str):
     self.path = str(path)
@@ -127,14 +136,21 @@ def _check_layout(tok: Tokenizer) -> None:
     )
 
 
-def load(path: str) -> Tokenizer:
-  """Load and validate a SentencePiece model from a local or remote path."""
+def load(path: str):
+  """Load and validate a SentencePiece model from a local or remote path.
+
+  A Hugging Face tokenizer.json (a path ending in .json) loads as `hf_tokenizer.HFTokenizer`.
+  """
   p = epath.Path(path)
   if not p.exists():
     raise TokenizerError(
       f"tokenizer file {path} does not exist; fix data.tokenizer_path or leave it empty to "
       "train one."
     )
+  if str(path).endswith(".json"):
+    from sslm_jax import hf_tokenizer  # it imports this module
+
+    return hf_tokenizer.load(str(path))
   tok = Tokenizer(p.read_bytes(), str(path))
   _check_layout(tok)
   return tok

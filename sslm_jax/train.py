@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from sslm_jax import (
   checkpoint,
   flops,
+  hf,
   metrics,
   objectives,
   optim,
@@ -233,8 +234,14 @@ def init_or_restore(config, mesh, workdir: str, fingerprint: dict, allow_changes
   )
   latest = ckpt.latest_step()
   if latest is None:
-    state, spec = train_state.create(model_cfg, config.seed, tx, mesh, rules)
+    initial = None
+    if config.init_from_hf:
+      initial = hf.load_params(config.init_from_hf, config)
+      logging.info("Starting from the Hugging Face weights in %s", config.init_from_hf)
+    state, spec = train_state.create(model_cfg, config.seed, tx, mesh, rules, initial)
     return state, spec, tx, ckpt
+  if config.init_from_hf:
+    logging.info("init_from_hf=%s ignored: resuming from a checkpoint.", config.init_from_hf)
   saved = ckpt.read_meta(latest)["fingerprint"]
   checkpoint.check_fingerprint(saved, fingerprint, workdir, allow_changes)
   spec = train_state.state_spec(model_cfg, config.seed, tx, mesh, rules)

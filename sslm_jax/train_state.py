@@ -7,6 +7,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import PartitionSpec
@@ -69,12 +70,35 @@ def state_spec(model_cfg, seed, tx, mesh, rules) -> StateSpec:
   return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings)
 
 
-def create(model_cfg, seed, tx, mesh, rules) -> tuple[TrainState, StateSpec]:
-  """A freshly initialised state, each leaf created directly in its shards."""
+def create(model_cfg, seed, tx, mesh, rules, initial_params=None) -> tuple[TrainState, StateSpec]:
+  """A freshly initialised state, each leaf created directly in its shards.
+
+  `initial_params` (a pure dict of host arrays, as hf.load_params returns) replaces the random
+  parameters; each process places only its own shards of them.
+  """
   spec = state_spec(model_cfg, seed, tx, mesh, rules)
   with sharding.activate(mesh, rules):
-    state = jax.jit(_init_fn(model_cfg, seed, tx), out_shardings=spec.shardings)()
+    if initial_params is None:
+      state = jax.jit(_init_fn(model_cfg, seed, tx), out_shardings=spec.shardings)()
+    else:
+      state = _state_from(initial_params, spec, tx)
   return state, spec
+
+
+def _state_from(initial_params: dict, spec: StateSpec, tx) -> TrainState:
+  def place(abstract, host):
+    host = np.asarray(host, abstract.dtype)
+    return jax.make_array_from_callback(abstract.shape, abstract.sharding, lambda i: host[i])
+
+  params = jax.tree.map(lambda a: a, spec.abstract.params)  # a copy, filled in below
+  nnx.replace_by_pure_dict(
+    params, jax.tree.map(place, nnx.to_pure_dict(spec.abstract.params), initial_params)
+  )
+
+  def init(params) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=spec.shardings)(params)
 
 
 def bytes_per_device(tree) -> int:

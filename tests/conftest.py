@@ -11,6 +11,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
+import importlib.util  # noqa: E402
+
+# Triton (loaded by transformers' GPT-2 through torch) crashes the process when it is loaded after
+# TensorFlow; loaded first, both work.
+if importlib.util.find_spec("triton") is not None:
+  import triton  # noqa: E402, F401
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

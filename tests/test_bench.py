@@ -173,3 +173,49 @@ def test_bench_runs_without_tensorflow(config_file):
   assert record["attention_impl"] == "xla"  # auto picks cuDNN on GPUs only
   assert record["per_device_memory_bytes"] > 0
   assert "input_wait_fraction" not in record
+
+
+@pytest.mark.slow
+def test_generate_mode_reports_ours_and_hugging_face_tokens_per_sec():
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  args = [
+    "--mode=generate",
+    "--gen_shape=tiny",
+    "--gen_batch_sizes=1,2",
+    "--gen_prompt_len=5",
+    "--gen_new_tokens=6",
+    "--gen_repeats=1",
+  ]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run(
+    [sys.executable, "-c", RUNNER, *args],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+    env=env,
+  )
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+  assert "tensorflow modules: []" in result.stderr
+  record = json.loads(result.stdout.strip().splitlines()[-1])
+  assert record["new_tokens"] == 6 and record["shape"]["layers"] == 2
+  for b in (1, 2):
+    row = record[f"batch_{b}"]
+    assert row["ours_tokens_per_sec"] > 0 and row["hf_tokens_per_sec"] > 0
+    assert row["ratio_ours_over_hf"] == pytest.approx(
+      row["ours_tokens_per_sec"] / row["hf_tokens_per_sec"]
+    )
+
+
+def test_train_mode_still_requires_a_config():
+  result = subprocess.run(
+    [sys.executable, "-m", "sslm_jax.bench"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+  assert result.returncode != 0
+  assert "--config is required unless --mode=generate" in result.stderr

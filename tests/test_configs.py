@@ -3,7 +3,6 @@ import importlib.util
 import json
 import os
 import re
-import tempfile
 from unittest import mock
 
 import jax
@@ -108,15 +107,14 @@ def _documented_overrides(path) -> dict:
   return dict(re.findall(r"--config\.([\w.]+)=(\S+)", doc))
 
 
-def _declared_splits(name: str) -> set[str]:
-  """The splits a TFDS dataset's own builder code generates, found offline.
+def _declared_splits(name: str, tmp: str) -> set[str]:
+  """The splits a TFDS dataset's own builder code generates, found offline (files go in `tmp`).
 
   Each download is answered with a local file shaped like a finished Wikipedia dump index (the
   only download a split generator of our configs' datasets reads); nothing is fetched.
   """
   import tensorflow_datasets as tfds
 
-  tmp = tempfile.mkdtemp()
   info = os.path.join(tmp, "dumpstatus.json")
   with open(info, "w") as f:
     json.dump({"jobs": {"articlesmultistreamdump": {"status": "done", "files": {}}}}, f)
@@ -132,12 +130,12 @@ def _declared_splits(name: str) -> set[str]:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
-def test_documented_tfds_splits_exist(path):
+def test_documented_tfds_splits_exist(path, tmp_path):
   overrides = _documented_overrides(path)
   if overrides.get("data.source") != "tfds":
     return
   config = _load(path)
-  declared = _declared_splits(overrides["data.tfds_name"])
+  declared = _declared_splits(overrides["data.tfds_name"], str(tmp_path))
   for split in (config.data.tfds_train_split, config.data.tfds_eval_split):
     assert split.split("[")[0] in declared, (path, split, declared)
 

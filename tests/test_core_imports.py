@@ -19,6 +19,10 @@ CORE = [
   "sslm_jax.cluster",
   "sslm_jax.topology",
   "sslm_jax.plan",
+  "sslm_jax.api",
+  "sslm_jax.decode",
+  "sslm_jax.hf",
+  "sslm_jax.hf_tokenizer",
 ]
 
 

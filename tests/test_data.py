@@ -438,3 +438,106 @@ def test_an_enormous_line_is_read_in_bounded_pieces(tmp_path, monkeypatch):
   assert len(pieces) >= 14 and all(len(p.encode()) <= 1000 for p in pieces)
   assert "".join(pieces) == line
   assert not any(bad for _, _, bad in docs)
+
+
+# ----------------------------------------------------------------------------- tokenizer.json
+
+
+def test_masking_with_scattered_special_ids():
+  """BERT's special ids (0, 100-103) are never chosen and never drawn as random replacements."""
+  specials = {0, 100, 101, 102, 103}
+  rng = np.random.default_rng(2)
+  rows = rng.integers(0, 200, size=(400, 64))
+  out = masking.mask_tokens(
+    rows,
+    np.arange(400),
+    seed=0,
+    mlm_probability=0.3,
+    num_predictions=30,
+    vocab_size=200,
+    mask_id=103,
+    special_ids=specials,
+  )
+  w = out["masked_weights"].astype(bool)
+  assert not np.isin(out["masked_targets"][w], list(specials)).any()
+  new = out["inputs"][np.arange(400)[:, None], out["masked_positions"]][w]
+  random_ids = new[(new != 103) & (new != out["masked_targets"][w])]
+  assert not np.isin(random_ids, list(specials)).any()
+  assert (random_ids < 100).any() and (random_ids > 103).any()
+
+
+def test_masking_random_ids_keep_the_sentencepiece_formula():
+  """With our ids 0-6 the random replacements are 7 + floor(u * (vocab - 7)), as they were
+  before special ids became a set: masked batches of existing runs do not change."""
+  rows = np.random.default_rng(3).integers(7, 300, size=(64, 32))
+  out = mask(rows, np.arange(64), vocab=300, p=0.5)
+  u = masking.uniforms(0, np.arange(64), out["masked_positions"], masking._STREAM_REPLACE)
+  expected = 7 + (u * 293).astype(np.int64)
+  new = out["inputs"][np.arange(64)[:, None], out["masked_positions"]]
+  w = out["masked_weights"].astype(bool)
+  is_random = w & (new != MASK) & (new != out["masked_targets"])
+  assert is_random.sum() > 50
+  np.testing.assert_array_equal(new[is_random], expected[is_random])
+
+
+def _hf_config(text_files, tmp_path, objective, style):
+  from test_hf_tokenizer import bert_style_json, gpt2_style_json
+
+  rng = random.Random(5)
+  texts = [words(rng, 40) for _ in range(200)]
+  make = gpt2_style_json if style == "gpt2" else bert_style_json
+  path = make(tmp_path / f"{style}.json", texts)
+  tok = tokenizer_lib.load(path)
+  return make_config(text_files, objective, tokenizer_path=path, vocab_size=tok.vocab_size), tok
+
+
+def test_gpt2_style_tokenizer_json_packs_one_separator_per_document(text_files, tmp_path):
+  c, tok = _hf_config(text_files, tmp_path, "causal_lm", "gpt2")
+  end = tok.eos_id
+  workdir = str(tmp_path / "w")
+  pipeline.prepare(c, workdir)
+  data = pipeline.build(c, workdir)
+  docs = list(corpus.documents(c, "train", corpus.DecodeStats()))
+  meta = json.loads((tmp_path / "w" / "data" / "meta.json").read_text())
+  assert meta["train"]["tokens"] == sum(len(ids) + 1 for ids in tok.encode_batch(docs))
+  rows = np.asarray(data.train_rows).astype(np.int64)
+  assert not ((rows[:, :-1] == end) & (rows[:, 1:] == end)).any()
+  # Documents read back whole between two separators.
+  stream = np.concatenate([np.asarray(data.train_rows[i]) for i in range(data.num_train_rows)])
+  cuts = np.flatnonzero(stream == end)
+  whole = [tok.decode(stream[a + 1 : b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+  assert len(whole) > 10 and set(whole) <= set(docs)
+  batch = data.batch_for_step(0)
+  assert (batch["weights"] == 1).all(), "the separator target ends a document and is learned"
+  starts = batch["inputs"] == end
+  assert (batch["positions"][starts] == 0).all()
+  ev = next(data.eval_batches())
+  np.testing.assert_array_equal(ev["target_bytes"], tok.token_bytes()[ev["targets"]])
+
+
+def test_bert_style_tokenizer_json_masks_with_its_own_ids(text_files, tmp_path):
+  c, tok = _hf_config(text_files, tmp_path, "masked_lm", "bert")
+  workdir = str(tmp_path / "w")
+  pipeline.prepare(c, workdir)
+  data = pipeline.build(c, workdir)
+  rows = np.asarray(data.train_rows).astype(np.int64)
+  assert (rows == tok.cls_id).any() and (rows == tok.sep_id).any()
+  assert not np.isin(rows, [0, 1, 2, 3, 4, 5, 6]).all(axis=1).any()
+  specials = sorted(tok.special_ids)
+  for step in range(5):
+    batch = data.batch_for_step(step)
+    assert (batch["positions"][batch["inputs"] == tok.cls_id] == 0).all()
+    w = batch["masked_weights"].astype(bool)
+    assert not np.isin(batch["masked_targets"][w], specials).any()
+    new = batch["inputs"][np.arange(len(w))[:, None], batch["masked_positions"]][w]
+    assert (new == tok.mask_id).mean() > 0.5
+    assert not np.isin(new[new != tok.mask_id], specials).any()
+
+
+def test_tokenizer_json_without_the_objectives_special_tokens(text_files, tmp_path):
+  c, _ = _hf_config(text_files, tmp_path, "causal_lm", "bert")
+  with pytest.raises(DataError, match=r"no special token for \['bos_id', 'eos_id'\]"):
+    pipeline.prepare(c, str(tmp_path / "w"))
+  c, _ = _hf_config(text_files, tmp_path, "masked_lm", "gpt2")
+  with pytest.raises(DataError, match=r"\['cls_id', 'sep_id', 'mask_id'\].*masked_lm"):
+    pipeline.prepare(c, str(tmp_path / "w"))

@@ -6,11 +6,20 @@ from conftest import tiny_config
 from test_tokenizer import VOCAB, corpus_texts
 
 from sslm_jax import config as config_lib
+from sslm_jax import decode, sample
 from sslm_jax import model as model_lib
-from sslm_jax import sample
 from sslm_jax import tokenizer as tokenizer_lib
 
 BOS = tokenizer_lib.BOS_ID
+
+
+def _generate(model, prompt, max_new_tokens):
+  """Sampled as sample.show samples."""
+  (new,) = decode.generate(
+    model, [prompt], max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
+    eos_id=tokenizer_lib.EOS_ID, banned_ids=sample.BANNED_IDS,
+  )  # fmt: skip
+  return new
 
 
 @pytest.fixture(scope="module")
@@ -71,17 +80,17 @@ def test_generation_sees_the_whole_prompt_in_a_short_window(tok):
   prompt, room = sample.fit_prompt([BOS] + ids[: min(len(ids) // 2, 24)], 32, 32)
   assert prompt[0] == BOS and len(prompt) > 1 and room >= 1
   assert f"prompt: {tok.decode(prompt)!r}" in line
-  new = sample.generate(model, prompt, vocab_size=VOCAB, max_new_tokens=room)
+  new = _generate(model, prompt, room)
   assert len(prompt) + len(new) <= 32
   # The prompt conditions the sample: another prompt of the same length gives another sample.
   other = [BOS] + [(i * 7) % (VOCAB - 7) + 7 for i in prompt[1:]]
-  assert sample.generate(model, other, vocab_size=VOCAB, max_new_tokens=room) != new
+  assert _generate(model, other, room) != new
 
 
 def test_samples_never_return_vocabulary_padding_ids(tok):
   gpt = _model("causal_lm", seq_len=32)
   _favour_padding_rows(gpt)
-  new = sample.generate(gpt, [BOS, 10, 11, 12], vocab_size=VOCAB, max_new_tokens=8)
+  new = _generate(gpt, [BOS, 10, 11, 12], 8)
   assert new and max(new) < VOCAB
   bert = _model("masked_lm", seq_len=32)
   _favour_padding_rows(bert)

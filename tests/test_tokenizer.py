@@ -134,3 +134,23 @@ def test_target_bytes_count_exactly_the_text(tok):
   assert (counted[targets == tokenizer_lib.EOS_ID] == 0).all()
   # Without the correction each document would add one phantom byte.
   assert int(tok.token_bytes()[targets].sum()) == expected + len(docs)
+
+
+def test_special_ids_as_attributes(tok):
+  """The pipeline reads special ids from the tokenizer; ours are the module constants."""
+  got = (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id, tok.mask_id, tok.cls_id, tok.sep_id)
+  assert (
+    got
+    == tuple(range(7))
+    == (
+      tokenizer_lib.PAD_ID,
+      tokenizer_lib.UNK_ID,
+      tokenizer_lib.BOS_ID,
+      tokenizer_lib.EOS_ID,
+      tokenizer_lib.MASK_ID,
+      tokenizer_lib.CLS_ID,
+      tokenizer_lib.SEP_ID,
+    )
+  )
+  assert tok.special_ids == set(range(tokenizer_lib.NUM_SPECIAL))
+  assert [tok.id_to_piece(i) for i in sorted(tok.special_ids)][4:] == ["[MASK]", "[CLS]", "[SEP]"]

@@ -6,6 +6,8 @@ the same way whatever batch or process it lands in, and a resumed run masks exac
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 
 # Distinct constants so the selection, the action and the replacement id are independent draws.
@@ -45,19 +47,21 @@ def mask_tokens(
   num_predictions: int,
   vocab_size: int,
   mask_id: int = 4,
-  num_special: int = 7,
+  special_ids: Collection[int] = range(7),
 ) -> dict[str, np.ndarray]:
   """Choose positions to predict and corrupt them (80% [MASK], 10% random id, 10% unchanged).
 
   Each row gets exactly min(num_predictions, max(1, round(n * mlm_probability))) predictions
-  among its n non-special tokens (none if n == 0). Returns int32 `inputs` [b, T],
+  among its n non-special tokens (none if n == 0); random ids are drawn uniformly from the ids
+  below vocab_size that are not special. Returns int32 `inputs` [b, T],
   `masked_positions` / `masked_targets` [b, P] (ascending, unused slots 0) and float32
   `masked_weights` [b, P].
   """
   rows_bT = np.asarray(rows_bT)
   b, length = rows_bT.shape
   slots = min(num_predictions, length)
-  candidate_bT = rows_bT >= num_special
+  specials = np.asarray(sorted(special_ids), np.int64)
+  candidate_bT = ~np.isin(rows_bT, specials)
   n_b = candidate_bT.sum(axis=1)
   k_b = np.where(n_b > 0, np.clip(np.rint(n_b * mlm_probability), 1, slots), 0).astype(np.int64)
 
@@ -76,7 +80,8 @@ def mask_tokens(
   targets_bP = np.where(valid_bP, rows_bT[rows_idx, positions_bP], 0)
   action_bP = uniforms(seed, example_ids_b, positions_bP, _STREAM_ACTION)
   replace_u_bP = uniforms(seed, example_ids_b, positions_bP, _STREAM_REPLACE)
-  random_ids_bP = num_special + (replace_u_bP * (vocab_size - num_special)).astype(np.int64)
+  ordinary_ids = np.setdiff1d(np.arange(vocab_size), specials)
+  random_ids_bP = ordinary_ids[(replace_u_bP * len(ordinary_ids)).astype(np.int64)]
   new_bP = np.where(action_bP < 0.8, mask_id, np.where(action_bP < 0.9, random_ids_bP, targets_bP))
 
   inputs_bT = rows_bT.astype(np.int32, copy=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import os
 import uuid
@@ -37,16 +38,34 @@ CACHE_VERSION = 1
 # Eval rows and eval masks use this fixed seed, so runs with different seeds are compared on the
 # same examples.
 EVAL_SEED = 0xE7A1
+_PACK_DOCS = 1024  # documents per encode_batch call when packing with one separator
 
 
 def _row_len(c: ml_collections.ConfigDict) -> int:
   return c.data.seq_len + 1 if c.objective == "causal_lm" else c.data.seq_len
 
 
-def _doc_ids(c: ml_collections.ConfigDict) -> tuple[int, int]:
+def _doc_ids(c: ml_collections.ConfigDict, tok) -> tuple[int, int]:
+  """The ids that open and close each document: (bos, eos) or (cls, sep).
+
+  Where they are one id (GPT-2's <|endoftext|>) each document is opened by it and not closed,
+  so one separator stands at each document boundary.
+  """
   if c.objective == "causal_lm":
-    return tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID
-  return tokenizer_lib.CLS_ID, tokenizer_lib.SEP_ID
+    return tok.bos_id, tok.eos_id
+  return tok.cls_id, tok.sep_id
+
+
+def _check_specials(c: ml_collections.ConfigDict, tok) -> None:
+  """A tokenizer.json must have the special tokens the objective frames documents with."""
+  needed = ("bos_id", "eos_id") if c.objective == "causal_lm" else ("cls_id", "sep_id", "mask_id")
+  missing = [name for name in needed if getattr(tok, name) is None]
+  if missing:
+    raise DataError(
+      f"tokenizer {tok.path} has no special token for {missing}, which objective="
+      f"{c.objective} needs; use a tokenizer that has them (GPT-2's <|endoftext|> for "
+      "causal_lm, BERT's [CLS]/[SEP]/[MASK] for masked_lm)."
+    )
 
 
 def _source_name(c: ml_collections.ConfigDict, split: str) -> str:
@@ -74,27 +93,38 @@ def segments(tokens_bT: np.ndarray, start_id: int) -> tuple[np.ndarray, np.ndarr
   return segment_bT.astype(np.int32), (t_T - last_start_bT).astype(np.int32)
 
 
-def causal_features(rows_bR: np.ndarray) -> dict[str, np.ndarray]:
+def causal_features(
+  rows_bR: np.ndarray, bos_id: int = tokenizer_lib.BOS_ID, eos_id: int = tokenizer_lib.EOS_ID
+) -> dict[str, np.ndarray]:
   """Next-token batch from rows of seq_len + 1 tokens."""
   rows_bR = np.asarray(rows_bR, np.int32)
   inputs_bT, targets_bT = rows_bR[:, :-1], rows_bR[:, 1:]
-  segment_bT, positions_bT = segments(inputs_bT, tokenizer_lib.BOS_ID)
+  segment_bT, positions_bT = segments(inputs_bT, bos_id)
+  # A BOS target starts the next document: predicting it from the previous one is noise. Where
+  # BOS is also EOS (GPT-2) that target ends the document and is learned.
+  weights_bT = targets_bT != bos_id if bos_id != eos_id else np.ones_like(targets_bT, bool)
   return {
     "inputs": inputs_bT,
     "targets": targets_bT,
     "segment_ids": segment_bT,
     "positions": positions_bT,
-    # A BOS target starts the next document: predicting it from the previous one is noise.
-    "weights": (targets_bT != tokenizer_lib.BOS_ID).astype(np.float32),
+    "weights": weights_bT.astype(np.float32),
   }
 
 
 def masked_features(
-  rows_bT: np.ndarray, example_ids_b: np.ndarray, c: ml_collections.ConfigDict, seed: int
+  rows_bT: np.ndarray,
+  example_ids_b: np.ndarray,
+  c: ml_collections.ConfigDict,
+  seed: int,
+  tok=tokenizer_lib.Tokenizer,
 ) -> dict[str, np.ndarray]:
-  """Masked-LM batch from rows of seq_len tokens; masks depend on (seed, example id) only."""
+  """Masked-LM batch from rows of seq_len tokens; masks depend on (seed, example id) only.
+
+  `tok` gives cls_id, mask_id and special_ids (a tokenizer; the default is our fixed ids).
+  """
   rows_bT = np.asarray(rows_bT, np.int32)
-  segment_bT, positions_bT = segments(rows_bT, tokenizer_lib.CLS_ID)
+  segment_bT, positions_bT = segments(rows_bT, tok.cls_id)
   masked = masking.mask_tokens(
     rows_bT,
     example_ids_b,
@@ -102,8 +132,8 @@ def masked_features(
     mlm_probability=c.data.mlm_probability,
     num_predictions=config_lib.num_predictions(c),
     vocab_size=c.data.vocab_size,
-    mask_id=tokenizer_lib.MASK_ID,
-    num_special=tokenizer_lib.NUM_SPECIAL,
+    mask_id=tok.mask_id,
+    special_ids=tok.special_ids,
   )
   return {**masked, "segment_ids": segment_bT, "positions": positions_bT}
 
@@ -119,7 +149,7 @@ class Data:
   given the same rows, so they load the same data.
   """
 
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.Tokenizer  # or an hf_tokenizer.HFTokenizer
   num_train_rows: int
   num_eval_rows: int
   config: ml_collections.ConfigDict = dataclasses.field(repr=False)
@@ -133,6 +163,11 @@ class Data:
   def local_batch_size(self) -> int:
     return self.config.batch_size if self.row_ids is None else len(self.row_ids)
 
+  @property
+  def _specials(self):
+    """What gives the special ids: the tokenizer, or our fixed ids where Data has none."""
+    return tokenizer_lib.Tokenizer if self.tokenizer is None else self.tokenizer
+
   def _rows(self) -> np.ndarray:
     return np.arange(self.config.batch_size) if self.row_ids is None else self.row_ids
 
@@ -142,8 +177,8 @@ class Data:
 
   def _features(self, rows: np.ndarray, example_ids_b: np.ndarray, seed: int) -> dict:
     if self.config.objective == "causal_lm":
-      return causal_features(rows)
-    return masked_features(rows, example_ids_b, self.config, seed)
+      return causal_features(rows, self._specials.bos_id, self._specials.eos_id)
+    return masked_features(rows, example_ids_b, self.config, seed, self._specials)
 
   def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
     """This process's part of global batch `step`, with no dependence on earlier calls."""
@@ -183,7 +218,7 @@ class Data:
       batch = self._features(self.eval_rows[row_b], row_b, EVAL_SEED)
       if self.config.objective == "causal_lm":
         bytes_bT = self.tokenizer.target_bytes(
-          batch["inputs"], batch["targets"], tokenizer_lib.BOS_ID
+          batch["inputs"], batch["targets"], self.tokenizer.bos_id
         )
         batch["target_bytes"] = (bytes_bT * batch["weights"]).astype(np.int32)
       batches.append(batch)
@@ -197,7 +232,7 @@ class Data:
 
   def max_segments_per_row(self, chunk: int = 8192) -> int:
     """The most documents (whole or cut) that any train or eval row holds."""
-    start, t = _doc_ids(self.config)[0], self.config.data.seq_len
+    start, t = _doc_ids(self.config, self._specials)[0], self.config.data.seq_len
     most = 1
     for rows in (self.train_rows, self.eval_rows):
       for i in range(0, len(rows), chunk):
@@ -336,6 +371,7 @@ def _tokenizer(
       f"{c.data.vocab_size}; set --config.data.vocab_size={tok.vocab_size}, or use a new "
       "--workdir to train a tokenizer of the new size."
     )
+  _check_specials(c, tok)
   return tok
 
 
@@ -368,11 +404,34 @@ def cache_requests(c: ml_collections.ConfigDict, workdir: str) -> tuple[dict, di
   return meta["request"], _request(c, tok)
 
 
+def _pack_separated(texts, tok, sep_id: int, row_len: int, what: str) -> corpus.Packed:
+  """corpus.pack for a tokenizer whose start and end id are one (GPT-2's <|endoftext|>): each
+  document is opened by it and not closed, so the stream reads sep d1 sep d2 ..."""
+  dtype = np.uint16 if tok.vocab_size <= 65535 else np.int32
+  chunks, carry, num_docs, num_tokens = [], np.empty(0, np.int64), 0, 0
+  texts = iter(texts)
+  while batch := list(itertools.islice(texts, _PACK_DOCS)):
+    ids = [[sep_id, *doc] for doc in tok.encode_batch(batch)]
+    stream = np.concatenate([carry, np.fromiter(itertools.chain.from_iterable(ids), np.int64)])
+    num_docs += len(batch)
+    num_tokens += len(stream) - len(carry)
+    usable = len(stream) // row_len * row_len
+    chunks.append(stream[:usable].reshape(-1, row_len).astype(dtype))
+    carry = stream[usable:]
+  rows = np.concatenate(chunks) if chunks else np.empty((0, row_len), dtype)
+  logging.info(
+    "prepare %s: %d documents, %d tokens, %d rows", what, num_docs, num_tokens, len(rows)
+  )
+  return corpus.Packed(rows=rows, num_docs=num_docs, num_tokens=num_tokens)
+
+
 def _pack(c, tok, split: str, stats: corpus.DecodeStats, samples: list[str] | None = None):
-  start_id, end_id = _doc_ids(c)
+  start_id, end_id = _doc_ids(c, tok)
   texts = corpus.documents(c, split, stats)
   if samples is not None:
     texts = corpus.keep_snippets(texts, samples)
+  if start_id == end_id:
+    return _pack_separated(texts, tok, start_id, _row_len(c), split)
   return corpus.pack(texts, tok, start_id=start_id, end_id=end_id, row_len=_row_len(c), what=split)
 
 

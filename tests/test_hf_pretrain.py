@@ -1,0 +1,240 @@
+"""Continued pretraining from Hugging Face files through the real command: a tokenizer.json
+(GPT-2 byte-level BPE / BERT WordPiece) drives the data pipeline, and a GPT2LMHeadModel /
+BertForMaskedLM directory gives the initial weights (--config.init_from_hf).
+
+The step-0 eval loss the run writes must be Hugging Face's own loss on the same eval batch. The
+batch is rebuilt from the run's data cache and fed to transformers one document at a time (rows
+pack several), at the positions our model saw. The weights are drawn at a scale far from a
+random init's, so a loss near ln(vocab) means the weights were not loaded.
+
+Everything torch does runs in a fresh interpreter (this file run as a script): triton, which
+transformers' model modules import, segfaults when TensorFlow was imported first, as the data
+pipeline here (and other test modules collected before this one) do.
+"""
+
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+  not all(importlib.util.find_spec(m) for m in ("torch", "transformers")),
+  reason="needs torch and transformers (the test extra)",
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LEN, WIDTH, LAYERS, HEADS, MLP = 32, 32, 2, 2, 64
+CONFIG_FILE = {"causal_lm": "configs/gpt_tiny.py", "masked_lm": "configs/bert_tiny.py"}
+LAYERS_KEY = {"causal_lm": "n_layer", "masked_lm": "num_hidden_layers"}
+
+
+# ----------------------------------------------------------------------------- torch side
+
+
+def _save_hf_model(objective: str, vocab_size: int, end_id: int, directory: str) -> None:
+  """A tiny random GPT2LMHeadModel / BertForMaskedLM with weights at a revealing scale."""
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  if objective == "causal_lm":
+    cfg = transformers.GPT2Config(
+      vocab_size=vocab_size, n_positions=SEQ_LEN, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS,
+      n_inner=MLP, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=end_id,
+      eos_token_id=end_id,
+    )  # fmt: skip
+    model = transformers.GPT2LMHeadModel(cfg)
+  else:
+    cfg = transformers.BertConfig(
+      vocab_size=vocab_size, max_position_embeddings=SEQ_LEN, hidden_size=WIDTH,
+      num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=MLP,
+      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    model = transformers.BertForMaskedLM(cfg)
+  with torch.no_grad():
+    for name, p in model.named_parameters():  # tied weights are listed once
+      norm_scale = name.endswith("weight") and ("ln_" in name or "LayerNorm" in name)
+      p.copy_(1.0 + 0.2 * torch.randn_like(p) if norm_scale else 0.15 * torch.randn_like(p))
+  model.save_pretrained(directory, safe_serialization=True)
+
+
+def _hf_loss(objective: str, directory: str, batch_file: str) -> float:
+  """Hugging Face's mean loss over the predicted tokens, one packed document at a time, at the
+  positions the batch gives (a row that opens mid-document restarts them at 0)."""
+  import torch
+  import transformers
+
+  auto = transformers.AutoModelForCausalLM if objective == "causal_lm" else None
+  auto = auto or transformers.AutoModelForMaskedLM
+  model = auto.from_pretrained(directory, local_files_only=True).eval()
+  batch = dict(np.load(batch_file))
+  nll_sum = count = 0.0
+  for b, segment_ids in enumerate(batch["segment_ids"]):
+    for s in np.unique(segment_ids):
+      at_T = np.flatnonzero(segment_ids == s)  # contiguous
+      ids = torch.tensor(batch["inputs"][b, at_T][None], dtype=torch.long)
+      positions = torch.tensor(batch["positions"][b, at_T][None], dtype=torch.long)
+      with torch.no_grad():
+        logits_TV = model(input_ids=ids, position_ids=positions).logits[0]
+      logp_TV = torch.log_softmax(logits_TV.double(), -1).numpy()
+      if objective == "causal_lm":
+        targets, weights, rows = batch["targets"][b, at_T], batch["weights"][b, at_T], at_T
+      else:
+        here = np.isin(batch["masked_positions"][b], at_T) & (batch["masked_weights"][b] > 0)
+        targets, weights = batch["masked_targets"][b, here], batch["masked_weights"][b, here]
+        rows = batch["masked_positions"][b, here]
+      nll_sum += float((-logp_TV[rows - at_T[0], targets] * weights).sum())
+      count += float(weights.sum())
+  assert count > 0
+  return nll_sum / count
+
+
+def _torch_side(*args: str) -> str:
+  """Run this file as a script (see the module notes); its stdout."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
+  done = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def _paragraphs(n: int = 200) -> list[str]:
+  rng = random.Random(0)
+  syllables = "ka lo mi ne ru sa to vi be da fo gu".split()
+  words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(300)]
+  return [" ".join(rng.choices(words, k=rng.randint(5, 30))) + "." for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=["causal_lm", "masked_lm"])
+def hf_dir(request, tmp_path_factory):
+  """(objective, text file, HF directory with tokenizer.json and model.safetensors, vocab)."""
+  from test_hf_tokenizer import bert_style_json, gpt2_style_json
+
+  from sslm_jax import hf_tokenizer
+
+  objective = request.param
+  root = tmp_path_factory.mktemp(objective)
+  text_file = root / "corpus.txt"
+  texts = _paragraphs()
+  text_file.write_text("\n\n".join(texts) + "\n")
+  directory = root / "hf"
+  directory.mkdir()
+  path = directory / "tokenizer.json"
+  if objective == "causal_lm":
+    tok = hf_tokenizer.load(gpt2_style_json(path, texts, vocab_size=400))
+  else:  # WordPiece finds fewer pieces in these syllable words
+    tok = hf_tokenizer.load(bert_style_json(path, texts, vocab_size=200))
+  end_id = tok.eos_id if objective == "causal_lm" else tok.sep_id
+  _torch_side("save", objective, str(tok.vocab_size), str(end_id), str(directory))
+  return objective, str(text_file), str(directory), tok.vocab_size
+
+
+def _flags(objective, text_file, directory, vocab_size, workdir) -> list[str]:
+  return [
+    f"--config={CONFIG_FILE[objective]}",
+    f"--workdir={workdir}",
+    "--config.num_train_steps=2",
+    "--config.batch_size=4",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=2",
+    "--config.eval_steps=1",
+    "--config.checkpoint_every_steps=2",
+    "--config.data.source=text",
+    f"--config.data.text_files={text_file}",
+    "--config.data.eval_fraction=0.1",
+    f"--config.data.tokenizer_path={directory}/tokenizer.json",
+    f"--config.data.seq_len={SEQ_LEN}",
+    f"--config.data.vocab_size={vocab_size}",
+    f"--config.model.num_layers={LAYERS}",
+    f"--config.model.num_heads={HEADS}",
+    f"--config.model.emb_dim={WIDTH}",
+    f"--config.model.mlp_dim={MLP}",
+    "--config.mesh.data=1",
+    "--config.opt.warmup_steps=1",
+    f"--config.init_from_hf={directory}",
+  ]
+
+
+def _main(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  return subprocess.run(
+    [sys.executable, "-m", "sslm_jax.main", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def _save_eval_batch(workdir: str, out: str) -> dict:
+  """The run's first eval batch, rebuilt from its config.json and data cache, saved to `out`."""
+  import ml_collections
+
+  from sslm_jax.data import pipeline
+
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  batch = next(pipeline.build(config, workdir).eval_batches())
+  np.savez(out, **batch)
+  return batch
+
+
+@pytest.mark.slow
+def test_pretraining_from_hf_files_starts_at_hf_loss(hf_dir, tmp_path):
+  objective, text_file, directory, vocab_size = hf_dir
+  workdir = str(tmp_path / "run")
+  result = _main(*_flags(objective, text_file, directory, vocab_size, workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Starting from the Hugging Face weights" in result.stderr
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [0, 1, 2]
+  ours = records[0]["eval_loss"]
+  batch_file = str(tmp_path / "eval_batch.npz")
+  batch = _save_eval_batch(workdir, batch_file)
+  assert int(batch["segment_ids"].max()) > 1  # rows pack several documents
+  theirs = float(_torch_side("loss", objective, directory, batch_file).split()[-1])
+  print(f"\n{objective}: step-0 eval loss {ours:.6f}, Hugging Face {theirs:.6f}")
+  assert abs(ours - theirs) <= 1e-4 * abs(theirs)
+  assert abs(ours - np.log(vocab_size)) > 0.2  # a random init gives ln(vocab) within ~0.05
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+
+
+def test_shape_mismatch_exits_2_before_writing_checkpoints(hf_dir, tmp_path):
+  objective, text_file, directory, vocab_size = hf_dir
+  workdir = str(tmp_path / "run")
+  flags = _flags(objective, text_file, directory, vocab_size, workdir)
+  result = _main(*flags, f"--config.model.num_layers={LAYERS + 1}")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr
+  # The error opens with a line naming the directory, then one line per mismatch and its fix.
+  assert f"sslm_jax: error: {directory} does not match the config:" in result.stderr
+  last = result.stderr.splitlines()[-1]
+  assert f"{LAYERS_KEY[objective]}={LAYERS} in {directory}/config.json" in last
+  assert f"model.num_layers={LAYERS + 1}" in last
+  assert f"pass --config.model.num_layers={LAYERS}" in last
+  assert not os.path.exists(os.path.join(workdir, "checkpoints"))
+
+
+if __name__ == "__main__":  # the torch side, in an interpreter without TensorFlow
+  mode, objective, *rest = sys.argv[1:]
+  if mode == "save":
+    _save_hf_model(objective, int(rest[0]), int(rest[1]), rest[2])
+  else:
+    print(repr(_hf_loss(objective, *rest)))
