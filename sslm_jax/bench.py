@@ -32,8 +32,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from sslm_jax import cluster, flops, optim, plan, sharding, train, train_state
 from sslm_jax import config as config_lib
-from sslm_jax import flops, optim, plan, sharding, train, train_state
 from sslm_jax.model import count_params
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
@@ -248,6 +248,7 @@ def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cluster.skip_tpu_without_chips()
   try:
     if FLAGS.mode == "generate":
       record = run_generate(

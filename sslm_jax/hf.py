@@ -216,7 +216,7 @@ def from_hf(tensors: dict, cfg: ModelConfig, where: str = "the Hugging Face weig
   if not problems:
     problems += _untied(tensors, _get(params, "token_embed/embedding")[: cfg.num_ids], where)
   if problems:
-    raise HFError("the Hugging Face weights do not fit the model:\n  " + "\n  ".join(problems))
+    raise HFError("the Hugging Face weights do not fit the model: " + "; ".join(problems))
   return params
 
 
@@ -431,7 +431,7 @@ def check_dir(hf_dir: str, config: ml_collections.ConfigDict) -> dict:
   hf = read_config(hf_dir)
   problems = mismatches(hf, config, where)
   if problems:
-    raise HFError(f"{hf_dir} does not match the config:\n  " + "\n  ".join(problems))
+    raise HFError(f"{hf_dir} does not match the config: " + "; ".join(problems))
   return hf
 
 
