@@ -5,131 +5,42 @@
   lm.generate("def main(", max_new_tokens=32)     # GPT
   lm.fill_mask("x = [MASK](1, 2)")                # BERT
 
-Parameters are restored alone (no optimizer state) onto one device, whatever mesh wrote them.
+Parameters are restored alone (no optimizer state) onto one device, whatever mesh wrote them
+(see restore.py).
 Nothing here writes to the workdir, and TensorFlow is never imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import sys
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import sentencepiece as spm
 from etils import epath
 from flax import nnx
 from sentencepiece import sentencepiece_model_pb2
 
-from sslm_jax import cluster
-from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
+from sslm_jax import restore
 from sslm_jax import tokenizer as tok
+from sslm_jax.restore import UsageError
 
 MASK_TEXT = "[MASK]"
 POOLINGS = ("mean", "cls", "last")
 _ROWS_PER_CALL = 16  # sequences per forward pass: bounds the [B, T, V] logits held at once
 
 
-class UsageError(ValueError):
-  """A workdir or an input that cannot work; the message names the problem and the fix."""
-
-
 def _kind(config) -> str:
   return "GPT (causal_lm)" if config.objective == "causal_lm" else "BERT (masked_lm)"
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a training run wrote to WORKDIR/config.json."""
-  path = epath.Path(workdir) / "config.json"
-  if not path.exists():
-    raise UsageError(
-      f"{workdir} has no config.json, so it is not the workdir of a sslm_jax run; pass the "
-      "--workdir a `python -m sslm_jax.main` run trained in."
-    )
-  config = config_lib.defaults()  # fields added since the run started keep their defaults
-  config.update(json.loads(path.read_text()))
-  return config
-
-
-def _checkpoint_dir(workdir: str) -> epath.Path:
-  directory = f"{workdir}/checkpoints"
-  return epath.Path(directory if "://" in directory else os.path.abspath(directory))
-
-
-def _choose_step(workdir: str, steps: list[int], step: int | None) -> int:
-  if not steps:
-    raise UsageError(
-      f"{workdir} has no checkpoints yet (none in {workdir}/checkpoints); let its training run "
-      "save one (every checkpoint_every_steps, and at the end), or pass another --workdir."
-    )
-  if step is None:
-    return max(steps)
-  if step not in steps:
-    raise UsageError(
-      f"{workdir} has no checkpoint at step {step}; available steps: "
-      f"{', '.join(map(str, sorted(steps)))}. Pick one of them, or leave the step out for the "
-      "newest."
-    )
-  return step
-
-
-def _restore_params(step_dir: epath.Path, model_cfg: model_lib.ModelConfig):
-  """The `params` subtree of the saved TrainState, each array whole on the first local device.
-
-  Orbax's partial restore reads only the leaves named in the target tree: the optimizer state
-  (twice the parameters' bytes) is never read, and shards from any mesh are reassembled.
-  """
-  abstract_model = nnx.eval_shape(lambda: model_lib.build(model_cfg, 0))
-  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params
-  )
-  item = {"params": target}
-  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(
-      step_dir / "state",
-      args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
-    )
-  return nnx.merge(graphdef, restored["params"])
-
-
 def load(workdir: str, step: int | None = None) -> LanguageModel:
   """The model of a training workdir at `step` (default: its newest checkpoint)."""
-  workdir = str(workdir).rstrip("/")
-  config = read_config(workdir)
-  directory = _checkpoint_dir(workdir)
-  steps = ocp.step.checkpoint_steps(directory) if directory.exists() else []
-  step = _choose_step(workdir, steps, step)
-  tokenizer = tok.load(config.data.tokenizer_path or f"{workdir}/tokenizer.model")
-  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-    meta = checkpointer.restore(directory / str(step) / "meta")
-  recorded = dict(meta or {}).get("fingerprint", {}).get("tokenizer_sha256")
-  if recorded and recorded != tokenizer.sha256:
-    raise UsageError(
-      f"{tokenizer.path} is not the tokenizer the checkpoint at step {step} was trained with "
-      "(its SHA-256 differs); restore the run's tokenizer.model."
-    )
-  model_cfg = config_lib.model_config(config)
-  try:
-    model = _restore_params(directory / str(step), model_cfg)
-  except Exception as e:  # Orbax and TensorStore raise many types for missing or damaged files
-    others = ", ".join(str(s) for s in sorted(steps) if s != step) or "none"
-    text = " ".join(str(e).split())[:300]
-    raise UsageError(
-      f"checkpoint {directory / str(step)} cannot be read ({type(e).__name__}: {text}); "
-      f"load another step (available: {others})."
-    ) from e
-  return LanguageModel(config, model_cfg, model, tokenizer, step)
+  r = restore.from_workdir(workdir, step)
+  return LanguageModel(r.config, r.model_cfg, r.model, r.tokenizer, r.step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,30 +377,3 @@ class LanguageModel:
         h_TD = hidden_BTD[i, : len(row)].astype(np.float32)
         out.append({"mean": h_TD.mean(0), "cls": h_TD[0], "last": h_TD[-1]}[pooling])
     return np.stack(out)
-
-
-def run_command(main) -> None:
-  """absl's app.run for the commands over this module: a bad flag, workdir or input ends the
-  command with one line naming the problem and the fix, and exit status 2."""
-  from absl import app, flags, logging
-
-  def fail(message: str):
-    sys.stdout.flush()
-    print(f"sslm_jax: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-  def parse(argv):
-    try:
-      return flags.FLAGS(argv)
-    except flags.Error as e:
-      fail(f"{e}")
-
-  def guarded(argv):
-    logging.set_verbosity(logging.WARNING)  # Orbax logs ~15 INFO lines per restore
-    cluster.skip_tpu_without_chips()
-    try:
-      main(argv)
-    except (UsageError, tok.TokenizerError) as e:
-      fail(str(e))
-
-  app.run(guarded, flags_parser=parse)

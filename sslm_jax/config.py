@@ -144,6 +144,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _require(
     c.data.source in SOURCES, f"data.source={c.data.source!r}: use one of {', '.join(SOURCES)}."
   )
+  # In this order, so that the first field that cannot work is the one reported.
+  _validate_counts(c)
+  _validate_data(c)
+  _validate_model(c)
+  _validate_compiler_and_init(c)
+  _validate_opt(c)
+
+
+def _validate_counts(c: ml_collections.ConfigDict) -> None:
+  """Sizes, step counts and periods."""
   for name in ("num_train_steps", "batch_size", "data.seq_len", "eval_steps", "keep_checkpoints"):
     value = c[name] if "." not in name else c.data[name.split(".")[1]]
     _require(
@@ -160,6 +170,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
       isinstance(c[name], int) and c[name] > 0,
       f"{name}={c[name]!r} must be a positive integer; set --config.{name}=N with N > 0.",
     )
+
+
+def _validate_data(c: ml_collections.ConfigDict) -> None:
   _require(
     c.data.vocab_size >= 16,
     f"data.vocab_size={c.data.vocab_size} is too small; use at least 16 (special tokens take 7).",
@@ -176,6 +189,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
     c.data.source != "tfds" or bool(c.data.tfds_name),
     "data.source='tfds' needs a dataset; set --config.data.tfds_name=NAME (e.g. lm1b).",
   )
+
+
+def _validate_model(c: ml_collections.ConfigDict) -> None:
   _require(
     c.model.emb_dim % c.model.num_heads == 0,
     f"model.emb_dim={c.model.emb_dim} is not divisible by model.num_heads={c.model.num_heads}.",
@@ -211,6 +227,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     f"model.max_segments_per_row={c.model.max_segments_per_row}: use 0 (measure on the data) "
     "or a positive bound.",
   )
+
+
+def _validate_compiler_and_init(c: ml_collections.ConfigDict) -> None:
+  """compiler_options, and the Hugging Face directory a run may start from."""
   _require(
     not c.compiler_options or "=" in c.compiler_options.split(",")[0],
     f"compiler_options={c.compiler_options!r}: use 'name=value,name=value' (or '' for none).",
@@ -223,6 +243,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     from sslm_jax import hf  # imports this module; a missing directory is reported at step 0
 
     hf.check_dir(c.init_from_hf, c)
+
+
+def _validate_opt(c: ml_collections.ConfigDict) -> None:
+  """The optimizer and its schedule; a warmup longer than the run is only warned about."""
   _require(
     c.opt.decay in ("cosine", "linear", "constant"),
     f"opt.decay={c.opt.decay!r}: use 'cosine', 'linear' or 'constant'.",

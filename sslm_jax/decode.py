@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sslm_jax import model as model_lib
+from sslm_jax.layers import constrain
 
 
 def bucket(n: int) -> int:
@@ -96,7 +96,7 @@ def _generate(
 
   carry = (jnp.int32(0), tokens_BN, count_B, done_B, cache, params, layers_state)
   _, tokens_BN, count_B, _, _, _, _ = jax.lax.while_loop(more, step, carry)
-  replicated = model_lib.constrain  # a no-op outside a rules context
+  replicated = constrain  # a no-op outside a rules context
   return replicated(tokens_BN, (None, None)), replicated(count_B, (None,))
 
 

@@ -12,7 +12,7 @@ import json
 
 from absl import flags
 
-from sslm_jax import api
+from sslm_jax import api, commands, restore
 
 flags.DEFINE_string("workdir", None, "Workdir of a BERT (masked_lm) training run.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
@@ -39,7 +39,7 @@ def main(argv):
       'give a text with [MASK]: python -m sslm_jax.fill_mask --workdir=W "Machine learning is '
       'an [MASK] of artificial intelligence."'
     )
-  if api.read_config(FLAGS.workdir).objective != "masked_lm":
+  if restore.read_config(FLAGS.workdir).objective != "masked_lm":
     raise api.UsageError(
       f"{FLAGS.workdir} holds a GPT (causal_lm) model, which cannot fill in a [MASK]; give "
       "fill_mask a BERT (masked_lm) workdir, or use python -m sslm_jax.generate with this one."
@@ -65,4 +65,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  api.run_command(main)
+  commands.run_command(main)

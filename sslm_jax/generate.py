@@ -12,7 +12,7 @@ import json
 
 from absl import flags
 
-from sslm_jax import api
+from sslm_jax import api, commands, restore
 
 flags.DEFINE_string("workdir", None, "Workdir of a GPT (causal_lm) training run.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
@@ -34,7 +34,7 @@ def main(argv):
       'give at least one prompt: python -m sslm_jax.generate --workdir=W "prompt" ("" starts '
       "from nothing)."
     )
-  if api.read_config(FLAGS.workdir).objective != "causal_lm":
+  if restore.read_config(FLAGS.workdir).objective != "causal_lm":
     raise api.UsageError(
       f"{FLAGS.workdir} holds a BERT (masked_lm) model, which cannot generate text; give "
       "generate a GPT (causal_lm) workdir, or use python -m sslm_jax.fill_mask with this one."
@@ -60,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  api.run_command(main)
+  commands.run_command(main)

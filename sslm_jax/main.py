@@ -155,13 +155,14 @@ def _check_resumable(config, workdir: str) -> dict:
   Compares the config fields, the data listing, the tokenizer and the data cache, all read
   without writing, so a refused run leaves the tokenizer and the cache as they were.
   """
-  from sslm_jax.data import pipeline  # reads the data listing; TensorFlow stays out of the core
+  # Reads the data listing; TensorFlow stays out of the core.
+  from sslm_jax.data import cache as cache_lib
 
-  fp = checkpoint.fingerprint(config, pipeline.resume_record(config, workdir))
+  fp = checkpoint.fingerprint(config, cache_lib.resume_record(config, workdir))
   saved = checkpoint.saved_fingerprint(f"{workdir}/checkpoints")
   if saved is not None:
     step, recorded = saved
-    cache = pipeline.cache_requests(config, workdir)
+    cache = cache_lib.cache_requests(config, workdir)
     unrecorded = checkpoint.check_fingerprint(recorded, fp, workdir, _allowed_changes(), cache)
     if unrecorded:
       logging.warning(

@@ -1,5 +1,8 @@
 """GPT-2 and BERT Transformers in Flax NNX, sharing one block.
 
+The block's self-attention and the KV cache are in attention.py; the sharding constraint,
+dropout, GELU and the parameterised layers both modules build on are in layers.py.
+
 Einsum letters: B batch, T query positions, S key positions, D model width,
 N heads, H head dim, F MLP hidden, V vocab, P gathered (masked) positions,
 L layers.
@@ -14,12 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd as flax_spmd
+
+from sslm_jax.attention import (
+  KEY_CACHE_NAMES,
+  VALUE_CACHE_NAMES,
+  Attention,
+  KVCache,
+  attention_segments,
+)
+from sslm_jax.layers import PADDING_LOGIT, constrain, dense, dropout, embed, gelu, layer_norm
 
 Objective = Literal["causal_lm", "masked_lm"]
 
@@ -63,123 +74,15 @@ class ModelConfig:
     return self.emb_dim // self.num_heads
 
 
-def constrain(x, logical_names: tuple[str | None, ...]):
-  """Sharding constraint by logical names; a no-op outside a rules context."""
-  rules = flax_spmd.get_logical_axis_rules()
-  if not rules or jax.sharding.get_abstract_mesh().empty:
-    return x
-  spec = jax.sharding.PartitionSpec(*flax_spmd.from_sharding_rules(logical_names, rules))
-  return jax.lax.with_sharding_constraint(x, spec)
-
-
-def dropout(x, rate: float, key):
-  """Inverted dropout; identity when `key` is None (evaluation)."""
-  if key is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-def gelu(x, form: str = "erf"):
-  if form == "tanh":
-    return jax.nn.gelu(x, approximate=True)
-  # The erf form; jax.nn.gelu(approximate=False) lowers to many more ops on CPU.
-  return 0.5 * x * (1.0 + jax.lax.erf(x / math.sqrt(2.0)).astype(x.dtype))
-
-
-def _normal(std):
-  return nnx.initializers.normal(stddev=std)
-
-
-def _dense(cfg, spec, kernel_shape, bias_shape, names, bias_names, *, std, rngs):
-  return nnx.Einsum(
-    spec,
-    kernel_shape,
-    bias_shape,
-    dtype=cfg.dtype,
-    param_dtype=cfg.param_dtype,
-    kernel_init=_normal(std),
-    kernel_metadata={"out_sharding": names},
-    bias_metadata={"out_sharding": bias_names},
-    rngs=rngs,
-  )
-
-
-def _layer_norm(cfg, *, rngs):
-  return nnx.LayerNorm(
-    cfg.emb_dim,
-    epsilon=cfg.layer_norm_epsilon,
-    dtype=jnp.float32,
-    param_dtype=cfg.param_dtype,
-    scale_metadata={"out_sharding": ("embed",)},
-    bias_metadata={"out_sharding": ("embed",)},
-    rngs=rngs,
-  )
-
-
-class Attention(nnx.Module):
-  """Multi-head self-attention within packed segments (see `attention_segments`); causal for GPT."""
-
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg
-    d, n, h = cfg.emb_dim, cfg.num_heads, cfg.head_dim
-    qkv = dict(names=("embed", "heads", "kv"), bias_names=("heads", "kv"), std=cfg.init_std)
-    self.query = _dense(cfg, "BTD,DNH->BTNH", (d, n, h), (n, h), **qkv, rngs=rngs)
-    self.key = _dense(cfg, "BTD,DNH->BTNH", (d, n, h), (n, h), **qkv, rngs=rngs)
-    self.value = _dense(cfg, "BTD,DNH->BTNH", (d, n, h), (n, h), **qkv, rngs=rngs)
-    # GPT-2 scales residual projections by 1/sqrt(2L) at init.
-    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.causal else cfg.init_std
-    self.out = _dense(
-      cfg, "BTNH,NHD->BTD", (n, h, d), (d,), ("heads", "kv", "embed"), ("embed",),
-      std=out_std, rngs=rngs,
-    )  # fmt: skip
-
-  def __call__(self, x_BTD, segments):
-    names = ("act_batch", "act_len", "act_heads", None)
-    q_BTNH = constrain(self.query(x_BTD), names)
-    k_BSNH = constrain(self.key(x_BTD), names)
-    v_BSNH = constrain(self.value(x_BTD), names)
-    if isinstance(segments, Packing):
-      out_BTNH = fused_packed_attention(q_BTNH, k_BSNH, v_BSNH, segments, causal=self.cfg.causal)
-    else:
-      out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BSNH, v_BSNH, mask=segments, is_causal=self.cfg.causal, implementation="xla"
-      )
-    return self.out(out_BTNH)
-
-  def cached(self, x_BTD, key_BNHS, value_BNSH, index, mask_B1TS):
-    """Attention of T new tokens written at cache slot `index` onto every valid slot.
-
-    Plain einsums whatever `attention_impl`: T is 1 per decode step, and the mask is a slot
-    mask. Keys are kept [B, N, H, S] and values [B, N, S, H], the layouts the two products
-    read without transposing the cache every step.
-    """
-    names = ("act_batch", "act_len", "act_heads", None)
-    q_BTNH = constrain(self.query(x_BTD), names)
-    k_BNHT = self.key(x_BTD).astype(key_BNHS.dtype).transpose(0, 2, 3, 1)
-    v_BNTH = self.value(x_BTD).astype(value_BNSH.dtype).transpose(0, 2, 1, 3)
-    key_BNHS = jax.lax.dynamic_update_slice(key_BNHS, k_BNHT, (0, 0, 0, index))
-    value_BNSH = jax.lax.dynamic_update_slice(value_BNSH, v_BNTH, (0, 0, index, 0))
-    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
-    scores_BNTS = jnp.einsum(
-      "BTNH,BNHS->BNTS", q_BTNH, key_BNHS, preferred_element_type=jnp.float32
-    )
-    scores_BNTS = jnp.where(mask_B1TS, scores_BNTS * scale, PADDING_LOGIT)
-    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(value_BNSH.dtype)
-    out_BNTH = jnp.einsum("BNTS,BNSH->BNTH", probs_BNTS, value_BNSH)
-    out_BTD = jnp.einsum("BNTH,NHD->BTD", out_BNTH, self.out.kernel[...].astype(out_BNTH.dtype))
-    return out_BTD + self.out.bias[...].astype(out_BTD.dtype), key_BNHS, value_BNSH
-
-
 class Mlp(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, f = cfg.emb_dim, cfg.mlp_dim
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.causal else cfg.init_std
-    self.fc = _dense(
+    self.fc = dense(
       cfg, "BTD,DF->BTF", (d, f), (f,), ("embed", "mlp"), ("mlp",), std=cfg.init_std, rngs=rngs
     )
-    self.proj = _dense(
+    self.proj = dense(
       cfg, "BTF,FD->BTD", (f, d), (d,), ("mlp", "embed"), ("embed",), std=out_std, rngs=rngs
     )
 
@@ -193,9 +96,9 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.attention_norm = _layer_norm(cfg, rngs=rngs)
+    self.attention_norm = layer_norm(cfg, rngs=rngs)
     self.attention = Attention(cfg, rngs=rngs)
-    self.mlp_norm = _layer_norm(cfg, rngs=rngs)
+    self.mlp_norm = layer_norm(cfg, rngs=rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
 
   def __call__(self, x_BTD, segments, dropout_key=None):
@@ -310,102 +213,6 @@ class Layers(nnx.Module):
     self.blocks = nnx.List(blocks)
 
 
-class KVCache(NamedTuple):
-  """Keys and values of every layer for generation, in `cache_len` static slots per row.
-
-  Keys are [L, B, N, H, S] and values [L, B, N, S, H], or tuples of L such [B, ...] arrays
-  for the unstacked layers. Prompts are left-padded so that they end at the same slot: row b
-  holds real tokens from slot `start_B[b]` up to the last slot written; slots before it are
-  padding and never attended to.
-  """
-
-  keys: jax.Array | tuple[jax.Array, ...]
-  values: jax.Array | tuple[jax.Array, ...]
-  start_B: jax.Array  # int32
-
-
-KEY_CACHE_NAMES = ("act_batch", "act_heads", None, "act_len")
-VALUE_CACHE_NAMES = ("act_batch", "act_heads", "act_len", None)
-
-
-def segment_mask(segment_ids_BT):
-  """[B, 1, T, S]: same packed segment and not padding (id 0). Causality is the attention's."""
-  same_B1TS = segment_ids_BT[:, None, :, None] == segment_ids_BT[:, None, None, :]
-  return same_B1TS & (segment_ids_BT[:, None, None, :] > 0)
-
-
-class Packing(NamedTuple):
-  """Packed documents as cuDNN's flash attention takes them: per row, the length and the start
-  of each segment, -1 past the row's last one. The kernel never sees a [T, S] mask."""
-
-  lengths_BM: jax.Array
-  offsets_BM1: jax.Array  # M + 1 columns, as the kernel's API asks; the last is always -1
-
-
-def packing(segment_ids_BT, max_segments: int) -> Packing:
-  """Lengths and starts of the runs of equal nonzero ids in each row (id 0 is padding).
-
-  Runs past the first `max_segments` of a row are dropped (their tokens attend to nothing):
-  the caller sizes `max_segments` from the data (config.max_segments_per_row).
-  """
-  b, t = segment_ids_BT.shape
-  m = max_segments
-  prev_BT = jnp.pad(segment_ids_BT[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
-  real_BT = segment_ids_BT > 0
-  starts_BT = real_BT & (segment_ids_BT != prev_BT)
-  slot_BT = jnp.where(real_BT, jnp.cumsum(starts_BT, axis=1) - 1, m)  # m: dropped
-  rows_B1 = jnp.arange(b)[:, None]
-  lengths_BM = jnp.zeros((b, m), jnp.int32).at[rows_B1, slot_BT].add(1, mode="drop")
-  t_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  offsets_BM = jnp.full((b, m), t, jnp.int32).at[rows_B1, slot_BT].min(t_BT, mode="drop")
-  used_BM = lengths_BM > 0
-  lengths_BM = jnp.where(used_BM, lengths_BM, -1)
-  offsets_BM = jnp.where(used_BM, offsets_BM, -1)
-  return Packing(lengths_BM, jnp.pad(offsets_BM, ((0, 0), (0, 1)), constant_values=-1))
-
-
-def attention_segments(cfg: ModelConfig, segment_ids_BT):
-  """What each attention layer takes: a dense [B, 1, T, S] mask for XLA, a Packing for cuDNN."""
-  if cfg.attention_impl == "cudnn":
-    return packing(segment_ids_BT, max(2, cfg.max_segments))
-  return segment_mask(segment_ids_BT)
-
-
-def fused_packed_attention(q_BTNH, k_BSNH, v_BSNH, segments: Packing, *, causal: bool):
-  """cuDNN flash attention over packed documents, given their lengths and offsets.
-
-  jax.nn.dot_product_attention takes only one length per row, so packing goes through the
-  kernel's own entry point, which JAX exposes under jax._src (checked against JAX 0.10).
-  """
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
-  mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
-  return cudnn.dot_product_attention(
-    q_BTNH,
-    k_BSNH,
-    v_BSNH,
-    q_seqlen=segments.lengths_BM,
-    kv_seqlen=segments.lengths_BM,
-    q_offsets=segments.offsets_BM1,
-    kv_offsets=segments.offsets_BM1,
-    scale=1.0 / math.sqrt(q_BTNH.shape[-1]),
-    mask_type=mask_type,
-    qkv_layout="BTNH",
-  )
-
-
-def _embed(cfg, num, names, std, *, rngs):
-  return nnx.Embed(
-    num,
-    cfg.emb_dim,
-    dtype=cfg.dtype,
-    param_dtype=cfg.param_dtype,
-    embedding_init=_normal(std),
-    embedding_metadata={"out_sharding": names},
-    rngs=rngs,
-  )
-
-
 def _tied_logits(x_BxD, embedding_VD, dtype):
   """Output projection onto the input embedding, in float32 for the softmax."""
   return jnp.einsum(
@@ -414,10 +221,6 @@ def _tied_logits(x_BxD, embedding_VD, dtype):
     embedding_VD.astype(dtype),
     preferred_element_type=jnp.float32,
   )
-
-
-# Far below any real logit, yet finite: exp() of it is exactly 0 and p * log p stays 0, not NaN.
-PADDING_LOGIT = -1e9
 
 
 def mask_padding_ids(logits_BxV, cfg: ModelConfig):
@@ -433,10 +236,10 @@ class GPT(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), cfg.init_std, rngs=rngs)
-    self.position_embed = _embed(cfg, cfg.max_len, ("position", "embed"), 0.01, rngs=rngs)
+    self.token_embed = embed(cfg, cfg.vocab_size, ("vocab", "embed"), cfg.init_std, rngs=rngs)
+    self.position_embed = embed(cfg, cfg.max_len, ("position", "embed"), 0.01, rngs=rngs)
     self.stack = Stack(cfg, rngs=rngs)
-    self.final_norm = _layer_norm(cfg, rngs=rngs)
+    self.final_norm = layer_norm(cfg, rngs=rngs)
 
   def hidden(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None):
     cfg = self.cfg
@@ -497,10 +300,10 @@ class MlmHead(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d = cfg.emb_dim
-    self.transform = _dense(
+    self.transform = dense(
       cfg, "BPD,DE->BPE", (d, d), (d,), ("embed", "mlp"), ("mlp",), std=cfg.init_std, rngs=rngs
     )
-    self.norm = _layer_norm(cfg, rngs=rngs)
+    self.norm = layer_norm(cfg, rngs=rngs)
     self.decoder_bias = nnx.Param(
       jnp.zeros((cfg.vocab_size,), cfg.param_dtype), out_sharding=("vocab",)
     )
@@ -519,12 +322,10 @@ class BERT(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     std = cfg.init_std
-    self.token_embed = _embed(cfg, cfg.vocab_size, ("vocab", "embed"), std, rngs=rngs)
-    self.position_embed = _embed(cfg, cfg.max_len, ("position", "embed"), std, rngs=rngs)
-    self.token_type_embed = _embed(
-      cfg, cfg.num_token_types, ("token_type", "embed"), std, rngs=rngs
-    )
-    self.embed_norm = _layer_norm(cfg, rngs=rngs)
+    self.token_embed = embed(cfg, cfg.vocab_size, ("vocab", "embed"), std, rngs=rngs)
+    self.position_embed = embed(cfg, cfg.max_len, ("position", "embed"), std, rngs=rngs)
+    self.token_type_embed = embed(cfg, cfg.num_token_types, ("token_type", "embed"), std, rngs=rngs)
+    self.embed_norm = layer_norm(cfg, rngs=rngs)
     self.stack = Stack(cfg, rngs=rngs)
     self.mlm_head = MlmHead(cfg, rngs=rngs)
 

@@ -14,7 +14,7 @@ import json
 from absl import flags
 from etils import epath
 
-from sslm_jax import api
+from sslm_jax import api, commands
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (GPT or BERT).")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
@@ -66,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  api.run_command(main)
+  commands.run_command(main)

@@ -15,6 +15,7 @@ import pytest
 from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
+from sslm_jax import attention
 from sslm_jax import config as config_lib
 from sslm_jax import model as model_lib
 from sslm_jax.data import pipeline
@@ -44,10 +45,10 @@ def _mask_from_packing(lengths_BM, offsets_BM1, t):
 def test_packing_spans_exactly_the_segment_mask(layout):
   segment_ids_BT = jnp.asarray(LAYOUTS[layout], jnp.int32)
   b, t = segment_ids_BT.shape
-  packed = model_lib.packing(segment_ids_BT, max_segments=t)
+  packed = attention.packing(segment_ids_BT, max_segments=t)
   assert packed.lengths_BM.shape == (b, t) and packed.offsets_BM1.shape == (b, t + 1)
   assert np.all(np.asarray(packed.offsets_BM1)[:, -1] == -1)
-  expected = np.asarray(model_lib.segment_mask(segment_ids_BT))[:, 0]
+  expected = np.asarray(attention.segment_mask(segment_ids_BT))[:, 0]
   np.testing.assert_array_equal(_mask_from_packing(*packed, t), expected)
   # Used slots come first, in order, then -1.
   lengths = np.asarray(packed.lengths_BM)
@@ -166,12 +167,12 @@ def test_fused_equals_xla_on_gpu(causal):
     return jnp.sum(jnp.where(real_BT1, fn(*qkv).astype(jnp.float32) * out_w, 0.0))
 
   def xla(q, k, v):
-    mask = model_lib.segment_mask(jnp.asarray(segment_ids_BT))
+    mask = attention.segment_mask(jnp.asarray(segment_ids_BT))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="xla")
 
   def fused(q, k, v):
-    packed = model_lib.packing(jnp.asarray(segment_ids_BT), max_segments=8)
-    return model_lib.fused_packed_attention(q, k, v, packed, causal=causal)
+    packed = attention.packing(jnp.asarray(segment_ids_BT), max_segments=8)
+    return attention.fused_packed_attention(q, k, v, packed, causal=causal)
 
   want = jax.jit(jax.value_and_grad(lambda *a: loss(xla, *a), argnums=(0, 1, 2)))(*qkv)
   got = jax.jit(jax.value_and_grad(lambda *a: loss(fused, *a), argnums=(0, 1, 2)))(*qkv)

@@ -2,6 +2,8 @@ import subprocess
 import sys
 
 CORE = [
+  "sslm_jax.layers",
+  "sslm_jax.attention",
   "sslm_jax.model",
   "sslm_jax.sharding",
   "sslm_jax.objectives",
@@ -19,7 +21,9 @@ CORE = [
   "sslm_jax.cluster",
   "sslm_jax.topology",
   "sslm_jax.plan",
+  "sslm_jax.restore",
   "sslm_jax.api",
+  "sslm_jax.commands",
   "sslm_jax.decode",
   "sslm_jax.hf",
   "sslm_jax.hf_tokenizer",

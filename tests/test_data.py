@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from sslm_jax import config as config_lib
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import corpus, masking, pipeline
+from sslm_jax.data import corpus, masking, packing, pipeline
 from sslm_jax.data.pipeline import DataError
 
 BOS, EOS, CLS, SEP, MASK = (
@@ -71,7 +71,7 @@ def prepared(request, text_files, tmp_path_factory):
 
 
 def test_frame_and_pack_carry_across_tokenize_batches(monkeypatch):
-  assert corpus.frame([[7, 8], [], [9]], BOS, EOS).tolist() == [2, 7, 8, 3, 2, 3, 2, 9, 3]
+  assert packing.frame([[7, 8], [], [9]], BOS, EOS).tolist() == [2, 7, 8, 3, 2, 3, 2, 9, 3]
 
   class FakeTokenizer:
     vocab_size = 100
@@ -79,10 +79,10 @@ def test_frame_and_pack_carry_across_tokenize_batches(monkeypatch):
     def encode_batch(self, texts):
       return [[int(w) for w in t.split()] for t in texts]
 
-  monkeypatch.setattr(corpus, "_TOKENIZE_DOCS", 2)  # several calls, so the carry matters
+  monkeypatch.setattr(packing, "_TOKENIZE_DOCS", 2)  # several calls, so the carry matters
   texts = ["10 11 12", "13", "14 15 16 17", "18 19", "20"]
-  packed = corpus.pack(iter(texts), FakeTokenizer(), start_id=BOS, end_id=EOS, row_len=4, what="t")
-  stream = corpus.frame([[int(w) for w in t.split()] for t in texts], BOS, EOS)
+  packed = packing.pack(iter(texts), FakeTokenizer(), start_id=BOS, end_id=EOS, row_len=4, what="t")
+  stream = packing.frame([[int(w) for w in t.split()] for t in texts], BOS, EOS)
   assert packed.num_docs == 5 and packed.num_tokens == len(stream) == 21
   assert packed.rows.dtype == np.uint16
   np.testing.assert_array_equal(packed.rows, stream[:20].reshape(5, 4))

@@ -18,7 +18,7 @@ import pytest
 from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
-from sslm_jax import checkpoint, hf, objectives, sharding, train
+from sslm_jax import checkpoint, hf, layers, objectives, sharding, train
 from sslm_jax import config as config_lib
 from sslm_jax import model as model_lib
 from sslm_jax import tokenizer as tokenizer_lib
@@ -131,7 +131,7 @@ def _hf_logits(model, objective: str, tokens, token_types, masked):
 def _max_diff(ours, theirs) -> float:
   assert ours.shape[:-1] == theirs.shape[:-1] and theirs.shape[-1] == VOCAB
   assert np.abs(theirs).max() > 1.0  # logits of a useful size
-  assert np.all(ours[..., VOCAB:] == model_lib.PADDING_LOGIT)  # padding rows never predicted
+  assert np.all(ours[..., VOCAB:] == layers.PADDING_LOGIT)  # padding rows never predicted
   return float(np.abs(ours[..., :VOCAB] - theirs).max())
 
 

@@ -8,8 +8,8 @@ from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
+from sslm_jax import layers, objectives, optim, sharding, train_state
 from sslm_jax import model as model_lib
-from sslm_jax import objectives, optim, sharding, train_state
 
 
 def _model(config):
@@ -147,7 +147,7 @@ def test_padding_rows_of_the_vocabulary_take_no_part_in_the_softmax(objective):
   if objective == "masked_lm":
     args.append(batch["masked_positions"])
   logits = np.asarray(model(*args))
-  assert np.all(logits[..., 200:] == model_lib.PADDING_LOGIT)
+  assert np.all(logits[..., 200:] == layers.PADDING_LOGIT)
   targets = batch["targets"] if objective == "causal_lm" else batch["masked_targets"]
   real = logits[..., :200].astype(np.float64)
   log_z = np.log(np.exp(real - real.max(-1, keepdims=True)).sum(-1)) + real.max(-1)
@@ -174,7 +174,7 @@ def test_bert_takes_token_types():
 @pytest.mark.parametrize("form", ["erf", "tanh"])
 def test_gelu_forms(form):
   x = np.linspace(-4, 4, 81, dtype=np.float32)
-  got = np.asarray(model_lib.gelu(jnp.asarray(x), form))
+  got = np.asarray(layers.gelu(jnp.asarray(x), form))
   from math import erf, sqrt
 
   if form == "erf":

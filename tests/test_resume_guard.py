@@ -16,6 +16,7 @@ from test_main import SMALL, _main, _snapshot
 
 from sslm_jax import checkpoint
 from sslm_jax import config as config_lib
+from sslm_jax.data import cache as cache_lib
 from sslm_jax.data import permute, pipeline
 
 # ----------------------------------------------------------------------------- the data order
@@ -136,9 +137,9 @@ def _loaded(workdir) -> ml_collections.ConfigDict:
 
 def _check(config, workdir, allowed=frozenset()):
   """What main.run checks before prepare(), called directly."""
-  fp = checkpoint.fingerprint(config, pipeline.resume_record(config, str(workdir)))
+  fp = checkpoint.fingerprint(config, cache_lib.resume_record(config, str(workdir)))
   _, saved = checkpoint.saved_fingerprint(f"{workdir}/checkpoints")
-  cache = pipeline.cache_requests(config, str(workdir))
+  cache = cache_lib.cache_requests(config, str(workdir))
   return checkpoint.check_fingerprint(saved, fp, str(workdir), allowed, cache)
 
 
@@ -253,7 +254,7 @@ def test_a_cache_rebuild_nothing_recorded_explains_is_refused(text_run, tmp_path
 def test_a_checkpoint_from_before_the_order_was_ours_is_refused_until_allowed(text_run):
   _, workdir = text_run
   config = _loaded(workdir)
-  current = checkpoint.fingerprint(config, pipeline.resume_record(config, str(workdir)))
+  current = checkpoint.fingerprint(config, cache_lib.resume_record(config, str(workdir)))
   old = {k: v for k, v in current.items() if k not in ("data_order", "data_listing", "batch_size")}
   with pytest.raises(checkpoint.CheckpointMismatch, match="data_order: checkpoint has 1"):
     checkpoint.check_fingerprint(old, current, "w")

@@ -1,4 +1,4 @@
-"""Documents from the configured source, the train/eval split, and packing into token rows.
+"""Documents from the configured source, the train/eval split, and what the data came from.
 
 Sources: 'builtin' (this Python's standard library sources, nothing downloaded), 'text' (.txt
 paragraphs or .jsonl records, local or gs://) and 'tfds' (a TensorFlow Datasets text feature).
@@ -13,25 +13,19 @@ import json
 import pathlib
 import sys
 import sysconfig
-import time
 import zlib
 from collections.abc import Iterator
 
 import ml_collections
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
-
-from sslm_jax import tokenizer as tokenizer_lib
 
 # Third-party packages and the test suites are not the standard library's own code.
 _BUILTIN_SKIP_DIRS = frozenset(
   {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 )
-_TOKENIZE_DOCS = 1024  # documents per encode_batch call
-_TOKENIZE_CHARS = 4_000_000  # and at most this much text per call, for very long documents
-_LOG_EVERY_S = 15.0
+_TFDS_BATCH_DOCS = 1024  # documents per batch read from a tfds dataset
 NUM_SAMPLE_TEXTS = 64  # held-out snippets kept for end-of-run samples
 _SNIPPET_CHARS = 200
 
@@ -238,7 +232,7 @@ def _tfds_documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats
       f"tfds dataset {c.data.tfds_name!r} has no feature {key!r} (it has "
       f"{sorted(ds.element_spec)}); set --config.data.tfds_text_key to one of them."
     )
-  for batch in ds.map(lambda x: x[key]).batch(_TOKENIZE_DOCS).prefetch(2).as_numpy_iterator():
+  for batch in ds.map(lambda x: x[key]).batch(_TFDS_BATCH_DOCS).prefetch(2).as_numpy_iterator():
     for raw in batch:
       text, bad = _decode(bytes(raw))
       stats.add(None, bad)
@@ -375,69 +369,3 @@ def listing(c: ml_collections.ConfigDict) -> dict:
       for group, patterns in groups.items()
     },
   }
-
-
-def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
-  batch, chars = [], 0
-  for text in texts:
-    batch.append(text)
-    chars += len(text)
-    if len(batch) >= _TOKENIZE_DOCS or chars >= _TOKENIZE_CHARS:
-      yield batch
-      batch, chars = [], 0
-  if batch:
-    yield batch
-
-
-def frame(ids: list[list[int]], start_id: int, end_id: int) -> np.ndarray:
-  """int64 stream: start_id + ids + end_id for every document, concatenated."""
-  if not ids:
-    return np.empty(0, np.int64)
-  lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
-  total = int(lengths.sum()) + 2 * len(ids)
-  stream = np.empty(total, np.int64)
-  starts = np.concatenate([[0], np.cumsum(lengths + 2)[:-1]]).astype(np.int64)
-  ends = starts + lengths + 1
-  body = np.ones(total, bool)
-  body[starts] = body[ends] = False
-  stream[starts], stream[ends] = start_id, end_id
-  stream[body] = np.fromiter(itertools.chain.from_iterable(ids), np.int64, count=int(lengths.sum()))
-  return stream
-
-
-@dataclasses.dataclass
-class Packed:
-  rows: np.ndarray  # [num_rows, row_len]
-  num_docs: int
-  num_tokens: int  # including the start and end ids
-
-
-def pack(
-  texts: Iterator[str],
-  tok: tokenizer_lib.Tokenizer,
-  *,
-  start_id: int,
-  end_id: int,
-  row_len: int,
-  what: str,
-) -> Packed:
-  """Tokenize documents in batches and cut their concatenation into rows (remainder dropped)."""
-  dtype = np.uint16 if tok.vocab_size <= 65535 else np.int32
-  chunks, carry = [], np.empty(0, np.int64)
-  num_docs = num_tokens = 0
-  last_log = time.monotonic()
-  for batch in _batches(texts):
-    stream = np.concatenate([carry, frame(tok.encode_batch(batch), start_id, end_id)])
-    num_docs += len(batch)
-    num_tokens += len(stream) - len(carry)
-    usable = len(stream) // row_len * row_len
-    chunks.append(stream[:usable].reshape(-1, row_len).astype(dtype))
-    carry = stream[usable:]
-    if time.monotonic() - last_log > _LOG_EVERY_S:
-      logging.info("prepare %s: %d documents, %d tokens so far", what, num_docs, num_tokens)
-      last_log = time.monotonic()
-  rows = np.concatenate(chunks) if chunks else np.empty((0, row_len), dtype)
-  logging.info(
-    "prepare %s: %d documents, %d tokens, %d rows", what, num_docs, num_tokens, len(rows)
-  )
-  return Packed(rows=rows, num_docs=num_docs, num_tokens=num_tokens)

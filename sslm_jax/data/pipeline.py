@@ -7,12 +7,8 @@ hosts see exactly the same global batches, and no iterator state is ever saved.
 from __future__ import annotations
 
 import dataclasses
-import io
-import itertools
 import json
-import os
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import ml_collections
 import numpy as np
@@ -21,7 +17,7 @@ from absl import logging
 
 from sslm_jax import config as config_lib
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import corpus, masking, permute
+from sslm_jax.data import cache, corpus, masking, packing, permute
 from sslm_jax.data.corpus import DataError
 
 __all__ = [
@@ -34,15 +30,9 @@ __all__ = [
   "size_packing",
 ]
 
-CACHE_VERSION = 1
 # Eval rows and eval masks use this fixed seed, so runs with different seeds are compared on the
 # same examples.
 EVAL_SEED = 0xE7A1
-_PACK_DOCS = 1024  # documents per encode_batch call when packing with one separator
-
-
-def _row_len(c: ml_collections.ConfigDict) -> int:
-  return c.data.seq_len + 1 if c.objective == "causal_lm" else c.data.seq_len
 
 
 def _doc_ids(c: ml_collections.ConfigDict, tok) -> tuple[int, int]:
@@ -54,28 +44,6 @@ def _doc_ids(c: ml_collections.ConfigDict, tok) -> tuple[int, int]:
   if c.objective == "causal_lm":
     return tok.bos_id, tok.eos_id
   return tok.cls_id, tok.sep_id
-
-
-def _check_specials(c: ml_collections.ConfigDict, tok) -> None:
-  """A tokenizer.json must have the special tokens the objective frames documents with."""
-  needed = ("bos_id", "eos_id") if c.objective == "causal_lm" else ("cls_id", "sep_id", "mask_id")
-  missing = [name for name in needed if getattr(tok, name) is None]
-  if missing:
-    raise DataError(
-      f"tokenizer {tok.path} has no special token for {missing}, which objective="
-      f"{c.objective} needs; use a tokenizer that has them (GPT-2's <|endoftext|> for "
-      "causal_lm, BERT's [CLS]/[SEP]/[MASK] for masked_lm)."
-    )
-
-
-def _source_name(c: ml_collections.ConfigDict, split: str) -> str:
-  d = c.data
-  if d.source == "text":
-    files = d.eval_text_files if split == "eval" and d.eval_text_files else d.text_files
-    return f"text files {files!r} ({split} split)"
-  if d.source == "tfds":
-    return f"tfds {d.tfds_name}:{d.tfds_train_split if split == 'train' else d.tfds_eval_split}"
-  return f"builtin (Python standard library sources, {split} split)"
 
 
 # ----------------------------------------------------------------------------- batch features
@@ -262,177 +230,15 @@ def size_packing(c: ml_collections.ConfigDict, data: Data) -> None:
     logging.info("cuDNN packed attention: up to %d documents per row.", needed)
 
 
-# ----------------------------------------------------------------------------- cache files
-
-
-def _paths(workdir: str) -> dict[str, str]:
-  data = os.path.join(workdir, "data")
-  return {
-    "dir": data,
-    "meta": os.path.join(data, "meta.json"),
-    "train": os.path.join(data, "train_rows.npy"),
-    "eval": os.path.join(data, "eval_rows.npy"),
-  }
-
-
-def _atomic_write(path: str, write: Callable) -> None:
-  """Write beside `path` under a temporary name, then rename: never a half file at `path`."""
-  head, tail = os.path.split(path)
-  tmp = os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-  with tf.io.gfile.GFile(tmp, "wb") as f:
-    write(f)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
-
-
-def _read_meta(workdir: str) -> dict | None:
-  path = _paths(workdir)["meta"]
-  if not tf.io.gfile.exists(path):
-    return None
-  with tf.io.gfile.GFile(path, "r") as f:
-    return json.load(f)
-
-
-def _load_rows(path: str) -> np.ndarray:
-  if "://" not in path:
-    return np.load(path, mmap_mode="r")
-  with tf.io.gfile.GFile(path, "rb") as f:
-    return np.load(io.BytesIO(f.read()))
-
-
-def _request(c: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> dict:
-  """Everything the cached rows depend on; any change means a rebuild."""
-  request = {
-    "version": CACHE_VERSION,
-    "objective": c.objective,
-    "seq_len": c.data.seq_len,
-    "row_len": _row_len(c),
-    "tokenizer_sha256": tok.sha256,
-    "source": corpus.describe(c),
-  }
-  return json.loads(json.dumps(request))  # the form it has after a round trip through meta.json
-
-
-def _one_batch(c: ml_collections.ConfigDict) -> str:
-  extra = _row_len(c) - c.data.seq_len
-  seq = f"(seq_len+{extra})" if extra else "seq_len"
-  return (
-    f"one batch needs batch_size*{seq}={c.batch_size}*{_row_len(c)}="
-    f"{c.batch_size * _row_len(c)} tokens"
-  )
-
-
-def _check_sizes(c: ml_collections.ConfigDict, meta: dict) -> None:
-  """Both splits must fill at least one global batch."""
-  train, ev = meta["train"], meta["eval"]
-  if train["rows"] < c.batch_size:
-    raise DataError(
-      f"{_source_name(c, 'train')} has {train['tokens']} tokens in {train['docs']} documents; "
-      f"{_one_batch(c)}. Use more data, or lower --config.batch_size or --config.data.seq_len."
-    )
-  if ev["rows"] < c.batch_size:
-    raise DataError(
-      f"eval split too small: {_source_name(c, 'eval')} has {ev['tokens']} tokens in "
-      f"{ev['docs']} documents ({ev['rows']} rows); {_one_batch(c)}. Raise "
-      "--config.data.eval_fraction, set --config.data.eval_text_files, or lower "
-      "--config.batch_size."
-    )
-
-
-def _train_tokenizer(c: ml_collections.ConfigDict, path: str) -> tokenizer_lib.Tokenizer:
-  """Train on the first data.tokenizer_sample_bytes of the train split (never on eval text)."""
-  train_docs = corpus.documents(c, "train", corpus.DecodeStats())
-  sample = corpus.tokenizer_sample(train_docs, c.data.tokenizer_sample_bytes)
-  if not sample:
-    raise DataError(
-      f"{_source_name(c, 'train')} has no text; {_one_batch(c)}. Check data.source and its "
-      "files or dataset (and that data.tokenizer_sample_bytes > 0)."
-    )
-  logging.info("training a %d-piece tokenizer on %d documents", c.data.vocab_size, len(sample))
-  return tokenizer_lib.train(sample, c.data.vocab_size, path)
-
-
-def _tokenizer(
-  c: ml_collections.ConfigDict, workdir: str, may_train: bool
-) -> tokenizer_lib.Tokenizer:
-  """data.tokenizer_path if set, else the workdir's own tokenizer, trained on first use."""
-  if c.data.tokenizer_path:
-    tok, origin = tokenizer_lib.load(c.data.tokenizer_path), "data.tokenizer_path"
-  else:
-    origin = os.path.join(workdir, "tokenizer.model")
-    if tf.io.gfile.exists(origin):
-      tok = tokenizer_lib.load(origin)
-    elif may_train:
-      tok = _train_tokenizer(c, origin)
-    else:
-      raise DataError(f"{origin} does not exist; run prepare(config, workdir) before build().")
-  if tok.vocab_size != c.data.vocab_size:
-    raise DataError(
-      f"the tokenizer {origin} has {tok.vocab_size} pieces but data.vocab_size="
-      f"{c.data.vocab_size}; set --config.data.vocab_size={tok.vocab_size}, or use a new "
-      "--workdir to train a tokenizer of the new size."
-    )
-  _check_specials(c, tok)
-  return tok
-
-
-def _existing_tokenizer(c: ml_collections.ConfigDict, workdir: str):
-  """The tokenizer prepare() would use, or None where it would train a new one (reads only)."""
-  path = c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
-  if c.data.tokenizer_path or tf.io.gfile.exists(path):
-    return tokenizer_lib.load(path)
-  return None
-
-
-def resume_record(c: ml_collections.ConfigDict, workdir: str) -> dict:
-  """What a checkpoint records about its data beside the config, computed without writing."""
-  tok = _existing_tokenizer(c, workdir)
-  return {
-    "tokenizer_sha256": tok.sha256 if tok else "none yet (prepare would train a new one)",
-    "data_listing": corpus.listing(c),
-    "data_order": permute.ORDER_VERSION,
-  }
-
-
-def cache_requests(c: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict] | None:
-  """(what the cache in workdir/data was built from, what prepare() would build it from now).
-
-  None when there is no cache or no tokenizer yet: then nothing cached is replaced.
-  """
-  meta, tok = _read_meta(workdir), _existing_tokenizer(c, workdir)
-  if meta is None or tok is None:
-    return None
-  return meta["request"], _request(c, tok)
-
-
-def _pack_separated(texts, tok, sep_id: int, row_len: int, what: str) -> corpus.Packed:
-  """corpus.pack for a tokenizer whose start and end id are one (GPT-2's <|endoftext|>): each
-  document is opened by it and not closed, so the stream reads sep d1 sep d2 ..."""
-  dtype = np.uint16 if tok.vocab_size <= 65535 else np.int32
-  chunks, carry, num_docs, num_tokens = [], np.empty(0, np.int64), 0, 0
-  texts = iter(texts)
-  while batch := list(itertools.islice(texts, _PACK_DOCS)):
-    ids = [[sep_id, *doc] for doc in tok.encode_batch(batch)]
-    stream = np.concatenate([carry, np.fromiter(itertools.chain.from_iterable(ids), np.int64)])
-    num_docs += len(batch)
-    num_tokens += len(stream) - len(carry)
-    usable = len(stream) // row_len * row_len
-    chunks.append(stream[:usable].reshape(-1, row_len).astype(dtype))
-    carry = stream[usable:]
-  rows = np.concatenate(chunks) if chunks else np.empty((0, row_len), dtype)
-  logging.info(
-    "prepare %s: %d documents, %d tokens, %d rows", what, num_docs, num_tokens, len(rows)
-  )
-  return corpus.Packed(rows=rows, num_docs=num_docs, num_tokens=num_tokens)
-
-
 def _pack(c, tok, split: str, stats: corpus.DecodeStats, samples: list[str] | None = None):
   start_id, end_id = _doc_ids(c, tok)
   texts = corpus.documents(c, split, stats)
   if samples is not None:
     texts = corpus.keep_snippets(texts, samples)
+  row_len = cache.row_len(c)
   if start_id == end_id:
-    return _pack_separated(texts, tok, start_id, _row_len(c), split)
-  return corpus.pack(texts, tok, start_id=start_id, end_id=end_id, row_len=_row_len(c), what=split)
+    return packing.pack_separated(texts, tok, start_id, row_len, split)
+  return packing.pack(texts, tok, start_id=start_id, end_id=end_id, row_len=row_len, what=split)
 
 
 def prepare(c: ml_collections.ConfigDict, workdir: str) -> None:
@@ -441,13 +247,13 @@ def prepare(c: ml_collections.ConfigDict, workdir: str) -> None:
   Call on process 0 only, before build(). A killed or failed prepare leaves no meta.json, and
   build() refuses to run without one that matches the config.
   """
-  paths = _paths(workdir)
-  tok = _tokenizer(c, workdir, may_train=True)
-  request = _request(c, tok)
-  meta = _read_meta(workdir)
+  paths = cache.paths(workdir)
+  tok = cache.tokenizer(c, workdir, may_train=True)
+  request = cache.request(c, tok)
+  meta = cache.read_meta(workdir)
   if meta is not None and meta["request"] == request:
     logging.info("reusing the data cache in %s", paths["dir"])
-    _check_sizes(c, meta)
+    cache.check_sizes(c, meta)
     return
   if meta is not None:
     tf.io.gfile.remove(paths["meta"])
@@ -464,10 +270,10 @@ def prepare(c: ml_collections.ConfigDict, workdir: str) -> None:
   meta["undecodable"] = {"files": len(stats.files), "docs": stats.docs}
   for split, p in packed.items():
     meta[split] = {"docs": p.num_docs, "tokens": p.num_tokens, "rows": len(p.rows)}
-  _check_sizes(c, meta)
+  cache.check_sizes(c, meta)
   for split, p in packed.items():
-    _atomic_write(paths[split], lambda f, rows=p.rows: np.save(f, rows))
-  _atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
+    cache.atomic_write(paths[split], lambda f, rows=p.rows: np.save(f, rows))
+  cache.atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
   logging.info("data cache written to %s: %s", paths["dir"], {k: meta[k] for k in packed})
 
 
@@ -494,18 +300,18 @@ def build(
   rows = np.asarray(rows, np.int64)
   if not len(rows) or rows.min() < 0 or rows.max() >= c.batch_size or (np.diff(rows) <= 0).any():
     raise DataError(f"rows {rows} are not sorted, distinct indices into a batch of {c.batch_size}.")
-  paths = _paths(workdir)
-  tok = _tokenizer(c, workdir, may_train=False)
-  meta = _read_meta(workdir)
+  paths = cache.paths(workdir)
+  tok = cache.tokenizer(c, workdir, may_train=False)
+  meta = cache.read_meta(workdir)
   if meta is None:
     raise DataError(f"no data cache in {paths['dir']}; run prepare(config, workdir) first.")
-  if meta["request"] != _request(c, tok):
+  if meta["request"] != cache.request(c, tok):
     raise DataError(
       f"the data cache in {paths['dir']} was built for another config or tokenizer; run "
       "prepare(config, workdir) again to rebuild it."
     )
-  _check_sizes(c, meta)
-  train_rows, eval_rows = _load_rows(paths["train"]), _load_rows(paths["eval"])
+  cache.check_sizes(c, meta)
+  train_rows, eval_rows = cache.load_rows(paths["train"]), cache.load_rows(paths["eval"])
   if len(train_rows) != meta["train"]["rows"] or len(eval_rows) != meta["eval"]["rows"]:
     raise DataError(f"{paths['dir']} holds other row counts than its meta.json; rerun prepare.")
   return Data(

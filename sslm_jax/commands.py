@@ -1,0 +1,37 @@
+"""How the commands over api.py (generate, fill_mask, score) run: absl flags, and one line
+naming the problem and the fix for a bad flag, workdir or input."""
+
+from __future__ import annotations
+
+import sys
+
+from sslm_jax import cluster
+from sslm_jax import tokenizer as tok
+from sslm_jax.restore import UsageError
+
+
+def run_command(main) -> None:
+  """absl's app.run for the commands over api.py: a bad flag, workdir or input ends the
+  command with one line naming the problem and the fix, and exit status 2."""
+  from absl import app, flags, logging
+
+  def fail(message: str):
+    sys.stdout.flush()
+    print(f"sslm_jax: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(f"{e}")
+
+  def guarded(argv):
+    logging.set_verbosity(logging.WARNING)  # Orbax logs ~15 INFO lines per restore
+    cluster.skip_tpu_without_chips()
+    try:
+      main(argv)
+    except (UsageError, tok.TokenizerError) as e:
+      fail(str(e))
+
+  app.run(guarded, flags_parser=parse)

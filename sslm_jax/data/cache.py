@@ -1,0 +1,190 @@
+"""The files prepare() writes into a workdir, tokenizer.model and data/ (the token rows and
+meta.json), and what a resume compares with them before anything is rebuilt.
+
+meta.json records the request the rows answer (see `request`); prepare() writes it last, so a
+cache without one is incomplete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Callable
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.data import corpus, permute
+from sslm_jax.data.corpus import DataError
+
+CACHE_VERSION = 1
+
+
+def row_len(c: ml_collections.ConfigDict) -> int:
+  return c.data.seq_len + 1 if c.objective == "causal_lm" else c.data.seq_len
+
+
+def _check_specials(c: ml_collections.ConfigDict, tok) -> None:
+  """A tokenizer.json must have the special tokens the objective frames documents with."""
+  needed = ("bos_id", "eos_id") if c.objective == "causal_lm" else ("cls_id", "sep_id", "mask_id")
+  missing = [name for name in needed if getattr(tok, name) is None]
+  if missing:
+    raise DataError(
+      f"tokenizer {tok.path} has no special token for {missing}, which objective="
+      f"{c.objective} needs; use a tokenizer that has them (GPT-2's <|endoftext|> for "
+      "causal_lm, BERT's [CLS]/[SEP]/[MASK] for masked_lm)."
+    )
+
+
+def _source_name(c: ml_collections.ConfigDict, split: str) -> str:
+  d = c.data
+  if d.source == "text":
+    files = d.eval_text_files if split == "eval" and d.eval_text_files else d.text_files
+    return f"text files {files!r} ({split} split)"
+  if d.source == "tfds":
+    return f"tfds {d.tfds_name}:{d.tfds_train_split if split == 'train' else d.tfds_eval_split}"
+  return f"builtin (Python standard library sources, {split} split)"
+
+
+def paths(workdir: str) -> dict[str, str]:
+  data = os.path.join(workdir, "data")
+  return {
+    "dir": data,
+    "meta": os.path.join(data, "meta.json"),
+    "train": os.path.join(data, "train_rows.npy"),
+    "eval": os.path.join(data, "eval_rows.npy"),
+  }
+
+
+def atomic_write(path: str, write: Callable) -> None:
+  """Write beside `path` under a temporary name, then rename: never a half file at `path`."""
+  head, tail = os.path.split(path)
+  tmp = os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  with tf.io.gfile.GFile(tmp, "wb") as f:
+    write(f)
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def read_meta(workdir: str) -> dict | None:
+  path = paths(workdir)["meta"]
+  if not tf.io.gfile.exists(path):
+    return None
+  with tf.io.gfile.GFile(path, "r") as f:
+    return json.load(f)
+
+
+def load_rows(path: str) -> np.ndarray:
+  if "://" not in path:
+    return np.load(path, mmap_mode="r")
+  with tf.io.gfile.GFile(path, "rb") as f:
+    return np.load(io.BytesIO(f.read()))
+
+
+def request(c: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> dict:
+  """Everything the cached rows depend on; any change means a rebuild."""
+  request = {
+    "version": CACHE_VERSION,
+    "objective": c.objective,
+    "seq_len": c.data.seq_len,
+    "row_len": row_len(c),
+    "tokenizer_sha256": tok.sha256,
+    "source": corpus.describe(c),
+  }
+  return json.loads(json.dumps(request))  # the form it has after a round trip through meta.json
+
+
+def _one_batch(c: ml_collections.ConfigDict) -> str:
+  extra = row_len(c) - c.data.seq_len
+  seq = f"(seq_len+{extra})" if extra else "seq_len"
+  return (
+    f"one batch needs batch_size*{seq}={c.batch_size}*{row_len(c)}="
+    f"{c.batch_size * row_len(c)} tokens"
+  )
+
+
+def check_sizes(c: ml_collections.ConfigDict, meta: dict) -> None:
+  """Both splits must fill at least one global batch."""
+  train, ev = meta["train"], meta["eval"]
+  if train["rows"] < c.batch_size:
+    raise DataError(
+      f"{_source_name(c, 'train')} has {train['tokens']} tokens in {train['docs']} documents; "
+      f"{_one_batch(c)}. Use more data, or lower --config.batch_size or --config.data.seq_len."
+    )
+  if ev["rows"] < c.batch_size:
+    raise DataError(
+      f"eval split too small: {_source_name(c, 'eval')} has {ev['tokens']} tokens in "
+      f"{ev['docs']} documents ({ev['rows']} rows); {_one_batch(c)}. Raise "
+      "--config.data.eval_fraction, set --config.data.eval_text_files, or lower "
+      "--config.batch_size."
+    )
+
+
+def _train_tokenizer(c: ml_collections.ConfigDict, path: str) -> tokenizer_lib.Tokenizer:
+  """Train on the first data.tokenizer_sample_bytes of the train split (never on eval text)."""
+  train_docs = corpus.documents(c, "train", corpus.DecodeStats())
+  sample = corpus.tokenizer_sample(train_docs, c.data.tokenizer_sample_bytes)
+  if not sample:
+    raise DataError(
+      f"{_source_name(c, 'train')} has no text; {_one_batch(c)}. Check data.source and its "
+      "files or dataset (and that data.tokenizer_sample_bytes > 0)."
+    )
+  logging.info("training a %d-piece tokenizer on %d documents", c.data.vocab_size, len(sample))
+  return tokenizer_lib.train(sample, c.data.vocab_size, path)
+
+
+def tokenizer(
+  c: ml_collections.ConfigDict, workdir: str, may_train: bool
+) -> tokenizer_lib.Tokenizer:
+  """data.tokenizer_path if set, else the workdir's own tokenizer, trained on first use."""
+  if c.data.tokenizer_path:
+    tok, origin = tokenizer_lib.load(c.data.tokenizer_path), "data.tokenizer_path"
+  else:
+    origin = os.path.join(workdir, "tokenizer.model")
+    if tf.io.gfile.exists(origin):
+      tok = tokenizer_lib.load(origin)
+    elif may_train:
+      tok = _train_tokenizer(c, origin)
+    else:
+      raise DataError(f"{origin} does not exist; run prepare(config, workdir) before build().")
+  if tok.vocab_size != c.data.vocab_size:
+    raise DataError(
+      f"the tokenizer {origin} has {tok.vocab_size} pieces but data.vocab_size="
+      f"{c.data.vocab_size}; set --config.data.vocab_size={tok.vocab_size}, or use a new "
+      "--workdir to train a tokenizer of the new size."
+    )
+  _check_specials(c, tok)
+  return tok
+
+
+def _existing_tokenizer(c: ml_collections.ConfigDict, workdir: str):
+  """The tokenizer prepare() would use, or None where it would train a new one (reads only)."""
+  path = c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+  if c.data.tokenizer_path or tf.io.gfile.exists(path):
+    return tokenizer_lib.load(path)
+  return None
+
+
+def resume_record(c: ml_collections.ConfigDict, workdir: str) -> dict:
+  """What a checkpoint records about its data beside the config, computed without writing."""
+  tok = _existing_tokenizer(c, workdir)
+  return {
+    "tokenizer_sha256": tok.sha256 if tok else "none yet (prepare would train a new one)",
+    "data_listing": corpus.listing(c),
+    "data_order": permute.ORDER_VERSION,
+  }
+
+
+def cache_requests(c: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict] | None:
+  """(what the cache in workdir/data was built from, what prepare() would build it from now).
+
+  None when there is no cache or no tokenizer yet: then nothing cached is replaced.
+  """
+  meta, tok = read_meta(workdir), _existing_tokenizer(c, workdir)
+  if meta is None or tok is None:
+    return None
+  return meta["request"], request(c, tok)

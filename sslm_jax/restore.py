@@ -1,0 +1,121 @@
+"""What a training workdir holds, read back: its config, a checkpoint step, the tokenizer it was
+trained with, and the model's parameters alone (no optimizer state) on one device.
+
+Nothing here writes to the workdir, and TensorFlow is never imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from sslm_jax import config as config_lib
+from sslm_jax import model as model_lib
+from sslm_jax import tokenizer as tok
+
+
+class UsageError(ValueError):
+  """A workdir or an input that cannot work; the message names the problem and the fix."""
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a training run wrote to WORKDIR/config.json."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise UsageError(
+      f"{workdir} has no config.json, so it is not the workdir of a sslm_jax run; pass the "
+      "--workdir a `python -m sslm_jax.main` run trained in."
+    )
+  config = config_lib.defaults()  # fields added since the run started keep their defaults
+  config.update(json.loads(path.read_text()))
+  return config
+
+
+def _checkpoint_dir(workdir: str) -> epath.Path:
+  directory = f"{workdir}/checkpoints"
+  return epath.Path(directory if "://" in directory else os.path.abspath(directory))
+
+
+def _choose_step(workdir: str, steps: list[int], step: int | None) -> int:
+  if not steps:
+    raise UsageError(
+      f"{workdir} has no checkpoints yet (none in {workdir}/checkpoints); let its training run "
+      "save one (every checkpoint_every_steps, and at the end), or pass another --workdir."
+    )
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise UsageError(
+      f"{workdir} has no checkpoint at step {step}; available steps: "
+      f"{', '.join(map(str, sorted(steps)))}. Pick one of them, or leave the step out for the "
+      "newest."
+    )
+  return step
+
+
+def _restore_params(step_dir: epath.Path, model_cfg: model_lib.ModelConfig):
+  """The `params` subtree of the saved TrainState, each array whole on the first local device.
+
+  Orbax's partial restore reads only the leaves named in the target tree: the optimizer state
+  (twice the parameters' bytes) is never read, and shards from any mesh are reassembled.
+  """
+  abstract_model = nnx.eval_shape(lambda: model_lib.build(model_cfg, 0))
+  graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params
+  )
+  item = {"params": target}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(
+      step_dir / "state",
+      args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
+    )
+  return nnx.merge(graphdef, restored["params"])
+
+
+class Restored(NamedTuple):
+  """A workdir's checkpoint, as `api.load` builds a LanguageModel from it."""
+
+  config: ml_collections.ConfigDict
+  model_cfg: model_lib.ModelConfig
+  model: model_lib.GPT | model_lib.BERT
+  tokenizer: tok.Tokenizer  # or an hf_tokenizer.HFTokenizer
+  step: int
+
+
+def from_workdir(workdir: str, step: int | None = None) -> Restored:
+  """The config, parameters and tokenizer of `workdir` at `step` (default: its newest)."""
+  workdir = str(workdir).rstrip("/")
+  config = read_config(workdir)
+  directory = _checkpoint_dir(workdir)
+  steps = ocp.step.checkpoint_steps(directory) if directory.exists() else []
+  step = _choose_step(workdir, steps, step)
+  tokenizer = tok.load(config.data.tokenizer_path or f"{workdir}/tokenizer.model")
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+    meta = checkpointer.restore(directory / str(step) / "meta")
+  recorded = dict(meta or {}).get("fingerprint", {}).get("tokenizer_sha256")
+  if recorded and recorded != tokenizer.sha256:
+    raise UsageError(
+      f"{tokenizer.path} is not the tokenizer the checkpoint at step {step} was trained with "
+      "(its SHA-256 differs); restore the run's tokenizer.model."
+    )
+  model_cfg = config_lib.model_config(config)
+  try:
+    model = _restore_params(directory / str(step), model_cfg)
+  except Exception as e:  # Orbax and TensorStore raise many types for missing or damaged files
+    others = ", ".join(str(s) for s in sorted(steps) if s != step) or "none"
+    text = " ".join(str(e).split())[:300]
+    raise UsageError(
+      f"checkpoint {directory / str(step)} cannot be read ({type(e).__name__}: {text}); "
+      f"load another step (available: {others})."
+    ) from e
+  return Restored(config, model_cfg, model, tokenizer, step)
