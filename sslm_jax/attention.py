@@ -69,8 +69,11 @@ class Attention(nnx.Module):
     )
     scores_BNTS = jnp.where(mask_B1TS, scores_BNTS * scale, PADDING_LOGIT)
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(value_BNSH.dtype)
-    out_BNTH = jnp.einsum("BNTS,BNSH->BNTH", probs_BNTS, value_BNSH)
-    out_BTD = jnp.einsum("BNTH,NHD->BTD", out_BNTH, self.out.kernel[...].astype(out_BNTH.dtype))
+    out_BTNH = constrain(jnp.einsum("BNTS,BNSH->BTNH", probs_BNTS, value_BNSH), names)
+    # Heads and head_dim merged into one contraction: as two, XLA:CPU transposed the output
+    # kernel at every decode step.
+    (b, t, n, h), kernel_NHD = out_BTNH.shape, self.out.kernel[...]
+    out_BTD = out_BTNH.reshape(b, t, n * h) @ kernel_NHD.reshape(n * h, -1).astype(out_BTNH.dtype)
     return out_BTD + self.out.bias[...].astype(out_BTD.dtype), key_BNHS, value_BNSH
 
 

@@ -12,7 +12,24 @@ import jax
 import tqdm
 from absl import logging
 from etils import epath
-from tensorboardX import SummaryWriter, record_writer
+
+
+def _import_tensorboardx():
+  """tensorboardX imports torch when it is installed (only to accept torch tensors, which we
+  never pass): 1.7 s and a second framework in every run. Hide torch while it loads."""
+  if "torch" in sys.modules:
+    import tensorboardX
+  else:
+    sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
+    try:
+      import tensorboardX
+    finally:
+      del sys.modules["torch"]
+  return tensorboardX
+
+
+_tbx = _import_tensorboardx()
+SummaryWriter, record_writer = _tbx.SummaryWriter, _tbx.record_writer
 
 # Object stores that etils.epath reaches (gs:// through tf.io.gfile, or gcsfs without TensorFlow).
 _OBJECT_STORES = ("gs", "s3", "az")
