@@ -17,6 +17,9 @@ CORE = [
   "sslm_jax.config",
   "sslm_jax.data.masking",
   "sslm_jax.data.permute",
+  "sslm_jax.data.labelled",
+  "sslm_jax.data.augment",
+  "sslm_jax.data.augment_sources",
   "sslm_jax.lease",
   "sslm_jax.cluster",
   "sslm_jax.topology",
@@ -27,6 +30,7 @@ CORE = [
   "sslm_jax.decode",
   "sslm_jax.hf",
   "sslm_jax.hf_tokenizer",
+  "sslm_jax.task_metrics",
 ]
 
 
