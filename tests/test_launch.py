@@ -587,8 +587,11 @@ def fake_slurm(tmp_path):
     "srun": f'echo $$ > {tmp_path}/srun.pid\necho "srun $*" >> {log}\n'
     "trap 'exit \"${FAKE_STOP_STATUS:-0}\"' TERM\n"
     f"while [ ! -e {tmp_path}/finish ]; do sleep 0.05; done\n",
+    # scancel returns only once srun has ended: the batch script's trap then always finds srun
+    # gone, the order that once made it report wait's 138 instead of srun's own status.
     "scancel": f'echo "scancel $*" >> {log}\n'
-    f'if [ "$1" = --signal=TERM ]; then kill -TERM "$(cat {tmp_path}/srun.pid)"; fi\n',
+    f'if [ "$1" = --signal=TERM ]; then pid=$(cat {tmp_path}/srun.pid); kill -TERM "$pid"; '
+    'while kill -0 "$pid" 2>/dev/null; do sleep 0.02; done; fi\n',
     "scontrol": f'echo "scontrol $*" >> {log}\n',
   }
   for name, body in scripts.items():
