@@ -227,6 +227,9 @@ class Trainer:
     self._eval = jax.jit(
       functools.partial(eval_step, spec=spec, outputs_fn=self.objective.eval_outputs),
       in_shardings=(spec.shardings.params, self.batch_sharding),
+      # Replicated, so every process reads whole outputs (a fine-tuning eval returns per-row
+      # predictions, which would otherwise stay split over the processes holding the rows).
+      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
     )
 
   def to_global(self, batch: Batch) -> dict:

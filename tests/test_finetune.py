@@ -1,6 +1,7 @@
 """Fine-tuning: heads, the built-in task, init_from, freezing and exact resume, run in-process."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -286,3 +287,38 @@ def test_pooled_positions():
   bert = config_lib.model_config(tiny_config("masked_lm"))
   assert heads.pooled(gpt, x_BTD, segments)[:, 0].tolist() == [1.0, 7.0]
   assert heads.pooled(bert, x_BTD, segments)[:, 0].tolist() == [0.0, 4.0]
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("finetune.task", "tagging_x", "finetune.task='tagging_x': use one of"),
+    ("finetune.freeze_encoder_steps", -1, "finetune.freeze_encoder_steps=-1 must be"),
+    ("finetune.eval_files", "", "finetune.train_files and finetune.eval_files go together"),
+    ("finetune.init_from", "/no/such/run", "finetune.init_from='/no/such/run' is not a directory"),
+  ],
+)
+def test_finetune_config_errors_name_the_field(task_dir, field, value, message):
+  config = _config(task_dir)
+  section, name = field.split(".")
+  config[section][name] = value
+  with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
+    config_lib.validate(config)
+
+
+def test_regression_with_text_pairs_reports_correlations(tmp_path, task_dir):
+  rng = np.random.default_rng(1)
+  for name, n in (("train", 64), ("eval", 32)):
+    rows = []
+    for (a, _), (b, _) in zip(_texts(rng, n), _texts(rng, n), strict=True):
+      score = float(sum(w in _KEYS for w in (a + " " + b).split()))
+      rows.append(json.dumps({"text": a, "text_pair": b, "label": score}))
+    (tmp_path / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+  config = _config(task_dir, steps=3)
+  config.finetune.task = "regression"
+  config.finetune.train_files = str(tmp_path / "train.jsonl")
+  config.finetune.eval_files = str(tmp_path / "eval.jsonl")
+  finetune.run(config, str(tmp_path / "run"), _mesh(config))
+  final = _records(tmp_path / "run")[-1]
+  assert {"eval_pearson", "eval_spearman", "eval_loss"} <= set(final)
+  assert not (tmp_path / "run" / "labels.json").exists()
