@@ -99,6 +99,18 @@ def defaults() -> ml_collections.ConfigDict:
   c.opt.grad_clip_norm = 1.0
   c.opt.grad_accum_steps = 1  # microbatches per step, accumulated inside one jitted step
 
+  # Fine-tuning with a task head (heads.py, finetune.py); task '' is pretraining.
+  c.finetune = ml_collections.ConfigDict()
+  c.finetune.task = ""  # '' | classification | pair_classification | regression
+  c.finetune.init_from = ""  # a workdir of ours whose parameters start the encoder ('' = random)
+  c.finetune.init_step = 0  # its checkpoint to load; 0: the newest
+  # Labelled .jsonl/.csv/.tsv (see data/labelled.py); empty: the built-in task (data/tasks.py).
+  c.finetune.train_files = ""
+  c.finetune.eval_files = ""
+  c.finetune.num_labels = 0  # 0: from the training labels; else must equal their count
+  c.finetune.freeze_encoder = False  # train the head only (a linear probe)
+  c.finetune.freeze_encoder_steps = 0  # train the head only for this many first steps
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by the other axes
   c.mesh.fsdp = 1
@@ -150,6 +162,49 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_model(c)
   _validate_compiler_and_init(c)
   _validate_opt(c)
+  _validate_finetune(c)
+
+
+FINETUNE_TASKS = ("", "classification", "pair_classification", "regression")
+
+
+def _validate_finetune(c: ml_collections.ConfigDict) -> None:
+  f = c.finetune
+  _require(
+    f.task in FINETUNE_TASKS,
+    f"finetune.task={f.task!r}: use one of {', '.join(repr(t) for t in FINETUNE_TASKS)}.",
+  )
+  if not f.task:
+    return
+  _require(
+    not (f.init_from and c.init_from_hf),
+    "finetune.init_from and init_from_hf both name starting weights; set only one of them.",
+  )
+  _require(
+    not f.init_from or os.path.isdir(f.init_from) or "://" in f.init_from,
+    f"finetune.init_from={f.init_from!r} is not a directory; pass the --workdir of a pretraining "
+    "run.",
+  )
+  for name in ("init_step", "num_labels", "freeze_encoder_steps"):
+    _require(
+      isinstance(f[name], int) and f[name] >= 0,
+      f"finetune.{name}={f[name]!r} must be an integer >= 0.",
+    )
+  _require(
+    f.task != "regression" or f.num_labels in (0, 1),
+    f"finetune.num_labels={f.num_labels} with task 'regression': regression has one output; "
+    "leave it 0.",
+  )
+  _require(
+    bool(f.train_files) == bool(f.eval_files),
+    "finetune.train_files and finetune.eval_files go together; set both, or neither for the "
+    "built-in task.",
+  )
+  _require(
+    bool(f.train_files) or f.task == "classification",
+    f"the built-in task is a classification task; set finetune.task='classification' or give "
+    f"finetune.train_files for task {f.task!r}.",
+  )
 
 
 def _validate_counts(c: ml_collections.ConfigDict) -> None:

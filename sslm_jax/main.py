@@ -263,6 +263,8 @@ def run(config, workdir: str) -> dict:
 
 def _train(config, workdir: str, mesh) -> dict:
   """Everything that reads or writes the workdir; runs under its lease."""
+  if config.finetune.task:
+    return _finetune(config, workdir, mesh)
   fingerprint = _check_resumable(config, workdir)
   _use_compilation_cache(workdir)  # only now: a refused run leaves the workdir untouched
   from sslm_jax.data import pipeline  # the only TensorFlow import, kept out of the core
@@ -286,6 +288,20 @@ def _train(config, workdir: str, mesh) -> dict:
   return train.train_and_evaluate(
     config, workdir, mesh, hooks, fingerprint, allow_changes=_allowed_changes()
   )
+
+
+def _finetune(config, workdir: str, mesh) -> dict:
+  """A task head on a pretrained encoder (finetune.py); its data needs no TensorFlow."""
+  from sslm_jax import finetune
+  from sslm_jax.data import labelled
+
+  _use_compilation_cache(workdir)
+  batch = sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh.rules))
+  rows = sharding.batch_rows(batch, config.batch_size)
+  try:
+    return finetune.run(config, workdir, mesh, rows, _allowed_changes())
+  except labelled.LabelledDataError as e:
+    raise UsageError(str(e)) from e
 
 
 def initialize_distributed() -> None:

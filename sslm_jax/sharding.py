@@ -27,6 +27,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
   ("layers", None),
   ("position", None),
   ("token_type", None),
+  ("labels", None),  # a task head's outputs (heads.py): few, so replicated
   ("act_batch", ("data", "fsdp")),
   ("act_len", None),
   ("act_embed", None),

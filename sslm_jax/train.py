@@ -45,18 +45,59 @@ class DataHooks:
   on_end: Callable[[Callable, TrainState], None] | None = None  # e.g. print samples
 
 
-def _summed_grads(params, batch, *, spec: StateSpec, key):
+class Objective:
+  """What the loop builds, optimises and evaluates: by default the pretraining LM objective.
+
+  finetune.py subclasses it for task heads; the loop, checkpoints and resume stay the same.
+  """
+
+  def __init__(self, config):
+    self.config = config
+    self.model_cfg = config_lib.model_config(config)
+
+  build = None  # seed -> model; None: the pretraining model of model_cfg
+
+  def optimizer(self) -> optax.GradientTransformation:
+    return optim.make(self.config.opt, self.config.num_train_steps)
+
+  def initial_params(self) -> dict | None:
+    """Parameters (a pure dict of host arrays) that replace the random ones at step 0."""
+    if not self.config.init_from_hf:
+      return None
+    logging.info("Starting from the Hugging Face weights in %s", self.config.init_from_hf)
+    return hf.load_params(self.config.init_from_hf, self.config)
+
+  def metric_sums(self, model, batch, key=None) -> dict:
+    """{"loss_sum", "count", ...} of one batch; the loss is loss_sum / count."""
+    return objectives.metric_sums(model, batch, key)
+
+  def eval_outputs(self, model, batch) -> dict:
+    """What one eval batch returns to the host (here its metric sums)."""
+    return objectives.metric_sums(model, batch)
+
+  def summarize(self, outputs: list[dict]) -> dict:
+    """The eval record from every eval batch's host outputs."""
+    totals: dict[str, float] = {}
+    for sums in outputs:
+      for k, v in sums.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+    return eval_summary(totals, self.model_cfg.causal) if totals else {}
+
+
+def _summed_grads(params, batch, *, spec: StateSpec, key, sums_fn=objectives.metric_sums):
   """Gradient of the summed loss, and the metric sums, for one (micro)batch."""
 
   def loss_sum(params):
-    sums = objectives.metric_sums(spec.merge(params), batch, key)
+    sums = sums_fn(spec.merge(params), batch, key)
     return sums["loss_sum"], sums
 
   (_, sums), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
   return grads, sums
 
 
-def _accumulated_grads(params, batch, *, spec: StateSpec, key, accum_steps: int):
+def _accumulated_grads(
+  params, batch, *, spec: StateSpec, key, accum_steps: int, sums_fn=objectives.metric_sums
+):
   """Summed gradients over `accum_steps` microbatches, run one after another in a scan.
 
   Microbatch j takes rows j, j+k, j+2k, ... so every data-parallel shard feeds every microbatch.
@@ -68,11 +109,12 @@ def _accumulated_grads(params, batch, *, spec: StateSpec, key, accum_steps: int)
   def body(carry, inputs):
     index, micro = inputs
     micro_key = None if key is None else jax.random.fold_in(key, index)
-    grads, sums = _summed_grads(params, micro, spec=spec, key=micro_key)
+    grads, sums = _summed_grads(params, micro, spec=spec, key=micro_key, sums_fn=sums_fn)
     return jax.tree.map(jnp.add, carry, (grads, sums)), None
 
   zeros = jax.tree.map(
-    jnp.zeros_like, jax.eval_shape(lambda: _summed_grads(params, batch, spec=spec, key=key))
+    jnp.zeros_like,
+    jax.eval_shape(lambda: _summed_grads(params, batch, spec=spec, key=key, sums_fn=sums_fn)),
   )
   micro_batches = (jnp.arange(accum_steps), jax.tree.map(split, batch))
   (grads, sums), _ = jax.lax.scan(body, zeros, micro_batches)
@@ -80,20 +122,30 @@ def _accumulated_grads(params, batch, *, spec: StateSpec, key, accum_steps: int)
 
 
 def train_step(
-  state: TrainState, batch, *, spec: StateSpec, tx, lr_schedule, seed: int, dropout, accum_steps=1
+  state: TrainState,
+  batch,
+  *,
+  spec: StateSpec,
+  tx,
+  lr_schedule,
+  seed: int,
+  dropout,
+  accum_steps=1,
+  sums_fn=objectives.metric_sums,
 ):
   """One AdamW update over the mean loss of the batch's predicted tokens.
 
   Dropout randomness is fold_in(seed, step): it replays after a resume. With accum_steps > 1 the
   batch is processed as that many microbatches and the update equals the whole batch's.
+  `sums_fn(model, batch, key)` gives the loss sums (an Objective's metric_sums).
   """
   key = jax.random.fold_in(jax.random.key(seed), state.step) if dropout else None
   if accum_steps > 1:
     grads, sums = _accumulated_grads(
-      state.params, batch, spec=spec, key=key, accum_steps=accum_steps
+      state.params, batch, spec=spec, key=key, accum_steps=accum_steps, sums_fn=sums_fn
     )
   else:
-    grads, sums = _summed_grads(state.params, batch, spec=spec, key=key)
+    grads, sums = _summed_grads(state.params, batch, spec=spec, key=key, sums_fn=sums_fn)
   count = jnp.maximum(sums["count"], 1.0)
   grads = jax.tree.map(lambda g: g / count, grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -108,8 +160,8 @@ def train_step(
   return new_state, step_metrics
 
 
-def eval_step(params, batch, *, spec: StateSpec):
-  return objectives.metric_sums(spec.merge(params), batch)
+def eval_step(params, batch, *, spec: StateSpec, outputs_fn=objectives.metric_sums):
+  return outputs_fn(spec.merge(params), batch)
 
 
 def eval_summary(sums: dict, causal: bool) -> dict:
@@ -149,8 +201,9 @@ def compiler_options(setting: str) -> dict[str, bool | int | str]:
 class Trainer:
   """Compiled steps for one mesh, and the evaluation loop."""
 
-  def __init__(self, config, mesh, spec: StateSpec, tx):
+  def __init__(self, config, mesh, spec: StateSpec, tx, objective: Objective | None = None):
     self.config, self.mesh, self.spec = config, mesh, spec
+    self.objective = objective or Objective(config)
     self.rules = sharding.rules_from_config(config.mesh.rules)
     self.batch_sharding = sharding.batch_sharding(mesh, self.rules)
     self.causal = config.objective == "causal_lm"
@@ -163,6 +216,7 @@ class Trainer:
       seed=config.seed,
       dropout=config.model.dropout_rate > 0,
       accum_steps=config.opt.grad_accum_steps,
+      sums_fn=self.objective.metric_sums,
     )
     self._train = jax.jit(
       step,
@@ -171,8 +225,11 @@ class Trainer:
       donate_argnums=0,
     )
     self._eval = jax.jit(
-      functools.partial(eval_step, spec=spec),
+      functools.partial(eval_step, spec=spec, outputs_fn=self.objective.eval_outputs),
       in_shardings=(spec.shardings.params, self.batch_sharding),
+      # Replicated, so every process reads whole outputs (a fine-tuning eval returns per-row
+      # predictions, which would otherwise stay split over the processes holding the rows).
+      out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
     )
 
   def to_global(self, batch: Batch) -> dict:
@@ -204,13 +261,9 @@ class Trainer:
     return time.perf_counter() - t0
 
   def evaluate(self, params, batches: Iterable[Batch]) -> dict:
-    totals: dict[str, float] = {}
     with sharding.activate(self.mesh, self.rules):
-      for batch in batches:
-        sums = jax.device_get(self._eval(params, self.to_global(batch)))
-        for k, v in sums.items():
-          totals[k] = totals.get(k, 0.0) + float(v)
-    return eval_summary(totals, self.causal) if totals else {}
+      outputs = [jax.device_get(self._eval(params, self.to_global(b))) for b in batches]
+    return self.objective.summarize(outputs)
 
 
 def _check_finite(step: int, values: dict, last_good: int | None) -> None:
@@ -224,27 +277,27 @@ def _check_finite(step: int, values: dict, last_good: int | None) -> None:
     )
 
 
-def init_or_restore(config, mesh, workdir: str, fingerprint: dict, allow_changes=frozenset()):
+def init_or_restore(
+  config, mesh, workdir: str, fingerprint: dict, allow_changes=frozenset(), objective=None
+):
   """(state, spec, tx, checkpointer): the newest checkpoint if the workdir has one, else fresh."""
   rules = sharding.rules_from_config(config.mesh.rules)
-  model_cfg = config_lib.model_config(config)
-  tx = optim.make(config.opt, config.num_train_steps)
+  objective = objective or Objective(config)
+  model_cfg, build = objective.model_cfg, objective.build
+  tx = objective.optimizer()
   ckpt = checkpoint.Checkpointer(
     f"{workdir}/checkpoints", keep=config.keep_checkpoints, keep_every=config.keep_every_steps
   )
   latest = ckpt.latest_step()
   if latest is None:
-    initial = None
-    if config.init_from_hf:
-      initial = hf.load_params(config.init_from_hf, config)
-      logging.info("Starting from the Hugging Face weights in %s", config.init_from_hf)
-    state, spec = train_state.create(model_cfg, config.seed, tx, mesh, rules, initial)
+    initial = objective.initial_params()
+    state, spec = train_state.create(model_cfg, config.seed, tx, mesh, rules, initial, build)
     return state, spec, tx, ckpt
   if config.init_from_hf:
     logging.info("init_from_hf=%s ignored: resuming from a checkpoint.", config.init_from_hf)
   saved = ckpt.read_meta(latest)["fingerprint"]
   checkpoint.check_fingerprint(saved, fingerprint, workdir, allow_changes)
-  spec = train_state.state_spec(model_cfg, config.seed, tx, mesh, rules)
+  spec = train_state.state_spec(model_cfg, config.seed, tx, mesh, rules, build)
   state = ckpt.restore(latest, spec.abstract)
   logging.info("Resuming from the checkpoint at step %d in %s", latest, workdir)
   return state, spec, tx, ckpt
@@ -270,11 +323,20 @@ def _slowest_data_wait(seconds: float) -> dict:
 
 
 def train_and_evaluate(
-  config, workdir: str, mesh, data: DataHooks, fingerprint: dict, allow_changes=frozenset()
+  config,
+  workdir: str,
+  mesh,
+  data: DataHooks,
+  fingerprint: dict,
+  allow_changes=frozenset(),
+  objective: Objective | None = None,
 ) -> dict:
   """Train to `num_train_steps`, resuming from `workdir`; returns the last logged record."""
-  state, spec, tx, ckpt = init_or_restore(config, mesh, workdir, fingerprint, allow_changes)
-  trainer = Trainer(config, mesh, spec, tx)
+  objective = objective or Objective(config)
+  state, spec, tx, ckpt = init_or_restore(
+    config, mesh, workdir, fingerprint, allow_changes, objective
+  )
+  trainer = Trainer(config, mesh, spec, tx, objective)
   start, total = int(jax.device_get(state.step)), config.num_train_steps
   primary = jax.process_index() == 0
   writer = metrics.Writer(workdir, start_step=start, total_steps=total, enabled=primary)

@@ -39,17 +39,26 @@ def _is_var(x):
   return isinstance(x, nnx.Variable)
 
 
-def _init_fn(model_cfg: model_lib.ModelConfig, seed: int, tx: optax.GradientTransformation):
+def _builder(model_cfg: model_lib.ModelConfig, build):
+  """seed -> a fresh model: `build` where given (a fine-tuning model), else the pretraining one."""
+  return build if build is not None else (lambda seed: model_lib.build(model_cfg, seed))
+
+
+def _init_fn(build, seed: int, tx: optax.GradientTransformation):
   def init() -> TrainState:
-    params = nnx.state(model_lib.build(model_cfg, seed), nnx.Param)
+    params = nnx.state(build(seed), nnx.Param)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
   return init
 
 
-def state_spec(model_cfg, seed, tx, mesh, rules) -> StateSpec:
-  """Shapes and shardings of the whole state, without allocating it."""
-  abstract_model = nnx.eval_shape(lambda: model_lib.build(model_cfg, seed))
+def state_spec(model_cfg, seed, tx, mesh, rules, build=None) -> StateSpec:
+  """Shapes and shardings of the whole state, without allocating it.
+
+  `build` (seed -> model) replaces the pretraining model, e.g. with a fine-tuning Classifier.
+  """
+  build = _builder(model_cfg, build)
+  abstract_model = nnx.eval_shape(lambda: build(seed))
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   param_specs = sharding.param_specs(abstract_params, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -63,23 +72,26 @@ def state_spec(model_cfg, seed, tx, mesh, rules) -> StateSpec:
   )
   specs = TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
   shardings = sharding.specs_to_shardings(specs, mesh)
-  abstract = jax.eval_shape(_init_fn(model_cfg, seed, tx))
+  abstract = jax.eval_shape(_init_fn(build, seed, tx))
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
   return StateSpec(graphdef=graphdef, abstract=abstract, shardings=shardings)
 
 
-def create(model_cfg, seed, tx, mesh, rules, initial_params=None) -> tuple[TrainState, StateSpec]:
+def create(
+  model_cfg, seed, tx, mesh, rules, initial_params=None, build=None
+) -> tuple[TrainState, StateSpec]:
   """A freshly initialised state, each leaf created directly in its shards.
 
   `initial_params` (a pure dict of host arrays, as hf.load_params returns) replaces the random
-  parameters; each process places only its own shards of them.
+  parameters; each process places only its own shards of them. `build` as in state_spec.
   """
-  spec = state_spec(model_cfg, seed, tx, mesh, rules)
+  spec = state_spec(model_cfg, seed, tx, mesh, rules, build)
   with sharding.activate(mesh, rules):
     if initial_params is None:
-      state = jax.jit(_init_fn(model_cfg, seed, tx), out_shardings=spec.shardings)()
+      build = _builder(model_cfg, build)
+      state = jax.jit(_init_fn(build, seed, tx), out_shardings=spec.shardings)()
     else:
       state = _state_from(initial_params, spec, tx)
   return state, spec

@@ -31,6 +31,9 @@ CORE = [
   "sslm_jax.hf",
   "sslm_jax.hf_tokenizer",
   "sslm_jax.task_metrics",
+  "sslm_jax.heads",
+  "sslm_jax.finetune",
+  "sslm_jax.data.tasks",
 ]
 
 

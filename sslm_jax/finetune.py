@@ -1,0 +1,255 @@
+"""Fine-tuning with a task head: the same loop, mesh, checkpoints and resume as pretraining.
+
+  python -m sslm_jax.main --config=configs/finetune_bert_tiny.py --workdir=runs/cls \\
+    --config.finetune.init_from=runs/bert_tiny
+
+What differs from pretraining is an Objective (train.py's seam): the model is heads.Classifier,
+the loss the task's, eval gathers predictions for task_metrics, and step 0 starts from the
+encoder of `finetune.init_from` (one of our workdirs) or `init_from_hf`. The data (numpy only)
+is data/tasks.py and data/labelled.py; the label vocabulary is saved as WORKDIR/labels.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import jax
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from sslm_jax import checkpoint, heads, optim, restore, task_metrics, train
+from sslm_jax import config as config_lib
+from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.data import labelled, tasks
+
+BUILTIN_TRAIN_PER_CLASS, BUILTIN_EVAL_PER_CLASS = 1000, 250
+# Model fields that fix the encoder's array shapes, with the config field that sets each.
+_SHAPES = {
+  "objective": "objective",
+  "vocab_size": "data.vocab_size",
+  "max_len": "data.seq_len",
+  "num_layers": "model.num_layers",
+  "num_heads": "model.num_heads",
+  "emb_dim": "model.emb_dim",
+  "mlp_dim": "model.mlp_dim",
+}
+
+
+def freeze_encoder(until_step: int | None) -> optax.GradientTransformation:
+  """Zero the encoder's updates while fewer than `until_step` updates were made (None: always),
+  so its parameters stay bit-identical; the head trains from the first step."""
+
+  def init(params):
+    del params
+    return optax.ScaleByScheduleState(count=jax.numpy.zeros([], jax.numpy.int32))
+
+  def update(updates, state, params=None):
+    del params
+    keep = jax.numpy.asarray(False if until_step is None else state.count >= until_step)
+
+    def mask(path, u):
+      in_encoder = str(getattr(path[0], "key", path[0])) == "encoder"
+      return jax.numpy.where(keep, u, jax.numpy.zeros_like(u)) if in_encoder else u
+
+    updates = jax.tree_util.tree_map_with_path(mask, updates)
+    return updates, optax.ScaleByScheduleState(count=state.count + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+class FinetuneObjective(train.Objective):
+  """A task head on the encoder: classification (cross-entropy) or regression (squared error)."""
+
+  def __init__(self, config, num_labels: int, starting_encoder=None):
+    super().__init__(config)
+    self.task = config.finetune.task
+    self.num_labels = num_labels
+    self.num_outputs = heads.num_outputs(self.task, num_labels)
+    self._starting_encoder = starting_encoder  # () -> pure dict of the encoder, or None
+
+  def build(self, seed: int):
+    return heads.build(self.model_cfg, self.num_outputs, seed)
+
+  def optimizer(self) -> optax.GradientTransformation:
+    f = self.config.finetune
+    tx = optim.make(self.config.opt, self.config.num_train_steps)
+    if f.freeze_encoder or f.freeze_encoder_steps:
+      return optax.chain(tx, freeze_encoder(None if f.freeze_encoder else f.freeze_encoder_steps))
+    return tx
+
+  def initial_params(self) -> dict | None:
+    if self._starting_encoder is None:
+      return None
+    fresh = nnx.to_pure_dict(nnx.state(self.build(self.config.seed), nnx.Param))
+    fresh["encoder"] = self._starting_encoder()
+    return jax.tree.map(np.asarray, fresh)
+
+  def metric_sums(self, model, batch, key=None) -> dict:
+    return heads.task_sums(model, batch, self.task, key)
+
+  def eval_outputs(self, model, batch) -> dict:
+    return heads.eval_outputs(model, batch, self.task)
+
+  def summarize(self, outputs: list[dict]) -> dict:
+    if not outputs:
+      return {}
+    joined = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
+    real = joined["weights"] > 0
+    record = {"eval_loss": float(np.mean(joined["loss"][real]))}
+    labels, predictions = joined["labels"][real], joined["predictions"][real]
+    if self.task == heads.REGRESSION:
+      metrics = task_metrics.regression(labels, predictions)
+    else:
+      metrics = task_metrics.classification(labels, predictions, self.num_labels)
+    record.update({f"eval_{k}": v for k, v in metrics.items()})
+    return record
+
+
+def _check_shapes(config, pretrained, where: str) -> None:
+  ours, theirs = config_lib.model_config(config), config_lib.model_config(pretrained)
+  for field, name in _SHAPES.items():
+    if getattr(ours, field) != getattr(theirs, field):
+      raise config_lib.ConfigError(
+        f"finetune.init_from={where} has {name}={pretrained[name]} but this config has "
+        f"{config[name]}; set --config.{name}={pretrained[name]} (the encoder keeps its shapes)."
+      )
+
+
+def _from_workdir(config):
+  """(tokenizer, () -> the encoder's parameters) of finetune.init_from, checked against config.
+
+  The parameters are read only when called: a resumed run never reads them.
+  """
+  f = config.finetune
+  try:
+    pretrained = restore.read_config(f.init_from)
+  except restore.UsageError as e:
+    raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
+  _check_shapes(config, pretrained, f.init_from)
+  tok = tokenizer_lib.load(pretrained.data.tokenizer_path or f"{f.init_from}/tokenizer.model")
+
+  def encoder() -> dict:
+    try:
+      restored = restore.from_workdir(f.init_from, f.init_step or None)
+    except restore.UsageError as e:
+      raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
+    logging.info("Starting the encoder from %s at step %d", f.init_from, restored.step)
+    return nnx.to_pure_dict(nnx.state(restored.model, nnx.Param))
+
+  return tok, encoder
+
+
+def _tokenizer(config, workdir: str, train_examples, given=None):
+  """The init_from run's tokenizer, else data.tokenizer_path, else WORKDIR/tokenizer.model
+  (trained on the training texts the first time)."""
+  path = config.data.tokenizer_path
+  if given is not None:
+    if path and tokenizer_lib.load(path).sha256 != given.sha256:
+      raise config_lib.ConfigError(
+        f"data.tokenizer_path={path} is not the tokenizer finetune.init_from was trained with; "
+        "leave data.tokenizer_path empty to use that one."
+      )
+    tok = given
+  elif path:
+    tok = tokenizer_lib.load(path)
+  elif epath.Path(f"{workdir}/tokenizer.model").exists():
+    tok = tokenizer_lib.load(f"{workdir}/tokenizer.model")
+  else:
+    texts = [t for e in train_examples for t in (e.text, e.text_pair) if t]
+    tok = tokenizer_lib.train(texts, config.data.vocab_size, f"{workdir}/tokenizer.model")
+  if tok.vocab_size != config.data.vocab_size:
+    raise config_lib.ConfigError(
+      f"the tokenizer {tok.path} has {tok.vocab_size} pieces but data.vocab_size="
+      f"{config.data.vocab_size}; set --config.data.vocab_size={tok.vocab_size}."
+    )
+  return tok
+
+
+def _examples(config) -> tuple[list, list]:
+  f = config.finetune
+  if not f.train_files:
+    return (
+      tasks.builtin_examples("train", BUILTIN_TRAIN_PER_CLASS),
+      tasks.builtin_examples("eval", BUILTIN_EVAL_PER_CLASS),
+    )
+  task = "classification" if f.task == "pair_classification" else f.task
+  return labelled.read_examples(f.train_files, task), labelled.read_examples(f.eval_files, task)
+
+
+def _label_vocab(config, workdir: str, train_examples) -> labelled.LabelVocab | None:
+  """The training labels' vocabulary, written to (or checked against) WORKDIR/labels.json."""
+  if config.finetune.task == heads.REGRESSION:
+    return None
+  vocab = labelled.LabelVocab.from_examples(train_examples, config.finetune.task)
+  path = epath.Path(workdir) / labelled.VOCAB_FILE
+  if path.exists() and labelled.LabelVocab.load(str(path)) != vocab:
+    raise config_lib.ConfigError(
+      f"{path} holds other labels than the training files; use a new --workdir."
+    )
+  if jax.process_index() == 0 and not path.exists():
+    vocab.save(str(path))
+  wanted = config.finetune.num_labels
+  if wanted and wanted != len(vocab):
+    raise config_lib.ConfigError(
+      f"finetune.num_labels={wanted} but the training files have {len(vocab)} labels "
+      f"{list(vocab.labels)[:10]}; set it to {len(vocab)} or 0."
+    )
+  return vocab
+
+
+def _digest(features: dict) -> str:
+  h = hashlib.sha256()
+  for k in sorted(features):
+    h.update(k.encode() + np.ascontiguousarray(features[k]).tobytes())
+  return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class Prepared:
+  data: tasks.TaskData
+  objective: FinetuneObjective
+  fingerprint: dict
+
+
+def prepare(config, workdir: str, rows=None) -> Prepared:
+  """Examples, tokenizer, labels, features and the objective of a fine-tuning run."""
+  train_examples, eval_examples = _examples(config)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  given, encoder = None, None
+  if config.finetune.init_from:
+    given, encoder = _from_workdir(config)
+  elif config.init_from_hf:
+    from sslm_jax import hf
+
+    encoder = lambda: hf.load_params(config.init_from_hf, config)  # noqa: E731
+  tok = _tokenizer(config, workdir, train_examples, given)
+  vocab = _label_vocab(config, workdir, train_examples)
+  causal, seq_len = config.objective == "causal_lm", config.data.seq_len
+  train_features = tasks.featurize(train_examples, tok, vocab, seq_len, causal)
+  eval_features = tasks.featurize(eval_examples, tok, vocab, seq_len, causal)
+  data = tasks.TaskData(train_features, eval_features, config.batch_size, config.seed, rows)
+  objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder)
+  record = {
+    "tokenizer_sha256": tok.sha256,
+    "finetune": {k: config.finetune[k] for k in config.finetune if k not in ("init_step",)},
+    "finetune_data": _digest(train_features) + _digest(eval_features),
+  }
+  return Prepared(data, objective, checkpoint.fingerprint(config, record))
+
+
+def run(config, workdir: str, mesh, rows=None, allow_changes=frozenset()) -> dict:
+  """Fine-tune to num_train_steps, resuming from workdir's newest checkpoint if it has one."""
+  prepared = prepare(config, workdir, rows)
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+  hooks = train.DataHooks(
+    train_batches=prepared.data.train_batches, eval_batches=prepared.data.eval_batches
+  )
+  return train.train_and_evaluate(
+    config, workdir, mesh, hooks, prepared.fingerprint, allow_changes, prepared.objective
+  )
