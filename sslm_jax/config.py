@@ -48,77 +48,102 @@ def defaults() -> ml_collections.ConfigDict:
   # the model fields (mismatches are named). Ignored when resuming from a checkpoint.
   c.init_from_hf = ""
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "builtin"  # 'builtin' | 'text' | 'tfds'
-  c.data.text_files = ""  # comma-separated paths or glob patterns (local or gs://)
-  c.data.eval_text_files = ""  # optional; else a held-out fraction of documents
-  c.data.text_key = "text"  # field of a .jsonl record
-  c.data.eval_fraction = 0.05  # documents held out when no eval files are given
-  c.data.tfds_name = ""
-  c.data.tfds_text_key = "text"
-  c.data.tfds_train_split = "train"
-  c.data.tfds_eval_split = "test"
-  c.data.tfds_data_dir = ""
-  c.data.seq_len = 128
-  c.data.vocab_size = 8192
-  # A sentencepiece .model or a Hugging Face tokenizer.json; empty: one is trained.
-  c.data.tokenizer_path = ""
-  c.data.tokenizer_sample_bytes = 20_000_000
-  c.data.mlm_probability = 0.15
+  c.data = _data_defaults()
 
-  c.model = ml_collections.ConfigDict()
-  c.model.num_layers = 2
-  c.model.num_heads = 4
-  c.model.emb_dim = 128
-  c.model.mlp_dim = 512
-  c.model.dropout_rate = 0.0
-  c.model.dtype = "float32"  # compute
-  c.model.param_dtype = "float32"
-  c.model.vocab_multiple = 128  # embedding rows padded to a multiple of this
-  c.model.scan_layers = True
-  c.model.remat_policy = "none"  # none | full | dots | dots_no_batch
-  c.model.attention_impl = (
-    "auto"  # auto (cudnn on Hopper+ GPUs for bf16/fp16, else xla) | xla | cudnn
-  )
-  c.model.gelu = (
-    "auto"  # auto (tanh for causal_lm like GPT-2, erf for masked_lm like BERT) | tanh | erf
-  )
-  # Documents per row that cuDNN's packed layout holds; 0: measured on the data at start.
-  c.model.max_segments_per_row = 0
+  c.model = _model_defaults()
 
-  c.opt = ml_collections.ConfigDict()
-  c.opt.learning_rate = 1e-3
-  c.opt.warmup_steps = 100
-  c.opt.decay = "cosine"  # 'cosine' | 'linear' | 'constant'
-  c.opt.final_lr_fraction = 0.1
-  c.opt.b1 = 0.9
-  c.opt.b2 = 0.95
-  c.opt.eps = 1e-8
-  c.opt.weight_decay = 0.1
-  c.opt.decay_embeddings = False
-  c.opt.grad_clip_norm = 1.0
-  c.opt.grad_accum_steps = 1  # microbatches per step, accumulated inside one jitted step
+  c.opt = _opt_defaults()
 
-  # Fine-tuning with a task head (heads.py, finetune.py); task '' is pretraining.
-  c.finetune = ml_collections.ConfigDict()
-  c.finetune.task = ""  # '' | classification | pair_classification | regression
-  c.finetune.init_from = ""  # a workdir of ours whose parameters start the encoder ('' = random)
-  c.finetune.init_step = 0  # its checkpoint to load; 0: the newest
-  # Labelled .jsonl/.csv/.tsv (see data/labelled.py); empty: the built-in task (data/tasks.py).
-  c.finetune.train_files = ""
-  c.finetune.eval_files = ""
-  c.finetune.num_labels = 0  # 0: from the training labels; else must equal their count
-  c.finetune.freeze_encoder = False  # train the head only (a linear probe)
-  c.finetune.freeze_encoder_steps = 0  # train the head only for this many first steps
+  c.finetune = _finetune_defaults()
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all devices not used by the other axes
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-  c.mesh.dcn_data = 1  # multi-slice TPU: slices spanned by the data axis (hybrid mesh)
-  c.mesh.dcn_fsdp = 1
-  c.mesh.rules = ()  # ((logical_name, mesh_axes), ...) overriding sharding.DEFAULT_RULES
+  c.mesh = _mesh_defaults()
   return c
+
+
+def _data_defaults() -> ml_collections.ConfigDict:
+  """Where the text comes from and how it is tokenized."""
+  s = ml_collections.ConfigDict()
+  s.source = "builtin"  # 'builtin' | 'text' | 'tfds'
+  s.text_files = ""  # comma-separated paths or glob patterns (local or gs://)
+  s.eval_text_files = ""  # optional; else a held-out fraction of documents
+  s.text_key = "text"  # field of a .jsonl record
+  s.eval_fraction = 0.05  # documents held out when no eval files are given
+  s.tfds_name = ""
+  s.tfds_text_key = "text"
+  s.tfds_train_split = "train"
+  s.tfds_eval_split = "test"
+  s.tfds_data_dir = ""
+  s.seq_len = 128
+  s.vocab_size = 8192
+  # A sentencepiece .model or a Hugging Face tokenizer.json; empty: one is trained.
+  s.tokenizer_path = ""
+  s.tokenizer_sample_bytes = 20_000_000
+  s.mlm_probability = 0.15
+  return s
+
+
+def _model_defaults() -> ml_collections.ConfigDict:
+  """The Transformer's shape and numerics."""
+  s = ml_collections.ConfigDict()
+  s.num_layers = 2
+  s.num_heads = 4
+  s.emb_dim = 128
+  s.mlp_dim = 512
+  s.dropout_rate = 0.0
+  s.dtype = "float32"  # compute
+  s.param_dtype = "float32"
+  s.vocab_multiple = 128  # embedding rows padded to a multiple of this
+  s.scan_layers = True
+  s.remat_policy = "none"  # none | full | dots | dots_no_batch
+  s.attention_impl = "auto"  # auto (cudnn on Hopper+ GPUs for bf16/fp16, else xla) | xla | cudnn
+  s.gelu = "auto"  # auto (tanh for causal_lm like GPT-2, erf for masked_lm like BERT) | tanh | erf
+  # Documents per row that cuDNN's packed layout holds; 0: measured on the data at start.
+  s.max_segments_per_row = 0
+  return s
+
+
+def _opt_defaults() -> ml_collections.ConfigDict:
+  """AdamW with warmup, then decay."""
+  s = ml_collections.ConfigDict()
+  s.learning_rate = 1e-3
+  s.warmup_steps = 100
+  s.decay = "cosine"  # 'cosine' | 'linear' | 'constant'
+  s.final_lr_fraction = 0.1
+  s.b1 = 0.9
+  s.b2 = 0.95
+  s.eps = 1e-8
+  s.weight_decay = 0.1
+  s.decay_embeddings = False
+  s.grad_clip_norm = 1.0
+  s.grad_accum_steps = 1  # microbatches per step, accumulated inside one jitted step
+  return s
+
+
+def _finetune_defaults() -> ml_collections.ConfigDict:
+  """Fine-tuning with a task head (heads.py, finetune.py); task '' is pretraining."""
+  s = ml_collections.ConfigDict()
+  s.task = ""  # '' | classification | pair_classification | regression
+  s.init_from = ""  # a workdir of ours whose parameters start the encoder ('' = random)
+  s.init_step = 0  # its checkpoint to load; 0: the newest
+  # Labelled .jsonl/.csv/.tsv (see data/labelled.py); empty: the built-in task (data/tasks.py).
+  s.train_files = ""
+  s.eval_files = ""
+  s.num_labels = 0  # 0: from the training labels; else must equal their count
+  s.freeze_encoder = False  # train the head only (a linear probe)
+  s.freeze_encoder_steps = 0  # train the head only for this many first steps
+  return s
+
+
+def _mesh_defaults() -> ml_collections.ConfigDict:
+  """Device mesh axes and sharding-rule overrides."""
+  s = ml_collections.ConfigDict()
+  s.data = -1  # -1: all devices not used by the other axes
+  s.fsdp = 1
+  s.tensor = 1
+  s.dcn_data = 1  # multi-slice TPU: slices spanned by the data axis (hybrid mesh)
+  s.dcn_fsdp = 1
+  s.rules = ()  # ((logical_name, mesh_axes), ...) overriding sharding.DEFAULT_RULES
+  return s
 
 
 OBJECTIVES = ("causal_lm", "masked_lm")
