@@ -65,8 +65,9 @@ flags.DEFINE_string(
 flags.DEFINE_string(
   "compilation_cache_dir",
   "",
-  "Persistent XLA compilation cache, so reruns and resumes skip compiling (default: "
-  "WORKDIR/xla_cache; 'none' turns it off). A user-wide directory serves every run.",
+  "Persistent XLA compilation cache, so reruns and resumes skip compiling (default: JAX's "
+  "own JAX_COMPILATION_CACHE_DIR when set, else WORKDIR/xla_cache; 'none' turns it off). A "
+  "user-wide directory serves every run.",
 )
 flags.DEFINE_list(
   "allow_config_change",
@@ -336,7 +337,7 @@ def _use_compilation_cache(workdir: str) -> None:
   directory = FLAGS.compilation_cache_dir
   if directory == "none":
     return
-  directory = directory or f"{workdir}/xla_cache"
+  directory = directory or jax.config.jax_compilation_cache_dir or f"{workdir}/xla_cache"
   if "://" not in directory:
     directory = os.path.abspath(directory)
   jax.config.update("jax_compilation_cache_dir", directory)

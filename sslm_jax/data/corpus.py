@@ -7,9 +7,11 @@ paragraphs or .jsonl records, local or gs://) and 'tfds' (a TensorFlow Datasets 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
+import os
 import pathlib
 import sys
 import sysconfig
@@ -61,14 +63,21 @@ def is_eval(key: str, eval_fraction: float) -> bool:
   return zlib.crc32(key.encode("utf-8")) % 10000 < eval_fraction * 10000
 
 
+@functools.cache
 def builtin_files() -> list[tuple[str, pathlib.Path]]:
-  """(path relative to the stdlib, absolute path) of the stdlib's own .py files, sorted."""
+  """(path relative to the stdlib, absolute path) of the stdlib's own .py files, sorted.
+
+  Skipped directories are pruned from the walk (site-packages can hold far more files than the
+  stdlib), and the listing is made once per process.
+  """
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   found = []
-  for path in root.rglob("*.py"):
-    rel = path.relative_to(root)
-    if not _BUILTIN_SKIP_DIRS.intersection(rel.parts[:-1]):
-      found.append((rel.as_posix(), path))
+  for directory, subdirs, files in os.walk(root):
+    subdirs[:] = [d for d in subdirs if d not in _BUILTIN_SKIP_DIRS]
+    for name in files:
+      if name.endswith(".py"):
+        path = pathlib.Path(directory, name)
+        found.append((path.relative_to(root).as_posix(), path))
   return sorted(found)
 
 
