@@ -27,9 +27,11 @@ SMALL = [
 ]
 
 
-def _main(*args, timeout=300, cwd=ROOT):
+def _main(*args, timeout=300, cwd=ROOT, own_cache=False):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  if own_cache:  # the workdir's own compilation cache, not the test session's shared one
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
   return subprocess.run(
     [sys.executable, "-m", "sslm_jax.main", *args],
     cwd=cwd,
@@ -66,7 +68,7 @@ def gpt_run(tmp_path_factory):
 def test_tiny_run_writes_everything_and_resumes(tmp_path, name):
   # A relative --workdir, as in the README, resolved against the current directory.
   config = f"--config={os.path.abspath(os.path.join(ROOT, 'configs', name + '.py'))}"
-  first = _main(config, "--workdir=run", *SMALL, cwd=tmp_path)
+  first = _main(config, "--workdir=run", *SMALL, cwd=tmp_path, own_cache=True)
   assert first.returncode == 0, first.stderr[-3000:]
   workdir = os.path.join(tmp_path, "run")
   for item in ("config.json", "tokenizer.model", "metrics.jsonl", "checkpoints", "tensorboard"):
@@ -82,7 +84,9 @@ def test_tiny_run_writes_everything_and_resumes(tmp_path, name):
   else:
     assert 0 <= final["eval_mlm_accuracy"] <= 1 and "top-5:" in first.stdout
 
-  again = _main(config, "--workdir=run", *SMALL, "--config.num_train_steps=6", cwd=tmp_path)
+  again = _main(
+    config, "--workdir=run", *SMALL, "--config.num_train_steps=6", cwd=tmp_path, own_cache=True
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   assert "Resuming from the checkpoint at step 4" in again.stderr
   assert [r["step"] for r in _records(workdir)] == [0, 1, 2, 3, 4, 5, 6]
