@@ -273,7 +273,14 @@ def test_losing_a_process_ends_the_survivor_within_30_s(tmp_path, victim):
     # Process 0 hosts JAX's coordination service: its loss ends the survivors at once, with
     # JAX's own "Terminating process because the JAX distributed service detected fatal errors".
     return
-  last = output.strip().splitlines()[-1]
   newest = max(_finished_checkpoints(workdir))
+  assert newest >= 5
+  if code == -signal.SIGABRT:
+    # On CPU the step's collectives run over gloo, which can see the broken connection first and
+    # abort the process from its own thread (seen under load, 0.1 s after the kill), before the
+    # heartbeat watch can speak: allowed, as long as it is that abort and nothing else.
+    assert "gloo::EnforceNotMet" in output, output[-3000:]
+    return
+  last = output.strip().splitlines()[-1]
   assert last.startswith("sslm_jax: error: process(es) [1] of 2 stopped answering at step "), last
   assert f"resume from the checkpoint at step {newest} in " in last, last
