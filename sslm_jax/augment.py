@@ -33,9 +33,12 @@ flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
-def _short(text: str) -> str:
+def _short(text: str, indent: int) -> str:
+  """At most --max_chars of `text`, its later lines indented to line up under the first."""
   limit = FLAGS.max_chars
-  return text if not limit or len(text) <= limit else text[:limit] + f" ... [{len(text)} chars]"
+  if limit and len(text) > limit:
+    text = text[:limit] + f" ... [{len(text)} chars]"
+  return text.replace("\n", "\n" + " " * indent)
 
 
 def _pretraining(c, augmentation, n: int) -> list[dict]:
@@ -87,9 +90,9 @@ def _finetuning(c, augmentation, n: int) -> list[dict]:
 def _print(item: dict) -> None:
   label = f"  label={item['label']!r}" if "label" in item else ""
   print(f"== example {item['index']}{label}")
-  print("  original: " + _short(item["text"]))
+  print("  original: " + _short(item["text"], 12))
   if "text_pair" in item:
-    print("  pair:     " + _short(item["text_pair"]))
+    print("  pair:     " + _short(item["text_pair"], 12))
   for copy in item["copies"]:
     if not copy["changed_by"]:
       print(f"  copy {copy['copy']}: unchanged (dropped)")
@@ -97,9 +100,9 @@ def _print(item: dict) -> None:
     print(f"  copy {copy['copy']} (changed by {', '.join(copy['changed_by'])}):")
     for x in copy.get("examples") or [{"text": t} for t in copy["texts"]]:
       extra = f"  label={x['label']!r}" if "label" in x else ""
-      print("    " + _short(x["text"]) + extra)
+      print("    " + _short(x["text"], 4) + extra)
       if "text_pair" in x:
-        print("    pair: " + _short(x["text_pair"]))
+        print("    pair: " + _short(x["text_pair"], 10))
 
 
 def main(argv):
@@ -127,7 +130,7 @@ def main(argv):
     return
   for item in shown:
     _print(item)
-  print(f"\nstatistics over these {len(shown)} examples (as in WORKDIR/augment.json):")
+  print(f"\nstatistics over the {len(shown)} example(s) shown (as in WORKDIR/augment.json):")
   print(json.dumps(record, indent=1, ensure_ascii=False))
 
 
