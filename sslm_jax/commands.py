@@ -10,9 +10,10 @@ from sslm_jax import tokenizer as tok
 from sslm_jax.restore import UsageError
 
 
-def run_command(main) -> None:
+def run_command(main, errors: tuple[type[Exception], ...] = ()) -> None:
   """absl's app.run for the commands over api.py: a bad flag, workdir or input ends the
-  command with one line naming the problem and the fix, and exit status 2."""
+  command with one line naming the problem and the fix, and exit status 2. `errors`: more
+  exception types that end the command the same way."""
   from absl import app, flags, logging
 
   def fail(message: str):
@@ -31,7 +32,7 @@ def run_command(main) -> None:
     cluster.skip_tpu_without_chips()
     try:
       main(argv)
-    except (UsageError, tok.TokenizerError) as e:
+    except (UsageError, tok.TokenizerError, *errors) as e:
       fail(str(e))
 
   app.run(guarded, flags_parser=parse)

@@ -79,6 +79,11 @@ def _data_defaults() -> ml_collections.ConfigDict:
   s.tokenizer_path = ""
   s.tokenizer_sample_bytes = 20_000_000
   s.mlm_probability = 0.15
+  # Text augmentation of the training split (data/augment_spec.py), e.g.
+  # 'synonym:p=0.5,alpha=0.1,thesaurus=/data/syn.tsv;swap:p=0.3'; '' is off. Each training
+  # example is kept and followed by up to augment_copies augmented copies.
+  s.augment = ""
+  s.augment_copies = 1
   return s
 
 
@@ -269,6 +274,13 @@ def _validate_data(c: ml_collections.ConfigDict) -> None:
     c.data.source != "tfds" or bool(c.data.tfds_name),
     "data.source='tfds' needs a dataset; set --config.data.tfds_name=NAME (e.g. lm1b).",
   )
+  if c.data.augment or c.data.augment_copies != 1:
+    from sslm_jax.data import augment_spec  # numpy only
+
+    try:
+      augment_spec.specs(c)
+    except augment_spec.AugmentError as e:
+      raise ConfigError(str(e)) from e
 
 
 def _validate_model(c: ml_collections.ConfigDict) -> None:

@@ -25,7 +25,7 @@ from flax import nnx
 from sslm_jax import checkpoint, heads, optim, restore, task_metrics, train
 from sslm_jax import config as config_lib
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import labelled, tasks
+from sslm_jax.data import augment_data, labelled, tasks
 
 BUILTIN_TRAIN_PER_CLASS, BUILTIN_EVAL_PER_CLASS = 1000, 250
 # Model fields that fix the encoder's array shapes, with the config field that sets each.
@@ -220,6 +220,8 @@ def prepare(config, workdir: str, rows=None) -> Prepared:
   """Examples, tokenizer, labels, features and the objective of a fine-tuning run."""
   train_examples, eval_examples = _examples(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  stats_dir = workdir if jax.process_index() == 0 else None
+  augmented = augment_data.finetune_examples(config, train_examples, stats_dir)  # train only
   given, encoder = None, None
   if config.finetune.init_from:
     given, encoder = _from_workdir(config)
@@ -230,7 +232,7 @@ def prepare(config, workdir: str, rows=None) -> Prepared:
   tok = _tokenizer(config, workdir, train_examples, given)
   vocab = _label_vocab(config, workdir, train_examples)
   causal, seq_len = config.objective == "causal_lm", config.data.seq_len
-  train_features = tasks.featurize(train_examples, tok, vocab, seq_len, causal)
+  train_features = tasks.featurize(augmented, tok, vocab, seq_len, causal)
   eval_features = tasks.featurize(eval_examples, tok, vocab, seq_len, causal)
   data = tasks.TaskData(train_features, eval_features, config.batch_size, config.seed, rows)
   objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder)

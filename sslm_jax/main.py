@@ -349,6 +349,7 @@ def _use_compilation_cache(workdir: str) -> None:
 def main(argv):
   del argv
   from sslm_jax.data import pipeline
+  from sslm_jax.data.augment_sources import AugmentError
 
   _quiet_library_info()
   cluster.skip_tpu_without_chips()
@@ -357,7 +358,7 @@ def main(argv):
     initialize_distributed()
     run(FLAGS.config, FLAGS.workdir)
     cluster.leave()
-  except (*OUR_ERRORS, pipeline.DataError) as e:
+  except (*OUR_ERRORS, pipeline.DataError, AugmentError) as e:
     _fail(str(e))
   except Exception:
     # A collective that failed because another process died: the watch names it (and exits).

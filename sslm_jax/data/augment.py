@@ -18,6 +18,9 @@ applied, default 0.1) and the transform's own fields:
   paraphrase       replace the whole text by a paraphrase      paraphrases=FILE or
                    callable='module:function', called as fn(texts: list[str], seed: int) and
                    returning one paraphrase per text (back-translation models plug in here)
+  contextual       replace alpha of the words by a trained BERT's fill-mask guesses
+                   workdir=W (ours, masked_lm), step (default newest), top_k (default 10);
+                   see sslm_jax.data.augment_contextual
 
 Formats of the files (thesaurus, WordNet, paraphrases): see sslm_jax.data.augment_sources.
 
@@ -54,7 +57,7 @@ from sslm_jax.data.augment_sources import (
   load_wordnet,
 )
 
-NAMES = ("synonym", "insert", "swap", "delete", "split_sentences", "paraphrase")
+NAMES = ("synonym", "insert", "swap", "delete", "split_sentences", "paraphrase", "contextual")
 _FIELDS = {
   "synonym": ("thesaurus", "wordnet"),
   "insert": ("thesaurus", "wordnet"),
@@ -62,6 +65,7 @@ _FIELDS = {
   "delete": (),
   "split_sentences": ("max_words",),
   "paraphrase": ("paraphrases", "callable"),
+  "contextual": ("workdir", "step", "top_k"),
 }
 DEFAULT_ALPHA = 0.1
 DEFAULT_MAX_WORDS = 128
@@ -95,13 +99,18 @@ def split_words(text: str) -> tuple[str, list[str], list[str]]:
   return text[: spans[0][0]], words, gaps
 
 
+def affixes(token: str) -> tuple[str, str, str]:
+  """(leading punctuation, core, trailing punctuation) of a token."""
+  return _AFFIXES.match(token).groups()
+
+
 def _synonyms(token: str, thesaurus: Thesaurus) -> tuple[str, tuple[str, ...], str, str]:
   """(lead, synonyms of the core, core, trail) of a token; no synonyms -> an empty tuple."""
-  lead, core, trail = _AFFIXES.match(token).groups()
+  lead, core, trail = affixes(token)
   return lead, thesaurus.get(core.lower(), ()), core, trail
 
 
-def _count(alpha: float, n: int) -> int:
+def count(alpha: float, n: int) -> int:
   return max(1, int(alpha * n + 0.5))
 
 
@@ -113,7 +122,7 @@ def _synonym(words, gaps, rng, alpha, thesaurus) -> None:
   candidates = [i for i, w in enumerate(words) if _synonyms(w, thesaurus)[1]]
   if not candidates:
     return
-  k = min(len(candidates), _count(alpha, len(words)))
+  k = min(len(candidates), count(alpha, len(words)))
   for i in rng.choice(candidates, size=k, replace=False):
     lead, synonyms, core, trail = _synonyms(words[i], thesaurus)
     synonym = _pick(rng, synonyms)
@@ -126,7 +135,7 @@ def _insert(words, gaps, rng, alpha, thesaurus) -> None:
   sources = [s for s in (_synonyms(w, thesaurus)[1] for w in words) if s]
   if not sources:
     return
-  for _ in range(_count(alpha, len(words))):
+  for _ in range(count(alpha, len(words))):
     synonym = _pick(rng, _pick(rng, sources))
     k = int(rng.integers(len(words) + 1))
     if k == len(words):  # at the end: the new word takes over the text's trailing whitespace
@@ -141,7 +150,7 @@ def _insert(words, gaps, rng, alpha, thesaurus) -> None:
 def _swap(words, gaps, rng, alpha, _) -> None:
   if len(words) < 2:
     return
-  for _ in range(_count(alpha, len(words))):
+  for _ in range(count(alpha, len(words))):
     i, j = rng.choice(len(words), size=2, replace=False)
     words[i], words[j] = words[j], words[i]
 
@@ -253,7 +262,7 @@ class Transform:
   apply: Apply
 
 
-def _fraction(spec: dict, key: str, default: float) -> float:
+def fraction(spec: dict, key: str, default: float) -> float:
   value = spec.get(key, default)
   ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
   if not ok:
@@ -268,7 +277,7 @@ def _one_of(spec: dict, keys: tuple[str, str], hint: str) -> tuple[str, str]:
   return given[0], str(spec[given[0]])
 
 
-def _check_spec(spec) -> dict:
+def check_spec(spec) -> dict:
   if hasattr(spec, "to_dict"):
     spec = spec.to_dict()
   if not isinstance(spec, Mapping) or "name" not in spec:
@@ -295,7 +304,7 @@ class Augmenter:
     self._sources: dict[tuple[str, str], object] = {}
     self.transforms: list[Transform] = []
     for spec in specs or ():
-      spec = _check_spec(spec)
+      spec = check_spec(spec)
       if any(t.name == spec["name"] for t in self.transforms):
         raise AugmentError(f"augment {spec['name']} is listed twice; list each transform once.")
       self.transforms.append(self._build(spec))
@@ -332,8 +341,8 @@ class Augmenter:
   def _build(self, spec: dict) -> Transform:
     name, p, alpha = (
       spec["name"],
-      _fraction(spec, "p", 1.0),
-      _fraction(spec, "alpha", DEFAULT_ALPHA),
+      fraction(spec, "p", 1.0),
+      fraction(spec, "alpha", DEFAULT_ALPHA),
     )
     if name in ("synonym", "insert"):
       apply = _on_words(_synonym if name == "synonym" else _insert, alpha, self._thesaurus(spec))
@@ -344,6 +353,10 @@ class Augmenter:
       if not isinstance(max_words, int) or isinstance(max_words, bool) or max_words < 1:
         raise AugmentError(f"augment split_sentences: max_words={max_words!r}; use an int >= 1.")
       apply = lambda texts, rng: [s for t in texts for s in split_sentences(t, rng, max_words)]
+    elif name == "contextual":
+      from sslm_jax.data import augment_contextual  # loads a model: only when asked for
+
+      apply = augment_contextual.build(spec, alpha)
     else:
       apply = self._paraphrase(spec)
     return Transform(name, p, apply)

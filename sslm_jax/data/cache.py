@@ -19,7 +19,7 @@ import tensorflow as tf
 from absl import logging
 
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import corpus, permute
+from sslm_jax.data import augment_data, corpus, permute
 from sslm_jax.data.corpus import DataError
 
 CACHE_VERSION = 1
@@ -95,6 +95,9 @@ def request(c: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> dict:
     "tokenizer_sha256": tok.sha256,
     "source": corpus.describe(c),
   }
+  augmentation = augment_data.cache_identity(c)
+  if augmentation is not None:  # absent when off, so caches built before it stay valid
+    request["augment"] = augmentation
   return json.loads(json.dumps(request))  # the form it has after a round trip through meta.json
 
 

@@ -17,7 +17,7 @@ from absl import logging
 
 from sslm_jax import config as config_lib
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import cache, corpus, masking, packing, permute
+from sslm_jax.data import augment_data, cache, corpus, masking, packing, permute
 from sslm_jax.data.corpus import DataError
 
 __all__ = [
@@ -230,9 +230,11 @@ def size_packing(c: ml_collections.ConfigDict, data: Data) -> None:
     logging.info("cuDNN packed attention: up to %d documents per row.", needed)
 
 
-def _pack(c, tok, split: str, stats: corpus.DecodeStats, samples: list[str] | None = None):
+def _pack(c, tok, split: str, stats: corpus.DecodeStats, samples=None, augmentation=None):
   start_id, end_id = _doc_ids(c, tok)
   texts = corpus.documents(c, split, stats)
+  if augmentation is not None:
+    texts = augmentation.documents(texts)
   if samples is not None:
     texts = corpus.keep_snippets(texts, samples)
   row_len = cache.row_len(c)
@@ -259,7 +261,11 @@ def prepare(c: ml_collections.ConfigDict, workdir: str) -> None:
     tf.io.gfile.remove(paths["meta"])
   tf.io.gfile.makedirs(paths["dir"])
   stats, samples = corpus.DecodeStats(), []
-  packed = {"train": _pack(c, tok, "train", stats), "eval": _pack(c, tok, "eval", stats, samples)}
+  augmentation = augment_data.Augmentation.from_config(c)  # the train split only
+  packed = {
+    "train": _pack(c, tok, "train", stats, augmentation=augmentation),
+    "eval": _pack(c, tok, "eval", stats, samples),
+  }
   if stats.docs:
     logging.warning(
       "%d documents in %d files had bytes that are not UTF-8; they were replaced by U+FFFD.",
@@ -268,6 +274,8 @@ def prepare(c: ml_collections.ConfigDict, workdir: str) -> None:
     )
   meta = {"request": request, "samples": samples}
   meta["undecodable"] = {"files": len(stats.files), "docs": stats.docs}
+  if augmentation is not None:
+    meta["augment"] = augmentation.report(workdir, "pretraining documents")
   for split, p in packed.items():
     meta[split] = {"docs": p.num_docs, "tokens": p.num_tokens, "rows": len(p.rows)}
   cache.check_sizes(c, meta)
