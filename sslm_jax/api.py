@@ -183,7 +183,7 @@ class LanguageModel:
     if len(ids) > limit:
       raise UsageError(
         f"the {what} {text[:40]!r}... is {len(ids)} tokens with its special tokens, more than "
-        f"the model's {limit} positions (data.seq_len); shorten it."
+        f"the model's {limit} positions (model.max_positions); shorten it."
       )
     return ids
 
@@ -238,8 +238,8 @@ class LanguageModel:
       if len(ids) >= self.model_cfg.max_len:
         raise UsageError(
           f"the prompt {text[:40]!r}... is {len(ids)} tokens with BOS, which fills the model's "
-          f"{self.model_cfg.max_len} positions (data.seq_len) and leaves no room to generate; "
-          "shorten it."
+          f"{self.model_cfg.max_len} positions (model.max_positions) and leaves no room to "
+          "generate; shorten it."
         )
     new_ids = decode.generate(
       self.model,
@@ -294,7 +294,7 @@ class LanguageModel:
     """Log-probabilities of each text's tokens.
 
     GPT: log p(token | BOS and the tokens before it); a text longer than the model's positions
-    is read in windows of data.seq_len tokens advancing by half a window, so every token is
+    is read in windows of model.max_positions tokens advancing by half a window, so every token is
     scored once with at least half a window of context. BERT: the pseudo-log-likelihood, each
     token masked in turn (one forward pass per token, batched); the text must fit the positions.
     """

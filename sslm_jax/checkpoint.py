@@ -8,6 +8,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from sslm_jax import config as config_lib
+
 
 class CheckpointMismatch(ValueError):
   """The workdir holds a checkpoint of a different run; the message names each difference."""
@@ -20,7 +22,7 @@ class CheckpointError(RuntimeError):
 # Fields that fix the shapes of the saved arrays: a checkpoint can never resume with others.
 SHAPE_FIELDS = (
   "objective",
-  "data.seq_len",
+  "positions",  # rows of the position table (config.positions: model.max_positions or seq_len)
   "data.vocab_size",
   "model.num_layers",
   "model.num_heads",
@@ -34,6 +36,7 @@ SHAPE_FIELDS = (
 RUN_FIELDS = (
   "seed",
   "batch_size",
+  "data.seq_len",  # any length up to the position table's
   "data.source",
   "data.text_files",
   "data.eval_text_files",
@@ -82,7 +85,8 @@ def fingerprint(config, data_record: dict | None = None) -> dict:
 
   `data_record` (tokenizer_sha256, data_listing, data_order) comes from the data pipeline.
   """
-  fp = {name: config[name] for name in SHAPE_FIELDS + RUN_FIELDS}
+  fp = {name: config[name] for name in SHAPE_FIELDS + RUN_FIELDS if name != "positions"}
+  fp["positions"] = config_lib.positions(config)
   fp.update(data_record or {})
   return fp
 
@@ -141,6 +145,8 @@ def check_fingerprint(
   checkpoint does not record (it predates them), which therefore could not be compared.
   """
   saved = {**_BEFORE_RECORDED, **saved}
+  if "positions" not in saved and "data.seq_len" in saved:  # written when seq_len sized the table
+    saved["positions"] = saved["data.seq_len"]
   differing = [k for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
   explained = any(k.startswith("data.") or k in _CACHE_INPUTS for k in differing)
   if cache is not None and cache[0] != cache[1] and not explained:

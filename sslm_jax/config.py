@@ -98,6 +98,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.dtype = "float32"  # compute
   s.param_dtype = "float32"
   s.vocab_multiple = 128  # embedding rows padded to a multiple of this
+  # Rows of the position table: the longest sequence the model takes; 0 means data.seq_len.
+  # Set it above seq_len to train short now and longer later (BERT's 128-then-512 recipe).
+  s.max_positions = 0
   s.scan_layers = True
   s.remat_policy = "none"  # none | full | dots | dots_no_batch
   s.attention_impl = "auto"  # auto (cudnn on Hopper+ GPUs for bf16/fp16, else xla) | xla | cudnn
@@ -285,6 +288,13 @@ def _validate_data(c: ml_collections.ConfigDict) -> None:
 
 def _validate_model(c: ml_collections.ConfigDict) -> None:
   _require(
+    isinstance(c.model.max_positions, int)
+    and (c.model.max_positions == 0 or c.model.max_positions >= c.data.seq_len),
+    f"model.max_positions={c.model.max_positions!r} is shorter than data.seq_len="
+    f"{c.data.seq_len}; set --config.model.max_positions to 0 (= seq_len) or at least "
+    f"{c.data.seq_len}.",
+  )
+  _require(
     c.model.emb_dim % c.model.num_heads == 0,
     f"model.emb_dim={c.model.emb_dim} is not divisible by model.num_heads={c.model.num_heads}.",
   )
@@ -391,13 +401,18 @@ def padded_vocab_size(c: ml_collections.ConfigDict) -> int:
   return int(math.ceil(c.data.vocab_size / multiple) * multiple)
 
 
+def positions(c: ml_collections.ConfigDict) -> int:
+  """Rows of the position table: model.max_positions, or data.seq_len when that is 0."""
+  return c.model.max_positions or c.data.seq_len
+
+
 def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   """The frozen model description the model code takes (never the ConfigDict)."""
   causal = c.objective == "causal_lm"
   return ModelConfig(
     objective=c.objective,
     vocab_size=padded_vocab_size(c),
-    max_len=c.data.seq_len,
+    max_len=positions(c),
     num_layers=c.model.num_layers,
     num_heads=c.model.num_heads,
     emb_dim=c.model.emb_dim,

@@ -24,15 +24,16 @@ from flax import nnx
 
 from sslm_jax import checkpoint, heads, optim, restore, task_metrics, train
 from sslm_jax import config as config_lib
+from sslm_jax import model as model_lib
 from sslm_jax import tokenizer as tokenizer_lib
 from sslm_jax.data import augment_data, labelled, tasks
 
 BUILTIN_TRAIN_PER_CLASS, BUILTIN_EVAL_PER_CLASS = 1000, 250
-# Model fields that fix the encoder's array shapes, with the config field that sets each.
+# Model fields that fix the encoder's array shapes, with the config field that sets each. The
+# position table is not one of them: model.fit_positions cuts or extends it.
 _SHAPES = {
   "objective": "objective",
   "vocab_size": "data.vocab_size",
-  "max_len": "data.seq_len",
   "num_layers": "model.num_layers",
   "num_heads": "model.num_heads",
   "emb_dim": "model.emb_dim",
@@ -139,7 +140,11 @@ def _from_workdir(config):
     except restore.UsageError as e:
       raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
     logging.info("Starting the encoder from %s at step %d", f.init_from, restored.step)
-    return nnx.to_pure_dict(nnx.state(restored.model, nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(restored.model, nnx.Param))
+    table = np.asarray(params["position_embed"]["embedding"])
+    rows = config_lib.positions(config)
+    params["position_embed"]["embedding"] = model_lib.fit_positions(table, rows, f.init_from)
+    return params
 
   return tok, encoder
 

@@ -49,7 +49,7 @@ class HFError(config_lib.ConfigError):
 # (Hugging Face name, our path, layout). Layouts: "copy"; "conv": GPT-2's Conv1D, our kernel as
 # an [in, out] matrix (heads flattened); "linear": BERT's nn.Linear, that matrix transposed;
 # "vocab": embedding rows or bias entries past the tokenizer's ids are padding (sliced off on
-# export, zeros on import); "positions": the first max_len rows of a longer table are used.
+# export, zeros on import); "positions": a table of another length is cut or extended.
 # "{i}" is the layer; under it our path is inside stack/blocks and takes layer i of each array.
 _GPT2 = (
   ("transformer.wte.weight", "token_embed/embedding", "vocab"),
@@ -180,9 +180,9 @@ def _expected_shape(paths, layout, shapes, cfg: ModelConfig) -> tuple[int, ...]:
 def from_hf(tensors: dict, cfg: ModelConfig, where: str = "the Hugging Face weights") -> dict:
   """A Hugging Face state dict as our parameters (a pure dict of NumPy arrays).
 
-  The vocabulary is padded to cfg.vocab_size with zero rows; a position table longer than
-  cfg.max_len keeps its first max_len rows. Raises HFError naming every missing, misshapen or
-  unknown tensor.
+  The vocabulary is padded to cfg.vocab_size with zero rows; a position table of another length
+  than cfg.max_len is cut or extended (model.fit_positions). Raises HFError naming every
+  missing, misshapen or unknown tensor.
   """
   model = nnx.eval_shape(lambda: model_lib.build(cfg, 0))
   abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -197,7 +197,7 @@ def from_hf(tensors: dict, cfg: ModelConfig, where: str = "the Hugging Face weig
       continue
     value = np.asarray(tensors[name])
     if layout == "positions":
-      value = value[: cfg.max_len]
+      value = model_lib.fit_positions(value, cfg.max_len, where)
     if value.shape != expected:
       problems.append(f"{name} has shape {list(value.shape)} in {where}, expected {list(expected)}")
       continue
@@ -281,7 +281,7 @@ def hf_config(cfg: ModelConfig) -> dict:
 _FIELDS = {
   "gpt2": {
     "data.vocab_size": "vocab_size",
-    "data.seq_len": "n_positions",
+    "model.max_positions": "n_positions",
     "model.num_layers": "n_layer",
     "model.num_heads": "n_head",
     "model.emb_dim": "n_embd",
@@ -290,7 +290,7 @@ _FIELDS = {
   },
   "bert": {
     "data.vocab_size": "vocab_size",
-    "data.seq_len": "max_position_embeddings",
+    "model.max_positions": "max_position_embeddings",
     "model.num_layers": "num_hidden_layers",
     "model.num_heads": "num_attention_heads",
     "model.emb_dim": "hidden_size",
@@ -304,7 +304,7 @@ _OBJECTIVE_OF = {"gpt2": "causal_lm", "bert": "masked_lm"}
 def config_fields(hf: dict) -> dict:
   """Our config fields (dotted names) that a Hugging Face config.json fixes.
 
-  data.seq_len is the HF position table's length: the longest sequence the model can take.
+  model.max_positions is the HF position table's length: the longest sequence the model takes.
   model.gelu is None for an activation our model does not have.
   """
   model_type = hf.get("model_type")
@@ -324,8 +324,8 @@ def mismatches(hf: dict, config: ml_collections.ConfigDict, where: str) -> list[
   """Each way the Hugging Face config.json at `where` and our config disagree, with the fix.
 
   The GELU form is checked, not adopted: model.gelu stays the single record of it (checkpoints
-  keep it), so a differing form asks for --config.model.gelu. data.seq_len may be shorter than
-  the HF position table (its first rows are used), never longer.
+  keep it), so a differing form asks for --config.model.gelu. The position table may have any
+  length: model.fit_positions cuts or extends it.
   """
   fields = config_fields(hf)
   keys = {"objective": "model_type", **_FIELDS[hf["model_type"]]}
@@ -344,12 +344,8 @@ def mismatches(hf: dict, config: ml_collections.ConfigDict, where: str) -> list[
       problems.append(
         f"{keys[name]}={theirs!r} in {where}: sslm_jax has {', '.join(sorted(_GELU_OF))} only"
       )
-    elif name == "data.seq_len":
-      if ours[name] > value:
-        problems.append(
-          f"{keys[name]}={value} in {where} but data.seq_len={ours[name]} in "
-          f"the config; pass --config.data.seq_len={value} (or less)"
-        )
+    elif name == "model.max_positions":
+      continue  # any table fits: model.fit_positions cuts or extends it
     elif ours[name] != value:
       problems.append(
         f"{keys[name]}={theirs!r} in {where} but {name}={ours[name]!r} in the "

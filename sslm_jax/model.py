@@ -21,6 +21,8 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 from flax import nnx
 
 from sslm_jax.attention import (
@@ -371,3 +373,22 @@ def build(cfg: ModelConfig, seed: int) -> GPT | BERT:
 
 def count_params(state) -> int:
   return sum(x.size for x in jax.tree.leaves(state))
+
+
+def fit_positions(table_LD, rows: int, where: str):
+  """A starting position table (NumPy, [L, D]) sized to `rows` for a run with another table.
+
+  A longer table keeps its first `rows` rows. A shorter one is extended, with a warning: row p
+  starts as a copy of row p mod L (the pretrained rows repeated, so nothing starts at random),
+  to be learnt by training on sequences longer than L.
+  """
+  length = table_LD.shape[0]
+  if length >= rows:
+    return table_LD[:rows]
+  logging.warning(
+    "The position table of %s has %d rows; extending it to %d (model.max_positions or "
+    "data.seq_len): rows %d-%d start as copies of rows 0-%d and are learnt by training on "
+    "sequences longer than %d.",
+    where, length, rows, length, rows - 1, rows - 1 - length, length,
+  )  # fmt: skip
+  return np.concatenate([table_LD] * math.ceil(rows / length))[:rows]

@@ -223,6 +223,14 @@ def test_init_from_loads_the_encoder_exactly(task_dir, tmp_path):
   assert _equal(loaded["head"], _fresh_params(config)["head"])
   config.finetune.init_step = 3
   assert _equal(_saved_params_at_start(config, tmp_path / "step3")["encoder"], saved[3])
+  # A longer position table than pretraining's (model.max_positions): the pretrained rows, then
+  # copies of them; every other encoder parameter as saved.
+  config.model.max_positions = 2 * config.data.seq_len
+  longer = _saved_params_at_start(config, tmp_path / "longer")["encoder"]
+  table = saved[3]["position_embed"]["embedding"]
+  grown = longer.pop("position_embed")["embedding"]
+  np.testing.assert_array_equal(grown, np.concatenate([table, table]))
+  assert _equal(longer, {k: v for k, v in saved[3].items() if k != "position_embed"})
 
 
 def _saved_params_at_start(config, workdir):

@@ -7,6 +7,7 @@ multiple of model.vocab_multiple (128), so the padding to 384 is exercised both 
 """
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -235,13 +236,26 @@ def test_mismatches_are_named_with_their_fix(tmp_path, objective):
   wrong_gelu.model.gelu = "erf" if objective == "causal_lm" else "tanh"
   with pytest.raises(hf.HFError, match="--config.model.gelu="):
     hf.load_params(directory, wrong_gelu)
-  longer = _config(objective)
-  longer.data.seq_len = 2 * POSITIONS
-  with pytest.raises(hf.HFError, match=f"--config.data.seq_len={POSITIONS}"):
-    hf.load_params(directory, longer)
+
+
+def test_a_position_table_of_another_length_is_cut_or_extended(tmp_path, objective, caplog):
+  directory, _ = _saved_hf(tmp_path, objective)
+  table = hf.load_params(directory, _config(objective))["position_embed"]["embedding"]
+  assert table.shape[0] == POSITIONS
   shorter = _config(objective)
   shorter.data.seq_len = POSITIONS // 2  # uses the first rows of the position table
-  assert hf.load_params(directory, shorter)["position_embed"]["embedding"].shape[0] == 16
+  cut = hf.load_params(directory, shorter)["position_embed"]["embedding"]
+  np.testing.assert_array_equal(cut, table[: POSITIONS // 2])
+  longer = _config(objective)
+  longer.model.max_positions = 2 * POSITIONS + 3  # a longer table, e.g. for longer fine-tuning
+  assert hf.mismatches(hf.read_config(directory), longer, directory) == []
+  with caplog.at_level(logging.WARNING):
+    grown = hf.load_params(directory, longer)["position_embed"]["embedding"]
+  assert grown.shape[0] == 2 * POSITIONS + 3
+  np.testing.assert_array_equal(grown[:POSITIONS], table)
+  np.testing.assert_array_equal(grown[POSITIONS : 2 * POSITIONS], table)  # copies of the rows
+  np.testing.assert_array_equal(grown[2 * POSITIONS :], table[:3])
+  assert f"extending it to {2 * POSITIONS + 3}" in caplog.text
 
 
 def test_unreadable_directories_say_why(tmp_path):

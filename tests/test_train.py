@@ -135,6 +135,30 @@ def test_intended_config_changes_need_the_flag_and_shapes_never_change(tmp_path)
     )  # fmt: skip
 
 
+def test_sequence_length_grows_within_the_position_table_on_resume(tmp_path):
+  """BERT's recipe: short sequences first, then longer ones in the same table."""
+  config = tiny_config("masked_lm")
+  config.data.seq_len, config.model.max_positions = 16, 32
+  config.num_train_steps = 4
+  _run(config, tmp_path)
+  config.data.seq_len, config.num_train_steps = 32, 8
+  with pytest.raises(checkpoint.CheckpointMismatch, match="--allow_config_change=data.seq_len"):
+    _run(config, tmp_path)
+  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
+  fp = checkpoint.fingerprint(config)
+  train.train_and_evaluate(
+    config, str(tmp_path), mesh, _hooks(config), fp, allow_changes={"data.seq_len"}
+  )
+  records = _records(tmp_path)
+  assert records[-1]["step"] == 8 and math.isfinite(records[-1]["train_loss"])
+  config.model.max_positions = 64  # the table itself is a shape: never changed on resume
+  with pytest.raises(checkpoint.CheckpointMismatch, match="positions: checkpoint has 32"):
+    train.train_and_evaluate(
+      config, str(tmp_path), mesh, _hooks(config), checkpoint.fingerprint(config),
+      allow_changes={"all"},
+    )  # fmt: skip
+
+
 def test_retention_keeps_newest_and_every_kth(tmp_path):
   config = tiny_config("causal_lm")
   config.num_train_steps, config.checkpoint_every_steps = 12, 2
