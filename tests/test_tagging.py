@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 from flax import nnx
-from test_finetune import _FILLER, _mesh, _records
+from test_finetune import _FILLER, _mesh, _pretrained_workdir, _records
+from test_main import _main
 
 from sslm_jax import config as config_lib
 from sslm_jax import finetune, optim, sharding, tagging, train, train_state
@@ -241,3 +242,34 @@ def test_labels_outside_bio_are_one_word_entities():
   # NOUN@1, VERB@2, VERB@3 vs NOUN@1, NOUN@2, VERB@3: 2 of 3 found.
   assert record["eval_accuracy"] == pytest.approx(2 / 3)
   assert record["eval_entity_f1"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.slow  # a subprocess: the README's command, from a pretrained workdir
+def test_the_readme_command_tags_from_a_workdir(tag_dir, tmp_path):
+  pre, run = tmp_path / "pre", tmp_path / "run"
+  _pretrained_workdir(pre, _config(tag_dir))
+  flags = [
+    "--config=configs/finetune_bert_tiny.py",
+    f"--workdir={run}",
+    f"--config.finetune.init_from={pre}",
+    "--config.finetune.task=tagging",
+    f"--config.finetune.train_files={tag_dir / 'train.jsonl'}",
+    f"--config.finetune.eval_files={tag_dir / 'eval.jsonl'}",
+    "--config.num_train_steps=4",
+    "--config.batch_size=8",
+    "--config.eval_every_steps=2",
+    "--config.checkpoint_every_steps=2",
+    "--config.opt.warmup_steps=1",
+    "--config.data.seq_len=32",
+    "--config.data.vocab_size=320",
+    "--config.model.emb_dim=64",
+    "--config.model.mlp_dim=128",
+    "--config.mesh.data=1",
+  ]
+  first = _main(*flags)
+  assert first.returncode == 0, first.stderr[-2000:]
+  assert first.stderr.count("do not fit in data.seq_len=32") == 2  # train and eval, once each
+  records = _records(run)
+  assert [r["step"] for r in records if "eval_entity_f1" in r] == [0, 2, 4]
+  assert {"eval_accuracy", "eval_entity_precision", "eval_entity_recall"} <= set(records[-1])
+  assert json.loads((run / "labels.json").read_text())["task"] == "tagging"
