@@ -225,6 +225,14 @@ def test_tagging_gradients_on_an_eight_device_mesh_match_one_device(tag_dir):
   assert np.abs(head_grad).max() > 1e-3  # the head is trained, not a constant
 
 
+def test_config_accepts_tagging_with_files_only(tag_dir):
+  config = _config(tag_dir)
+  config_lib.validate(config)
+  config.finetune.train_files = config.finetune.eval_files = ""
+  with pytest.raises(config_lib.ConfigError, match="give finetune.train_files for task 'tagging'"):
+    config_lib.validate(config)
+
+
 def test_labels_outside_bio_are_one_word_entities():
   assert [tagging.as_bio(x) for x in ("O", "B-PER", "I-LOC", "NOUN", "B-")] == [
     "O", "B-PER", "I-LOC", "B-NOUN", "B-B-",

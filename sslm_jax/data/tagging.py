@@ -3,8 +3,10 @@
 numpy only. `text.split()` gives the words (data/labelled.py checks one label per word). Each word
 is encoded on its own, so the word -> pieces mapping is exact: with our SentencePiece tokenizer
 (dummy prefix, pieces never cross a space) the concatenated pieces are exactly those of the
-single-spaced text. The first piece of each word carries the word's label with weight 1; the
-other pieces, the special tokens and padding get weight 0 (and label 0, which is never scored).
+single-spaced text. A Hugging Face tokenizer.json also encodes each word on its own; for a
+byte-level BPE such as GPT-2's, the pieces then lack the space they carry in running text.
+The first piece of each word carries the word's label with weight 1; the other pieces, the
+special tokens and padding get weight 0 (and label 0, which is never scored).
 
 Layout as data/tasks.py's single-text features: BERT reads [CLS] words [SEP], GPT [BOS] words
 [EOS]. Words that do not fit in data.seq_len are dropped whole (never split) and not scored; how
