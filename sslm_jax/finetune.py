@@ -3,11 +3,12 @@
   python -m sslm_jax.main --config=configs/finetune_bert_tiny.py --workdir=runs/cls \\
     --config.finetune.init_from=runs/bert_tiny
 
-What differs from pretraining is an Objective (train.py's seam): the model is heads.Classifier
-(tagging.Tagger for finetune.task='tagging'), the loss the task's, eval gathers predictions for
-task_metrics, and step 0 starts from the encoder of `finetune.init_from` (one of our workdirs) or
-`init_from_hf`. The data (numpy only) is data/tasks.py, data/tagging.py and data/labelled.py; the
-label vocabulary is saved as WORKDIR/labels.json.
+What differs from pretraining is an Objective (train.py's seam): the model is heads.Classifier,
+the loss the task's, eval gathers predictions for task_metrics, and step 0 starts from the
+encoder of `finetune.init_from` (one of our workdirs) or `init_from_hf`. The data (numpy only)
+is data/tasks.py and data/labelled.py; the label vocabulary is saved as WORKDIR/labels.json.
+Tagging (finetune.task='tagging') takes its model, loss and metrics from tagging.py and its
+features from data/tagging.py.
 """
 
 from __future__ import annotations
