@@ -130,7 +130,7 @@ def _opt_defaults() -> ml_collections.ConfigDict:
 def _finetune_defaults() -> ml_collections.ConfigDict:
   """Fine-tuning with a task head (heads.py, finetune.py); task '' is pretraining."""
   s = ml_collections.ConfigDict()
-  s.task = ""  # '' | classification | pair_classification | regression
+  s.task = ""  # '' | classification | pair_classification | regression | tagging
   s.init_from = ""  # a workdir of ours whose parameters start the encoder ('' = random)
   s.init_step = 0  # its checkpoint to load; 0: the newest
   # Labelled .jsonl/.csv/.tsv (see data/labelled.py); empty: the built-in task (data/tasks.py).
@@ -198,7 +198,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_finetune(c)
 
 
-FINETUNE_TASKS = ("", "classification", "pair_classification", "regression")
+FINETUNE_TASKS = ("", "classification", "pair_classification", "regression", "tagging")
 
 
 def _validate_finetune(c: ml_collections.ConfigDict) -> None:

@@ -7,6 +7,8 @@ What differs from pretraining is an Objective (train.py's seam): the model is he
 the loss the task's, eval gathers predictions for task_metrics, and step 0 starts from the
 encoder of `finetune.init_from` (one of our workdirs) or `init_from_hf`. The data (numpy only)
 is data/tasks.py and data/labelled.py; the label vocabulary is saved as WORKDIR/labels.json.
+Tagging (finetune.task='tagging') takes its model, loss and metrics from tagging.py and its
+features from data/tagging.py.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from sslm_jax import checkpoint, heads, optim, restore, task_metrics, train
+from sslm_jax import checkpoint, heads, optim, restore, tagging, task_metrics, train
 from sslm_jax import config as config_lib
 from sslm_jax import model as model_lib
 from sslm_jax import tokenizer as tokenizer_lib
 from sslm_jax.data import augment_data, labelled, tasks
+from sslm_jax.data import tagging as tagging_data
 
 BUILTIN_TRAIN_PER_CLASS, BUILTIN_EVAL_PER_CLASS = 1000, 250
 # Model fields that fix the encoder's array shapes, with the config field that sets each. The
@@ -64,17 +67,20 @@ def freeze_encoder(until_step: int | None) -> optax.GradientTransformation:
 
 
 class FinetuneObjective(train.Objective):
-  """A task head on the encoder: classification (cross-entropy) or regression (squared error)."""
+  """A task head on the encoder: classification (cross-entropy), regression (squared error) or
+  tagging (cross-entropy per word, tagging.py)."""
 
-  def __init__(self, config, num_labels: int, starting_encoder=None):
+  def __init__(self, config, num_labels: int, starting_encoder=None, label_names=()):
     super().__init__(config)
     self.task = config.finetune.task
     self.num_labels = num_labels
     self.num_outputs = heads.num_outputs(self.task, num_labels)
     self._starting_encoder = starting_encoder  # () -> pure dict of the encoder, or None
+    self.label_names = tuple(label_names)  # tagging's entity metrics read the B-/I- prefixes
+    self._heads = tagging if self.task == tagging.TASK else heads
 
   def build(self, seed: int):
-    return heads.build(self.model_cfg, self.num_outputs, seed)
+    return self._heads.build(self.model_cfg, self.num_outputs, seed)
 
   def optimizer(self) -> optax.GradientTransformation:
     f = self.config.finetune
@@ -91,12 +97,14 @@ class FinetuneObjective(train.Objective):
     return jax.tree.map(np.asarray, fresh)
 
   def metric_sums(self, model, batch, key=None) -> dict:
-    return heads.task_sums(model, batch, self.task, key)
+    return self._heads.task_sums(model, batch, self.task, key)
 
   def eval_outputs(self, model, batch) -> dict:
-    return heads.eval_outputs(model, batch, self.task)
+    return self._heads.eval_outputs(model, batch, self.task)
 
   def summarize(self, outputs: list[dict]) -> dict:
+    if self.task == tagging.TASK:
+      return tagging.summarize(outputs, self.label_names)
     if not outputs:
       return {}
     joined = {k: np.concatenate([np.asarray(o[k]) for o in outputs]) for k in outputs[0]}
@@ -237,10 +245,12 @@ def prepare(config, workdir: str, rows=None) -> Prepared:
   tok = _tokenizer(config, workdir, train_examples, given)
   vocab = _label_vocab(config, workdir, train_examples)
   causal, seq_len = config.objective == "causal_lm", config.data.seq_len
-  train_features = tasks.featurize(augmented, tok, vocab, seq_len, causal)
-  eval_features = tasks.featurize(eval_examples, tok, vocab, seq_len, causal)
+  featurize = tagging_data.featurize if config.finetune.task == tagging.TASK else tasks.featurize
+  train_features = featurize(augmented, tok, vocab, seq_len, causal)
+  eval_features = featurize(eval_examples, tok, vocab, seq_len, causal)
   data = tasks.TaskData(train_features, eval_features, config.batch_size, config.seed, rows)
-  objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder)
+  labels = vocab.labels if vocab else ()
+  objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder, labels)
   record = {
     "tokenizer_sha256": tok.sha256,
     "finetune": {k: config.finetune[k] for k in config.finetune if k not in ("init_step",)},

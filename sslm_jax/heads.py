@@ -10,6 +10,7 @@ Regression is the same head with K = 1 and a squared-error loss.
 
 Einsum letters are model.py's, plus K for the head's outputs (labels). The head's weights use
 the logical names `embed`, `mlp` and `labels` (the last is replicated in sharding.py's table).
+The token head for tagging, on every position, is tagging.py's.
 """
 
 from __future__ import annotations
@@ -64,15 +65,18 @@ class Classifier(nnx.Module):
   def __call__(self, batch: dict, dropout_key=None):
     """[B, K] float32 outputs for a batch of `inputs`, `positions`, `segment_ids` (0: padding)
     and, for BERT, `token_types`."""
-    cfg = self.encoder.cfg
     k_encoder, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-    args = (batch["inputs"], batch["positions"], batch["segment_ids"], k_encoder)
-    if cfg.causal:
-      x_BTD = self.encoder.hidden(*args)
-    else:
-      x_BTD = self.encoder.hidden(*args, batch.get("token_types"))
-    x_BD = constrain(pooled(cfg, x_BTD, batch["segment_ids"]), ("act_batch", "act_embed"))
-    return self.head(x_BD, k_head)
+    x_BTD = hidden_states(self.encoder, batch, k_encoder)
+    x_BD = pooled(self.encoder.cfg, x_BTD, batch["segment_ids"])
+    return self.head(constrain(x_BD, ("act_batch", "act_embed")), k_head)
+
+
+def hidden_states(encoder, batch: dict, dropout_key=None):
+  """The encoder's (GPT or BERT) hidden states [B, T, D] for a fine-tuning batch."""
+  args = (batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
+  if encoder.cfg.causal:
+    return encoder.hidden(*args)
+  return encoder.hidden(*args, batch.get("token_types"))
 
 
 def build(cfg: model_lib.ModelConfig, num_outputs: int, seed: int) -> Classifier:

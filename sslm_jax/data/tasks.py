@@ -114,7 +114,7 @@ def _batch(features: dict[str, np.ndarray], index_B: np.ndarray, weights_B: np.n
   inputs_BT = features["inputs"][index_B]
   positions_BT = np.broadcast_to(np.arange(inputs_BT.shape[1], dtype=np.int32), inputs_BT.shape)
   segment_ids_BT = (positions_BT < features["lengths"][index_B][:, None]).astype(np.int32)
-  return {
+  batch = {
     "inputs": inputs_BT,
     "positions": np.ascontiguousarray(positions_BT),
     "segment_ids": segment_ids_BT,
@@ -122,6 +122,9 @@ def _batch(features: dict[str, np.ndarray], index_B: np.ndarray, weights_B: np.n
     "labels": features["labels"][index_B],
     "weights": weights_B.astype(np.float32),
   }
+  if "label_weights" in features:  # tagging (data/tagging.py): which positions are scored
+    batch["label_weights"] = features["label_weights"][index_B]
+  return batch
 
 
 @dataclasses.dataclass
