@@ -22,12 +22,14 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from sslm_jax import checkpoint, heads, optim, restore, task_metrics, train
+from sslm_jax import checkpoint, heads, keep_best, optim, restore, task_metrics, train
 from sslm_jax import config as config_lib
 from sslm_jax import tokenizer as tokenizer_lib
 from sslm_jax.data import labelled, tasks
 
 BUILTIN_TRAIN_PER_CLASS, BUILTIN_EVAL_PER_CLASS = 1000, 250
+# finetune fields that do not change what a step computes: a resumed run may change them.
+_DECIDE_ONLY = ("init_step", "early_stopping_metric", "early_stopping_patience")
 # Model fields that fix the encoder's array shapes, with the config field that sets each.
 _SHAPES = {
   "objective": "objective",
@@ -236,7 +238,7 @@ def prepare(config, workdir: str, rows=None) -> Prepared:
   objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder)
   record = {
     "tokenizer_sha256": tok.sha256,
-    "finetune": {k: config.finetune[k] for k in config.finetune if k not in ("init_step",)},
+    "finetune": {k: config.finetune[k] for k in config.finetune if k not in _DECIDE_ONLY},
     "finetune_data": _digest(train_features) + _digest(eval_features),
   }
   return Prepared(data, objective, checkpoint.fingerprint(config, record))
@@ -251,5 +253,12 @@ def run(config, workdir: str, mesh, rows=None, allow_changes=frozenset()) -> dic
     train_batches=prepared.data.train_batches, eval_batches=prepared.data.eval_batches
   )
   return train.train_and_evaluate(
-    config, workdir, mesh, hooks, prepared.fingerprint, allow_changes, prepared.objective
+    config,
+    workdir,
+    mesh,
+    hooks,
+    prepared.fingerprint,
+    allow_changes,
+    prepared.objective,
+    keep_best.KeepBest(config, workdir),
   )
