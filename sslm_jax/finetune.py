@@ -7,6 +7,7 @@ What differs from pretraining is an Objective (train.py's seam): the model is he
 the loss the task's, eval gathers predictions for task_metrics, and step 0 starts from the
 encoder of `finetune.init_from` (one of our workdirs) or `init_from_hf`. The data (numpy only)
 is data/tasks.py and data/labelled.py; the label vocabulary is saved as WORKDIR/labels.json.
+keep_best.py keeps the best eval's parameters in WORKDIR/best and stops the run early.
 """
 
 from __future__ import annotations

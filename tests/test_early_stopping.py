@@ -15,6 +15,7 @@ from test_finetune import _config, _mesh, _records, task_dir  # noqa: F401 (a fi
 import sslm_jax
 from sslm_jax import config as config_lib
 from sslm_jax import early_stopping, finetune, keep_best
+from sslm_jax.data import labelled
 
 EVERY, PATIENCE, STEPS = 4, 3, 60
 
@@ -183,3 +184,26 @@ def test_predict_refuses_bad_input_in_one_line(stopped, task_dir, tmp_path):  # 
     assert result.stdout == ""
   assert not (tmp_path / "out.jsonl").exists()
   assert keep_best.read(str(pretraining)) is None
+
+
+def test_classify_gives_values_for_regression_pairs(task_dir, tmp_path):  # noqa: F811
+  rows = []
+  for i in range(64):
+    a, b = f"violet river {i % 3}", "stone amber" if i % 2 else "quiet table"
+    rows.append({"text": a, "text_pair": b, "label": float(i % 2 + i % 3)})
+  lines = "\n".join(json.dumps(r) for r in rows) + "\n"
+  (tmp_path / "data.jsonl").write_text(lines)
+  config = _config(task_dir, steps=2)
+  config.eval_every_steps = config.checkpoint_every_steps = 2
+  config.finetune.task = "regression"
+  config.finetune.train_files = config.finetune.eval_files = str(tmp_path / "data.jsonl")
+  finetune.run(config, str(tmp_path / "run"), _mesh(config))
+  assert json.loads((tmp_path / "run" / "best.json").read_text())["metric"] == "eval_pearson"
+  model = sslm_jax.load(str(tmp_path / "run"))
+  predictions = model.classify([r["text"] for r in rows], [r["text_pair"] for r in rows])
+  assert all(p.label is None and isinstance(p.value, float) for p in predictions)
+  examples = labelled.read_examples(str(tmp_path / "data.jsonl"), "regression")
+  found = model.metrics(examples, predictions)
+  final = _records(tmp_path / "run")[-1]
+  assert found["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-4)
+  assert found["eval_pearson"] == pytest.approx(final["eval_pearson"], abs=1e-4)
