@@ -79,8 +79,12 @@ def _choose(workdir: str, step: int | str | None) -> tuple:
     return keep_best.params_dir(workdir, best["step"]), best["step"], "best"
   if best is not None and step == best["step"]:
     return keep_best.params_dir(workdir, step), step, "best"
-  if step is None and steps:
-    step = steps[-1]
+  if step is None and not steps:
+    raise UsageError(
+      f"{workdir} has no checkpoints yet (none in {directory}); let its fine-tuning run save "
+      "one (every checkpoint_every_steps, and at the end), or pass another workdir."
+    )
+  step = steps[-1] if step is None else step
   if step not in steps:
     available = ", ".join(map(str, steps)) or "none"
     also = f", and 'best' (step {best['step']})" if best else ""

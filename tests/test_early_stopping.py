@@ -16,6 +16,7 @@ import sslm_jax
 from sslm_jax import config as config_lib
 from sslm_jax import early_stopping, finetune, keep_best
 from sslm_jax.data import labelled
+from sslm_jax.restore import UsageError
 
 EVERY, PATIENCE, STEPS = 4, 3, 60
 
@@ -207,3 +208,17 @@ def test_classify_gives_values_for_regression_pairs(task_dir, tmp_path):  # noqa
   final = _records(tmp_path / "run")[-1]
   assert found["eval_loss"] == pytest.approx(final["eval_loss"], rel=1e-4)
   assert found["eval_pearson"] == pytest.approx(final["eval_pearson"], abs=1e-4)
+
+
+def test_load_errors_name_the_fix(stopped, tmp_path):
+  _, workdir = stopped
+  fresh = tmp_path / "fresh"
+  fresh.mkdir()
+  for name in ("config.json", "labels.json"):
+    shutil.copy(workdir / name, fresh / name)
+  with pytest.raises(UsageError, match="has no checkpoints yet"):
+    sslm_jax.load(str(fresh))
+  with pytest.raises(UsageError, match="has no best checkpoint yet"):
+    sslm_jax.load(str(fresh), "best")
+  with pytest.raises(UsageError, match=r"available steps: .*'best' \(step"):
+    sslm_jax.load(str(workdir), 7)
