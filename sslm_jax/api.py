@@ -4,6 +4,7 @@
   lm = sslm_jax.load("runs/gpt_tiny")            # newest checkpoint, parameters only
   lm.generate("def main(", max_new_tokens=32)     # GPT
   lm.fill_mask("x = [MASK](1, 2)")                # BERT
+  sslm_jax.load("runs/cls").classify(["x = 1"])    # a fine-tuning workdir (task_model.py)
 
 Parameters are restored alone (no optimizer state) onto one device, whatever mesh wrote them
 (see restore.py).
@@ -37,8 +38,21 @@ def _kind(config) -> str:
   return "GPT (causal_lm)" if config.objective == "causal_lm" else "BERT (masked_lm)"
 
 
-def load(workdir: str, step: int | None = None) -> LanguageModel:
-  """The model of a training workdir at `step` (default: its newest checkpoint)."""
+def load(workdir: str, step: int | str | None = None):
+  """The model of a training workdir at `step` (default: its newest checkpoint).
+
+  A fine-tuning workdir gives a task_model.TaskModel (`classify`), by default at its best eval
+  (step='best' asks for it explicitly); a pretraining workdir a LanguageModel.
+  """
+  if restore.read_config(workdir).finetune.task:
+    from sslm_jax import task_model
+
+    return task_model.load(workdir, step)
+  if step == "best":
+    raise UsageError(
+      f"{workdir} is a pretraining run, which keeps no best checkpoint (fine-tuning runs do); "
+      "give a step number, or leave the step out for the newest."
+    )
   r = restore.from_workdir(workdir, step)
   return LanguageModel(r.config, r.model_cfg, r.model, r.tokenizer, r.step)
 

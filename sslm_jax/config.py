@@ -10,6 +10,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from sslm_jax import early_stopping
 from sslm_jax.model import ModelConfig
 
 
@@ -139,6 +140,11 @@ def _finetune_defaults() -> ml_collections.ConfigDict:
   s.num_labels = 0  # 0: from the training labels; else must equal their count
   s.freeze_encoder = False  # train the head only (a linear probe)
   s.freeze_encoder_steps = 0  # train the head only for this many first steps
+  # The eval metric whose best parameters are kept in WORKDIR/best (a metrics.jsonl key, e.g.
+  # eval_loss; '' = eval_accuracy, or eval_pearson for regression; see early_stopping.py), and
+  # the evals without improvement after which the run stops (0: never).
+  s.early_stopping_metric = ""
+  s.early_stopping_patience = 0
   return s
 
 
@@ -218,7 +224,7 @@ def _validate_finetune(c: ml_collections.ConfigDict) -> None:
     f"finetune.init_from={f.init_from!r} is not a directory; pass the --workdir of a pretraining "
     "run.",
   )
-  for name in ("init_step", "num_labels", "freeze_encoder_steps"):
+  for name in ("init_step", "num_labels", "freeze_encoder_steps", "early_stopping_patience"):
     _require(
       isinstance(f[name], int) and f[name] >= 0,
       f"finetune.{name}={f[name]!r} must be an integer >= 0.",
@@ -233,6 +239,9 @@ def _validate_finetune(c: ml_collections.ConfigDict) -> None:
     "finetune.train_files and finetune.eval_files go together; set both, or neither for the "
     "built-in task.",
   )
+  error = early_stopping.check_metric(f.task, f.early_stopping_metric)
+  if error:
+    raise ConfigError(error)
   _require(
     bool(f.train_files) or f.task == "classification",
     f"the built-in task is a classification task; set finetune.task='classification' or give "

@@ -8,7 +8,8 @@ the loss the task's, eval gathers predictions for task_metrics, and step 0 start
 encoder of `finetune.init_from` (one of our workdirs) or `init_from_hf`. The data (numpy only)
 is data/tasks.py and data/labelled.py; the label vocabulary is saved as WORKDIR/labels.json.
 Tagging (finetune.task='tagging') takes its model, loss and metrics from tagging.py and its
-features from data/tagging.py.
+features from data/tagging.py. keep_best.py keeps the best eval's parameters in WORKDIR/best and
+stops the run early.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from sslm_jax import checkpoint, heads, optim, restore, tagging, task_metrics, train
+from sslm_jax import checkpoint, heads, keep_best, optim, restore, tagging, task_metrics, train
 from sslm_jax import config as config_lib
 from sslm_jax import model as model_lib
 from sslm_jax import tokenizer as tokenizer_lib
@@ -32,6 +33,8 @@ from sslm_jax.data import augment_data, labelled, tasks
 from sslm_jax.data import tagging as tagging_data
 
 BUILTIN_TRAIN_PER_CLASS, BUILTIN_EVAL_PER_CLASS = 1000, 250
+# finetune fields that do not change what a step computes: a resumed run may change them.
+_DECIDE_ONLY = ("init_step", "early_stopping_metric", "early_stopping_patience")
 # Model fields that fix the encoder's array shapes, with the config field that sets each. The
 # position table is not one of them: model.fit_positions cuts or extends it.
 _SHAPES = {
@@ -253,7 +256,7 @@ def prepare(config, workdir: str, rows=None) -> Prepared:
   objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder, labels)
   record = {
     "tokenizer_sha256": tok.sha256,
-    "finetune": {k: config.finetune[k] for k in config.finetune if k not in ("init_step",)},
+    "finetune": {k: config.finetune[k] for k in config.finetune if k not in _DECIDE_ONLY},
     "finetune_data": _digest(train_features) + _digest(eval_features),
   }
   return Prepared(data, objective, checkpoint.fingerprint(config, record))
@@ -268,5 +271,12 @@ def run(config, workdir: str, mesh, rows=None, allow_changes=frozenset()) -> dic
     train_batches=prepared.data.train_batches, eval_batches=prepared.data.eval_batches
   )
   return train.train_and_evaluate(
-    config, workdir, mesh, hooks, prepared.fingerprint, allow_changes, prepared.objective
+    config,
+    workdir,
+    mesh,
+    hooks,
+    prepared.fingerprint,
+    allow_changes,
+    prepared.objective,
+    keep_best.KeepBest(config, workdir),
   )

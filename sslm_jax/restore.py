@@ -38,7 +38,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def _checkpoint_dir(workdir: str) -> epath.Path:
+def checkpoint_dir(workdir: str) -> epath.Path:
   directory = f"{workdir}/checkpoints"
   return epath.Path(directory if "://" in directory else os.path.abspath(directory))
 
@@ -61,12 +61,18 @@ def _choose_step(workdir: str, steps: list[int], step: int | None) -> int:
 
 
 def _restore_params(step_dir: epath.Path, model_cfg: model_lib.ModelConfig):
-  """The `params` subtree of the saved TrainState, each array whole on the first local device.
+  return restore_params(step_dir / "state", lambda: model_lib.build(model_cfg, 0))
+
+
+def restore_params(tree_dir: epath.Path, build):
+  """The model `build()` makes, with the `params` subtree saved in `tree_dir` (a checkpoint's
+  state/ directory, or a params-only save of the same tree), each array whole on the first
+  local device.
 
   Orbax's partial restore reads only the leaves named in the target tree: the optimizer state
   (twice the parameters' bytes) is never read, and shards from any mesh are reassembled.
   """
-  abstract_model = nnx.eval_shape(lambda: model_lib.build(model_cfg, 0))
+  abstract_model = nnx.eval_shape(build)
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
@@ -76,7 +82,7 @@ def _restore_params(step_dir: epath.Path, model_cfg: model_lib.ModelConfig):
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(
-      step_dir / "state",
+      tree_dir,
       args=ocp.args.PyTreeRestore(item, restore_args=restore_args, partial_restore=True),
     )
   return nnx.merge(graphdef, restored["params"])
@@ -96,7 +102,7 @@ def from_workdir(workdir: str, step: int | None = None) -> Restored:
   """The config, parameters and tokenizer of `workdir` at `step` (default: its newest)."""
   workdir = str(workdir).rstrip("/")
   config = read_config(workdir)
-  directory = _checkpoint_dir(workdir)
+  directory = checkpoint_dir(workdir)
   steps = ocp.step.checkpoint_steps(directory) if directory.exists() else []
   step = _choose_step(workdir, steps, step)
   tokenizer = tok.load(config.data.tokenizer_path or f"{workdir}/tokenizer.model")

@@ -84,6 +84,23 @@ class Objective:
     return eval_summary(totals, self.model_cfg.causal) if totals else {}
 
 
+class Watcher:
+  """Sees each eval after step 0; may stop the run early and keep its own state in the
+  checkpoints' metadata (keep_best.py does for fine-tuning). This default watches nothing."""
+
+  def resume(self, meta: dict | None) -> str | None:
+    """Takes the resumed checkpoint's metadata (None: a fresh start); returns a message when
+    the run already ended there, and then nothing is trained."""
+    return None
+
+  def after_eval(self, step: int, record: dict, params) -> str | None:
+    """Returns a message when the run should stop once this step's checkpoint is saved."""
+    return None
+
+  def meta(self) -> dict:
+    return {}
+
+
 def _summed_grads(params, batch, *, spec: StateSpec, key, sums_fn=objectives.metric_sums):
   """Gradient of the summed loss, and the metric sums, for one (micro)batch."""
 
@@ -330,17 +347,23 @@ def train_and_evaluate(
   fingerprint: dict,
   allow_changes=frozenset(),
   objective: Objective | None = None,
+  watcher: Watcher | None = None,
 ) -> dict:
   """Train to `num_train_steps`, resuming from `workdir`; returns the last logged record."""
-  objective = objective or Objective(config)
+  objective, watcher = objective or Objective(config), watcher or Watcher()
   state, spec, tx, ckpt = init_or_restore(
     config, mesh, workdir, fingerprint, allow_changes, objective
   )
+  last_good = ckpt.latest_step()
+  ended = watcher.resume(None if last_good is None else ckpt.read_meta(last_good))
+  if ended:
+    logging.warning("%s", ended)
+    ckpt.close()
+    return {}
   trainer = Trainer(config, mesh, spec, tx, objective)
   start, total = int(jax.device_get(state.step)), config.num_train_steps
   primary = jax.process_index() == 0
   writer = metrics.Writer(workdir, start_step=start, total_steps=total, enabled=primary)
-  last_good = ckpt.latest_step()
   tokens_per_step = config.batch_size * config.data.seq_len
   mfu = _mfu_of_rate(config)
   record: dict = {}
@@ -388,6 +411,8 @@ def train_and_evaluate(
         if eval_now:
           with goodput.timed("eval"):
             eval_record = trainer.evaluate(state.params, data.eval_batches())
+            ended = watcher.after_eval(step, eval_record, state.params)
+          save_now = save_now or bool(ended)
         times = goodput.lap()
         rate = times.pop("tokens_per_sec")
         if jax.process_count() > 1 and regular_log:
@@ -399,8 +424,11 @@ def train_and_evaluate(
       # Saved after its record is written: a checkpoint never exists without its metrics line.
       if save_now:
         with goodput.timed("checkpoint"):  # only the blocking part: the write is asynchronous
-          ckpt.save(step, state, {"fingerprint": fingerprint, "step": step})
+          ckpt.save(step, state, {"fingerprint": fingerprint, "step": step, **watcher.meta()})
         last_good = step
+      if ended:
+        logging.warning("%s", ended)
+        return record
       if stop:
         logging.warning(
           "Stopped at step %d (%s) after saving its checkpoint; rerun to resume.",

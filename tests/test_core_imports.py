@@ -38,6 +38,9 @@ CORE = [
   "sslm_jax.heads",
   "sslm_jax.finetune",
   "sslm_jax.data.tasks",
+  "sslm_jax.early_stopping",
+  "sslm_jax.keep_best",
+  "sslm_jax.task_model",
 ]
 
 

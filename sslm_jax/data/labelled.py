@@ -48,12 +48,12 @@ class Example:
   """One labelled row; `where` ("path row N") is for error messages and not compared.
 
   `label` is a str (classification kinds), a float (regression) or a tuple of str, one per
-  word of `text.split()` (tagging).
+  word of `text.split()` (tagging); None in rows read to predict without a gold label.
   """
 
   text: str
   text_pair: str | None
-  label: str | float | tuple[str, ...]
+  label: str | float | tuple[str, ...] | None
   where: str = dataclasses.field(default="", compare=False)
 
 
@@ -98,8 +98,9 @@ def matching_paths(patterns: str) -> list[str]:
   return sorted(found)
 
 
-def _required(task: str) -> tuple[str, ...]:
-  return ("text", "text_pair", "label") if task == "pair_classification" else ("text", "label")
+def _required(task: str, labelled: bool = True) -> tuple[str, ...]:
+  texts = ("text", "text_pair") if task == "pair_classification" else ("text",)
+  return texts + ("label",) if labelled else texts
 
 
 def _decoded(path: str, raw: bytes) -> str:
@@ -112,7 +113,7 @@ def _decoded(path: str, raw: bytes) -> str:
     ) from e
 
 
-def _jsonl_rows(path: str, text: str, task: str) -> Iterator[tuple[int, dict]]:
+def _jsonl_rows(path: str, text: str, task: str, labelled: bool) -> Iterator[tuple[int, dict]]:
   # split("\n"), not splitlines(): U+2028 and friends may sit raw inside JSON strings.
   for row, line in enumerate(text.split("\n"), start=1):
     if not line.strip():
@@ -127,9 +128,9 @@ def _jsonl_rows(path: str, text: str, task: str) -> Iterator[tuple[int, dict]]:
     if not isinstance(record, dict):
       raise LabelledDataError(
         f"{path} row {row} is a JSON {type(record).__name__}, not an object; fix: write one "
-        f"object per line with the fields {list(_required(task))}."
+        f"object per line with the fields {list(_required(task, labelled))}."
       )
-    missing = [k for k in _required(task) if k not in record]
+    missing = [k for k in _required(task, labelled) if k not in record]
     if missing:
       raise LabelledDataError(
         f"{path} row {row} has no {missing[0]!r} field (it has {sorted(record)}); fix: add it "
@@ -138,16 +139,19 @@ def _jsonl_rows(path: str, text: str, task: str) -> Iterator[tuple[int, dict]]:
     yield row, record
 
 
-def _check_header(path: str, header: list[str], task: str) -> None:
-  missing = [k for k in _required(task) if k not in header]
+def _check_header(path: str, header: list[str], task: str, labelled: bool) -> None:
+  missing = [k for k in _required(task, labelled) if k not in header]
   if missing:
     raise LabelledDataError(
       f"{path} row 1 (the header) has no {missing[0]!r} column (it has {header}); fix: name "
-      f"the columns {list(_required(task))} in the first row, or check the task (finetune.task)."
+      f"the columns {list(_required(task, labelled))} in the first row, or check the task "
+      "(finetune.task)."
     )
 
 
-def _csv_rows(path: str, text: str, task: str, tsv: bool) -> Iterator[tuple[int, dict]]:
+def _csv_rows(
+  path: str, text: str, task: str, tsv: bool, labelled: bool
+) -> Iterator[tuple[int, dict]]:
   quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
   reader = csv.reader(
     io.StringIO(text, newline=""), delimiter="\t" if tsv else ",", quoting=quoting, strict=True
@@ -160,7 +164,7 @@ def _csv_rows(path: str, text: str, task: str, tsv: bool) -> Iterator[tuple[int,
         continue
       if header is None:
         header = values
-        _check_header(path, header, task)
+        _check_header(path, header, task, labelled)
         continue
       if len(values) != len(header):
         fix = "remove tabs from inside fields" if tsv else "quote fields with commas in them"
@@ -230,7 +234,7 @@ def _tag_labels(value, text: str, where: str, from_json: bool) -> tuple[str, ...
   return labels
 
 
-def _example(record: dict, task: str, where: str, from_json: bool) -> Example:
+def _example(record: dict, task: str, where: str, from_json: bool, labelled: bool) -> Example:
   text = _text(record["text"], "text", where)
   pair = record.get("text_pair")
   if task == "pair_classification":
@@ -243,8 +247,10 @@ def _example(record: dict, task: str, where: str, from_json: bool) -> Example:
     )
   else:
     pair = _text(pair, "text_pair", where)
-  label = record["label"]
-  if task == "regression":
+  label = record.get("label")
+  if not labelled and label in (None, ""):
+    label = None  # a row to predict, without a gold label
+  elif task == "regression":
     label = _float_label(label, where)
   elif task == "tagging":
     label = _tag_labels(label, text, where, from_json)
@@ -253,7 +259,7 @@ def _example(record: dict, task: str, where: str, from_json: bool) -> Example:
   return Example(text, pair, label, where)
 
 
-def _read_file(path: str, task: str) -> list[Example]:
+def _read_file(path: str, task: str, labelled: bool) -> list[Example]:
   ext = next((e for e in _EXTENSIONS if path.lower().endswith(e)), None)
   if ext is None:
     raise LabelledDataError(
@@ -262,10 +268,10 @@ def _read_file(path: str, task: str) -> list[Example]:
     )
   text = _decoded(path, epath.Path(path).read_bytes())
   if ext == ".jsonl":
-    rows = _jsonl_rows(path, text, task)
+    rows = _jsonl_rows(path, text, task, labelled)
   else:
-    rows = _csv_rows(path, text, task, tsv=ext == ".tsv")
-  examples = [_example(r, task, f"{path} row {n}", ext == ".jsonl") for n, r in rows]
+    rows = _csv_rows(path, text, task, ext == ".tsv", labelled)
+  examples = [_example(r, task, f"{path} row {n}", ext == ".jsonl", labelled) for n, r in rows]
   if not examples:
     raise LabelledDataError(f"{path} has no examples; fix: add labelled rows or leave it out.")
   return examples
@@ -276,10 +282,14 @@ def check_task(task: str) -> None:
     raise LabelledDataError(f"finetune.task={task!r} is unknown; fix: use one of {list(TASKS)}.")
 
 
-def read_examples(patterns: str, task: str) -> list[Example]:
-  """Every example in the files matched by `patterns`, files in sorted path order."""
+def read_examples(patterns: str, task: str, labelled: bool = True) -> list[Example]:
+  """Every example in the files matched by `patterns`, files in sorted path order.
+
+  With labelled=False the label column may be missing or empty (rows to predict): such rows
+  have label None.
+  """
   check_task(task)
-  return [e for path in matching_paths(patterns) for e in _read_file(path, task)]
+  return [e for path in matching_paths(patterns) for e in _read_file(path, task, labelled)]
 
 
 def _label_order(labels: Iterable[str]):
