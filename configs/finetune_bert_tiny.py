@@ -39,7 +39,7 @@ def get_config():
   # BERT's fine-tuning recipe (warmup over 10% of the steps, linear decay to 0, weight decay
   # 0.01, b2 0.999) with a larger peak learning rate for a model this small.
   c.opt.learning_rate = 2e-4
-  c.opt.warmup_steps = 30
+  c.opt.warmup_fraction = 0.1
   c.opt.decay = "linear"
   c.opt.final_lr_fraction = 0.0
   c.opt.b2 = 0.999

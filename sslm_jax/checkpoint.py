@@ -52,6 +52,7 @@ RUN_FIELDS = (
   "model.gelu",
   "opt.learning_rate",
   "opt.warmup_steps",
+  "opt.warmup_fraction",
   "opt.decay",
   "opt.final_lr_fraction",
   "opt.b1",

@@ -116,6 +116,7 @@ def _opt_defaults() -> ml_collections.ConfigDict:
   s = ml_collections.ConfigDict()
   s.learning_rate = 1e-3
   s.warmup_steps = 100
+  s.warmup_fraction = 0.0  # > 0: warm up over this fraction of num_train_steps instead
   s.decay = "cosine"  # 'cosine' | 'linear' | 'constant'
   s.final_lr_fraction = 0.1
   s.b1 = 0.9
@@ -140,6 +141,7 @@ def _finetune_defaults() -> ml_collections.ConfigDict:
   s.num_labels = 0  # 0: from the training labels; else must equal their count
   s.freeze_encoder = False  # train the head only (a linear probe)
   s.freeze_encoder_steps = 0  # train the head only for this many first steps
+  s.num_epochs = 0.0  # > 0: num_train_steps = this many passes over the training examples
   # The eval metric whose best parameters are kept in WORKDIR/best (a metrics.jsonl key, e.g.
   # eval_loss; '' = eval_accuracy, or eval_pearson for regression; see early_stopping.py), and
   # the evals without improvement after which the run stops (0: never).
@@ -223,6 +225,10 @@ def _validate_finetune(c: ml_collections.ConfigDict) -> None:
     not f.init_from or os.path.isdir(f.init_from) or "://" in f.init_from,
     f"finetune.init_from={f.init_from!r} is not a directory; pass the --workdir of a pretraining "
     "run.",
+  )
+  _require(
+    isinstance(f.num_epochs, (int, float)) and f.num_epochs >= 0,
+    f"finetune.num_epochs={f.num_epochs!r} must be a number >= 0 (0: use num_train_steps).",
   )
   for name in ("init_step", "num_labels", "freeze_encoder_steps", "early_stopping_patience"):
     _require(
@@ -371,7 +377,12 @@ def _validate_opt(c: ml_collections.ConfigDict) -> None:
     isinstance(c.opt.warmup_steps, int) and c.opt.warmup_steps >= 0,
     f"opt.warmup_steps={c.opt.warmup_steps!r} must be an integer >= 0.",
   )
-  if c.opt.warmup_steps > c.num_train_steps:  # a short smoke run of a big config
+  _require(
+    isinstance(c.opt.warmup_fraction, (int, float)) and 0 <= c.opt.warmup_fraction < 1,
+    f"opt.warmup_fraction={c.opt.warmup_fraction!r} must lie in [0, 1); e.g. 0.1 warms up over "
+    "the first 10% of the steps (0: use opt.warmup_steps).",
+  )
+  if not c.opt.warmup_fraction and c.opt.warmup_steps > c.num_train_steps:  # a short smoke run
     logging.warning(
       "opt.warmup_steps=%d is longer than num_train_steps=%d: warming up over all %d steps.",
       c.opt.warmup_steps,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 
 import jax
 import numpy as np
@@ -34,7 +35,7 @@ from sslm_jax.data import tagging as tagging_data
 
 BUILTIN_TRAIN_PER_CLASS, BUILTIN_EVAL_PER_CLASS = 1000, 250
 # finetune fields that do not change what a step computes: a resumed run may change them.
-_DECIDE_ONLY = ("init_step", "early_stopping_metric", "early_stopping_patience")
+_DECIDE_ONLY = ("init_step", "early_stopping_metric", "early_stopping_patience", "num_epochs")
 # Model fields that fix the encoder's array shapes, with the config field that sets each. The
 # position table is not one of them: model.fit_positions cuts or extends it.
 _SHAPES = {
@@ -161,9 +162,16 @@ def _from_workdir(config):
 
 
 def _tokenizer(config, workdir: str, train_examples, given=None):
-  """The init_from run's tokenizer, else data.tokenizer_path, else WORKDIR/tokenizer.model
-  (trained on the training texts the first time)."""
+  """The init_from run's tokenizer, else data.tokenizer_path, else init_from_hf's tokenizer.json,
+  else WORKDIR/tokenizer.model (trained on the training texts the first time)."""
   path = config.data.tokenizer_path
+  if given is None and not path and config.init_from_hf:  # the weights' own tokenizer
+    path = f"{config.init_from_hf}/tokenizer.json"
+    if not epath.Path(path).exists():
+      raise config_lib.ConfigError(
+        f"init_from_hf={config.init_from_hf} has no tokenizer.json; pass the tokenizer its "
+        "weights were trained with as --config.data.tokenizer_path=FILE."
+      )
   if given is not None:
     if path and tokenizer_lib.load(path).sha256 != given.sha256:
       raise config_lib.ConfigError(
@@ -252,6 +260,7 @@ def prepare(config, workdir: str, rows=None) -> Prepared:
   train_features = featurize(augmented, tok, vocab, seq_len, causal)
   eval_features = featurize(eval_examples, tok, vocab, seq_len, causal)
   data = tasks.TaskData(train_features, eval_features, config.batch_size, config.seed, rows)
+  _steps_from_epochs(config, len(train_features["labels"]))
   labels = vocab.labels if vocab else ()
   objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder, labels)
   record = {
@@ -260,6 +269,19 @@ def prepare(config, workdir: str, rows=None) -> Prepared:
     "finetune_data": _digest(train_features) + _digest(eval_features),
   }
   return Prepared(data, objective, checkpoint.fingerprint(config, record))
+
+
+def _steps_from_epochs(config, num_examples: int) -> None:
+  """finetune.num_epochs > 0 sets num_train_steps: that many passes over the training examples
+  (augmented copies included), the last batch rounded up."""
+  epochs = config.finetune.num_epochs
+  if not epochs:
+    return
+  config.num_train_steps = max(1, math.ceil(epochs * num_examples / config.batch_size))
+  logging.info(
+    "finetune.num_epochs=%g over %d training examples in batches of %d: num_train_steps=%d",
+    epochs, num_examples, config.batch_size, config.num_train_steps,
+  )  # fmt: skip
 
 
 def run(config, workdir: str, mesh, rows=None, allow_changes=frozenset()) -> dict:

@@ -180,6 +180,32 @@ def test_features_and_train_order(task_dir):
   )
 
 
+def test_epochs_set_the_steps_and_the_warmup_fraction_the_warmup():
+  config = config_lib.defaults()
+  config.batch_size, config.num_train_steps = 32, 300
+  finetune._steps_from_epochs(config, 1000)  # num_epochs 0: num_train_steps stays
+  assert config.num_train_steps == 300
+  config.finetune.num_epochs = 3
+  finetune._steps_from_epochs(config, 1000)
+  assert config.num_train_steps == 94  # ceil(3 * 1000 / 32)
+  config.opt.warmup_fraction, config.opt.learning_rate = 0.1, 1e-3
+  assert optim.warmup_steps(config.opt, config.num_train_steps) == 9
+  lr = optim.schedule(config.opt, config.num_train_steps)
+  assert float(lr(8)) < 1e-3 and float(lr(9)) == pytest.approx(1e-3)
+  config.opt.warmup_fraction = 0.0  # 0: warmup_steps
+  assert optim.warmup_steps(config.opt, 94) == config.opt.warmup_steps
+  for field, value, words in [
+    ("opt.warmup_fraction", 1.5, "must lie in [0, 1)"),
+    ("finetune.num_epochs", -1.0, "must be a number >= 0"),
+  ]:
+    bad = config_lib.defaults()
+    bad.finetune.task = "classification"
+    section, key = field.split(".")
+    bad[section][key] = value
+    with pytest.raises(config_lib.ConfigError, match=re.escape(words)):
+      config_lib.validate(bad)
+
+
 def test_fine_tuning_beats_the_majority_class(task_dir, tmp_path):
   # GPT: its last-token head learns this from random init within 100 steps; BERT's [CLS] head
   # from random init stays at chance for longer (see the notes in configs/finetune_bert_tiny.py).

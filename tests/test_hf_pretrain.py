@@ -232,6 +232,59 @@ def test_shape_mismatch_exits_2_before_writing_checkpoints(hf_dir, tmp_path):
   assert not os.path.exists(os.path.join(workdir, "checkpoints"))
 
 
+def test_fine_tuning_from_hf_files_starts_from_their_encoder_and_tokenizer(hf_dir, tmp_path):
+  """init_from_hf in fine-tuning: the encoder is the imported weights exactly, the head is new,
+  the tokenizer is the directory's tokenizer.json, and a few steps train."""
+  import jax
+  from flax import nnx
+
+  from sslm_jax import config as config_lib
+  from sslm_jax import finetune, hf, sharding, train
+  from sslm_jax import tokenizer as tokenizer_lib
+
+  objective, _, directory, vocab_size = hf_dir
+  rows = [{"text": p, "label": "long" if len(p) > 80 else "short"} for p in _paragraphs(96)]
+  for name, part in (("train", rows[:64]), ("eval", rows[64:])):
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+  c = config_lib.defaults()
+  c.objective, c.finetune.task, c.init_from_hf = objective, "classification", directory
+  c.finetune.train_files, c.finetune.eval_files = (
+    str(tmp_path / "train.jsonl"),
+    str(tmp_path / "eval.jsonl"),
+  )
+  c.data.seq_len, c.data.vocab_size = SEQ_LEN, vocab_size
+  c.model.num_layers, c.model.num_heads, c.model.emb_dim, c.model.mlp_dim = (
+    LAYERS,
+    HEADS,
+    WIDTH,
+    MLP,
+  )
+  c.model.gelu = "tanh" if objective == "causal_lm" else "erf"
+  c.num_train_steps = c.eval_every_steps = c.checkpoint_every_steps = c.log_every_steps = 4
+  c.batch_size, c.eval_steps, c.sample_at_end, c.mesh.data = 8, 1, False, 1
+  config_lib.validate(c)
+  workdir = tmp_path / "run"
+  prepared = finetune.prepare(c, str(workdir))
+  expected = tokenizer_lib.load(f"{directory}/tokenizer.json").sha256
+  assert prepared.fingerprint["tokenizer_sha256"] == expected
+  assert not (workdir / "tokenizer.model").exists()  # none was trained
+  mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
+  state, *_, ckpt = train.init_or_restore(
+    c, mesh, str(workdir), prepared.fingerprint, objective=prepared.objective
+  )
+  ckpt.close()
+  encoder = jax.tree.map(np.asarray, nnx.to_pure_dict(state.params)["encoder"])
+  imported = hf.load_params(directory, c)
+  assert jax.tree.structure(encoder) == jax.tree.structure(imported)
+  for got, want in zip(jax.tree.leaves(encoder), jax.tree.leaves(imported), strict=True):
+    np.testing.assert_array_equal(got, want)
+  finetune.run(c, str(workdir), mesh)
+  with open(workdir / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records] == [0, 4] and np.isfinite(records[-1]["train_loss"])
+  assert "eval_accuracy" in records[-1]
+
+
 if __name__ == "__main__":  # the torch side, in an interpreter without TensorFlow
   mode, objective, *rest = sys.argv[1:]
   if mode == "save":
