@@ -41,8 +41,9 @@ def _kind(config) -> str:
 def load(workdir: str, step: int | str | None = None):
   """The model of a training workdir at `step` (default: its newest checkpoint).
 
-  A fine-tuning workdir gives a task_model.TaskModel (`classify`), by default at its best eval
-  (step='best' asks for it explicitly); a pretraining workdir a LanguageModel.
+  A fine-tuning workdir gives a task_model.TaskModel (`classify`, or `tag` for tagging), by
+  default at its best eval (step='best' asks for it explicitly); a pretraining workdir a
+  LanguageModel.
   """
   if restore.read_config(workdir).finetune.task:
     from sslm_jax import task_model

@@ -4,7 +4,9 @@
 
 Reads .jsonl/.csv/.tsv files as fine-tuning does (data/labelled.py) and writes one JSON object
 per row: its text (and text_pair), the predicted `label` with every label's `probabilities`
-(classification) or the `value` (regression), and the row's `gold` label when it has one. Then
+(classification) or the `value` (regression), and the row's `gold` label when it has one. A
+tagging workdir writes `labels`, one per word of the text (null for a word beyond data.seq_len,
+which the eval does not score either; see task_model.py), and `gold`, the row's label list. Then
 prints how many rows it wrote and, over the rows with a gold label, the eval metrics under
 metrics.jsonl's names. --step: a checkpoint step or 'best' (default: the best, else the newest).
 """
@@ -16,7 +18,7 @@ import json
 from absl import flags
 from etils import epath
 
-from sslm_jax import api, commands, restore
+from sslm_jax import api, commands, restore, tagging
 from sslm_jax.data import labelled
 
 flags.DEFINE_string("workdir", None, "Workdir of a fine-tuning run.")
@@ -55,7 +57,9 @@ def _row(example: labelled.Example, prediction) -> dict:
   row = {"text": example.text}
   if example.text_pair is not None:
     row["text_pair"] = example.text_pair
-  if prediction.value is None:
+  if isinstance(prediction, list):  # tagging: (word, label, probabilities) per word
+    row["labels"] = [label for _, label, _ in prediction]
+  elif prediction.value is None:
     row.update(label=prediction.label, probabilities=prediction.probabilities)
   else:
     row["value"] = prediction.value
@@ -79,7 +83,10 @@ def main(argv):
     raise api.UsageError(f"--output={FLAGS.output}: its directory does not exist; create it.")
   examples = _examples(FLAGS.input, config.finetune.task)
   model = api.load(FLAGS.workdir, step)
-  predictions = model.classify([e.text for e in examples], [e.text_pair for e in examples])
+  if model.task == tagging.TASK:
+    predictions = model.tag([e.text for e in examples], probabilities=True)
+  else:
+    predictions = model.classify([e.text for e in examples], [e.text_pair for e in examples])
   rows = [_row(e, p) for e, p in zip(examples, predictions, strict=True)]
   output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
   gold = [(e, p) for e, p in zip(examples, predictions, strict=True) if e.label is not None]
