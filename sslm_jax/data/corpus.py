@@ -204,11 +204,20 @@ def tfds_builder(name: str, data_dir: str, name_field: str = "data.tfds_name"):
     raise DataError(f"tfds dataset {name!r} is unknown ({e}); fix --config.{name_field}.") from e
 
 
-def prepared_tfds_builder(name: str, data_dir: str, name_field: str = "data.tfds_name"):
-  """The dataset's builder, prepared here if it is not yet (which needs its download to work)."""
+def prepared_tfds_builder(
+  name: str, data_dir: str, name_field: str = "data.tfds_name", download: bool = True
+):
+  """The dataset's builder, prepared here if it is not yet (which needs its download to work);
+  with download=False an unprepared dataset is refused at once."""
   builder = tfds_builder(name, data_dir, name_field)
   if builder.is_prepared():
     return builder
+  fix = (
+    f"Prepare it where it can be downloaded (`tfds build {name} --data_dir=DIR`), copy DIR here "
+    "and pass --config.data.tfds_data_dir=DIR."
+  )
+  if not download:
+    raise DataError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}. {fix}")
   logging.info(
     "tfds %s is not prepared in %s: preparing it", builder.info.full_name, builder.data_dir
   )
@@ -218,8 +227,7 @@ def prepared_tfds_builder(name: str, data_dir: str, name_field: str = "data.tfds
     reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     raise DataError(
       f"tfds dataset {name!r} is not prepared in {builder.data_dir} and preparing it "
-      f"here failed ({reason}). Prepare it where it can be downloaded (`tfds build "
-      f"{name} --data_dir=DIR`), copy DIR here and pass --config.data.tfds_data_dir=DIR."
+      f"here failed ({reason}). {fix}"
     ) from e
   return builder
 

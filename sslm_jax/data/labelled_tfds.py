@@ -3,9 +3,10 @@
   python -m sslm_jax.main --config=configs/finetune_bert_tiny.py --workdir=runs/sst2 \\
     --config.finetune.tfds_name=glue/sst2 --config.data.tfds_data_dir=DIR
 
-The dataset is read from data.tfds_data_dir. One that is not prepared there is prepared as
-pretraining's tfds source does (corpus.prepared_tfds_builder); without a network that fails
-with one line saying how to prepare it elsewhere (`tfds build NAME --data_dir=DIR`).
+The dataset is read, offline, from data.tfds_data_dir. One that is not prepared there is refused
+at once with one line saying how to prepare it elsewhere (`tfds build NAME --data_dir=DIR`):
+unlike pretraining's tfds source, nothing is downloaded (offline, TFDS retries a download for
+minutes before it gives up).
 
 Texts: finetune.tfds_text_key (and tfds_text_pair_key for a second text). Left empty, the first
 pair in PAIR_KEYS whose two features the dataset has is taken (glue/mrpc: sentence1, sentence2;
@@ -40,7 +41,7 @@ _BATCH = 1024  # rows read from the dataset at a time
 def builder(config):
   """The prepared builder of finetune.tfds_name in data.tfds_data_dir."""
   return corpus.prepared_tfds_builder(
-    config.finetune.tfds_name, config.data.tfds_data_dir, "finetune.tfds_name"
+    config.finetune.tfds_name, config.data.tfds_data_dir, "finetune.tfds_name", download=False
   )
 
 
