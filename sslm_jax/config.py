@@ -138,6 +138,14 @@ def _finetune_defaults() -> ml_collections.ConfigDict:
   # Labelled .jsonl/.csv/.tsv (see data/labelled.py); empty: the built-in task (data/tasks.py).
   s.train_files = ""
   s.eval_files = ""
+  # Or a TensorFlow Datasets dataset (see data/labelled_tfds.py), e.g. glue/sst2, read from
+  # data.tfds_data_dir. Empty text keys: found by name (sentence1+sentence2, ..., sentence, text).
+  s.tfds_name = ""
+  s.tfds_train_split = "train"
+  s.tfds_eval_split = "validation"
+  s.tfds_text_key = ""
+  s.tfds_text_pair_key = ""
+  s.tfds_label_key = "label"
   s.num_labels = 0  # 0: from the training labels; else must equal their count
   s.freeze_encoder = False  # train the head only (a linear probe)
   s.freeze_encoder_steps = 0  # train the head only for this many first steps
@@ -248,10 +256,39 @@ def _validate_finetune(c: ml_collections.ConfigDict) -> None:
   error = early_stopping.check_metric(f.task, f.early_stopping_metric)
   if error:
     raise ConfigError(error)
+  _validate_finetune_tfds(f)
   _require(
-    bool(f.train_files) or f.task == "classification",
+    bool(f.train_files or f.tfds_name) or f.task == "classification",
     f"the built-in task is a classification task; set finetune.task='classification' or give "
-    f"finetune.train_files for task {f.task!r}.",
+    f"finetune.train_files (or finetune.tfds_name) for task {f.task!r}.",
+  )
+
+
+def _validate_finetune_tfds(f: ml_collections.ConfigDict) -> None:
+  if not f.tfds_name:
+    return
+  _require(
+    not f.train_files,
+    "finetune.tfds_name and finetune.train_files both name the training data; set only one.",
+  )
+  _require(
+    f.task != "tagging",
+    "finetune.tfds_name reads classification, pair_classification and regression data; "
+    "give tagging data as finetune.train_files.",
+  )
+  _require(
+    bool(f.tfds_train_split and f.tfds_eval_split),
+    "finetune.tfds_train_split and finetune.tfds_eval_split must name splits, e.g. train and "
+    "validation.",
+  )
+  _require(
+    bool(f.tfds_label_key),
+    "finetune.tfds_label_key is empty; set it to the dataset's label feature, e.g. label.",
+  )
+  _require(
+    bool(f.tfds_text_key) or not f.tfds_text_pair_key,
+    "finetune.tfds_text_pair_key is set without finetune.tfds_text_key; set both, or neither "
+    "to find them by name.",
   )
 
 

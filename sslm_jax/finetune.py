@@ -196,6 +196,10 @@ def _tokenizer(config, workdir: str, train_examples, given=None):
 
 def _examples(config) -> tuple[list, list]:
   f = config.finetune
+  if f.tfds_name:
+    from sslm_jax.data import labelled_tfds  # TensorFlow, only for this source
+
+    return labelled_tfds.read_examples(config)
   if not f.train_files:
     return (
       tasks.builtin_examples("train", BUILTIN_TRAIN_PER_CLASS),
@@ -224,6 +228,19 @@ def _label_vocab(config, workdir: str, train_examples) -> labelled.LabelVocab | 
       f"{list(vocab.labels)[:10]}; set it to {len(vocab)} or 0."
     )
   return vocab
+
+
+def _finetune_record(config) -> dict:
+  """The finetune fields a resume must match. The tfds_* fields enter only with a dataset (so
+  workdirs written before they existed still resume), and then with its version too; its content
+  is in finetune_data's digest of the features."""
+  f = config.finetune
+  record = {k: f[k] for k in f if k not in _DECIDE_ONLY}
+  if not f.tfds_name:
+    return {k: v for k, v in record.items() if not k.startswith("tfds_")}
+  from sslm_jax.data import labelled_tfds
+
+  return {**record, "tfds_dataset": labelled_tfds.dataset_name(config)}
 
 
 def _digest(features: dict) -> str:
@@ -265,7 +282,7 @@ def prepare(config, workdir: str, rows=None) -> Prepared:
   objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder, labels)
   record = {
     "tokenizer_sha256": tok.sha256,
-    "finetune": {k: config.finetune[k] for k in config.finetune if k not in _DECIDE_ONLY},
+    "finetune": _finetune_record(config),
     "finetune_data": _digest(train_features) + _digest(eval_features),
   }
   return Prepared(data, objective, checkpoint.fingerprint(config, record))

@@ -195,20 +195,29 @@ def _text_documents(
           yield text
 
 
-def _tfds_builder(c: ml_collections.ConfigDict):
+def tfds_builder(name: str, data_dir: str, name_field: str = "data.tfds_name"):
+  """The builder of tfds dataset `name` in `data_dir` ('' = the default); `name_field` is the
+  config field that named it, for the error."""
   try:
-    return tfds.builder(c.data.tfds_name, data_dir=c.data.tfds_data_dir or None)
+    return tfds.builder(name, data_dir=data_dir or None)
   except tfds.core.DatasetNotFoundError as e:
-    raise DataError(
-      f"tfds dataset {c.data.tfds_name!r} is unknown ({e}); fix --config.data.tfds_name."
-    ) from e
+    raise DataError(f"tfds dataset {name!r} is unknown ({e}); fix --config.{name_field}.") from e
 
 
-def _prepared_builder(c: ml_collections.ConfigDict):
-  """The dataset's builder, prepared here if it is not yet (which needs its download to work)."""
-  builder = _tfds_builder(c)
+def prepared_tfds_builder(
+  name: str, data_dir: str, name_field: str = "data.tfds_name", download: bool = True
+):
+  """The dataset's builder, prepared here if it is not yet (which needs its download to work);
+  with download=False an unprepared dataset is refused at once."""
+  builder = tfds_builder(name, data_dir, name_field)
   if builder.is_prepared():
     return builder
+  fix = (
+    f"Prepare it where it can be downloaded (`tfds build {name} --data_dir=DIR`), copy DIR here "
+    "and pass --config.data.tfds_data_dir=DIR."
+  )
+  if not download:
+    raise DataError(f"tfds dataset {name!r} is not prepared in {builder.data_dir}. {fix}")
   logging.info(
     "tfds %s is not prepared in %s: preparing it", builder.info.full_name, builder.data_dir
   )
@@ -217,24 +226,27 @@ def _prepared_builder(c: ml_collections.ConfigDict):
   except Exception as e:  # no network, a gated dataset, a missing optional dependency, ...
     reason = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     raise DataError(
-      f"tfds dataset {c.data.tfds_name!r} is not prepared in {builder.data_dir} and preparing it "
-      f"here failed ({reason}). Prepare it where it can be downloaded (`tfds build "
-      f"{c.data.tfds_name} --data_dir=DIR`), copy DIR here and pass "
-      "--config.data.tfds_data_dir=DIR."
+      f"tfds dataset {name!r} is not prepared in {builder.data_dir} and preparing it "
+      f"here failed ({reason}). {fix}"
     ) from e
   return builder
 
 
-def _tfds_documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats) -> Iterator[str]:
-  name = c.data.tfds_train_split if split == "train" else c.data.tfds_eval_split
-  builder = _prepared_builder(c)
+def tfds_split(builder, split: str, split_field: str):
+  """One split as a tf.data.Dataset, in file order; `split_field` is the config field naming it."""
   try:
-    ds = builder.as_dataset(split=name, shuffle_files=False)
+    return builder.as_dataset(split=split, shuffle_files=False)
   except (ValueError, KeyError) as e:  # an unknown split or a bad slice
     raise DataError(
-      f"tfds dataset {c.data.tfds_name!r} has no split {name!r} ({e}); it has "
-      f"{sorted(builder.info.splits)}: set --config.data.tfds_{split}_split."
+      f"tfds dataset {builder.info.full_name!r} has no split {split!r} ({e}); it has "
+      f"{sorted(builder.info.splits)}: set --config.{split_field}."
     ) from e
+
+
+def _tfds_documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats) -> Iterator[str]:
+  name = c.data.tfds_train_split if split == "train" else c.data.tfds_eval_split
+  builder = prepared_tfds_builder(c.data.tfds_name, c.data.tfds_data_dir)
+  ds = tfds_split(builder, name, f"data.tfds_{split}_split")
   key = c.data.tfds_text_key
   if key not in ds.element_spec:
     raise DataError(
@@ -363,7 +375,7 @@ def listing(c: ml_collections.ConfigDict) -> dict:
       "files": _file_list([(key, path.stat().st_size) for key, path in builtin_files()]),
     }
   if d.source == "tfds":
-    builder = _tfds_builder(c)
+    builder = tfds_builder(d.tfds_name, d.tfds_data_dir)
     return {
       "source": "tfds",
       "dataset": builder.info.full_name,  # name/config/version, e.g. lm1b/1.1.0
