@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from sslm_jax import early_stopping
+from sslm_jax import finetune_config
 from sslm_jax.model import ModelConfig
 
 
@@ -55,7 +55,7 @@ def defaults() -> ml_collections.ConfigDict:
 
   c.opt = _opt_defaults()
 
-  c.finetune = _finetune_defaults()
+  c.finetune = finetune_config.defaults()
 
   c.mesh = _mesh_defaults()
   return c
@@ -129,35 +129,6 @@ def _opt_defaults() -> ml_collections.ConfigDict:
   return s
 
 
-def _finetune_defaults() -> ml_collections.ConfigDict:
-  """Fine-tuning with a task head (heads.py, finetune.py); task '' is pretraining."""
-  s = ml_collections.ConfigDict()
-  s.task = ""  # '' | classification | pair_classification | regression | tagging
-  s.init_from = ""  # a workdir of ours whose parameters start the encoder ('' = random)
-  s.init_step = 0  # its checkpoint to load; 0: the newest
-  # Labelled .jsonl/.csv/.tsv (see data/labelled.py); empty: the built-in task (data/tasks.py).
-  s.train_files = ""
-  s.eval_files = ""
-  # Or a TensorFlow Datasets dataset (see data/labelled_tfds.py), e.g. glue/sst2, read from
-  # data.tfds_data_dir. Empty text keys: found by name (sentence1+sentence2, ..., sentence, text).
-  s.tfds_name = ""
-  s.tfds_train_split = "train"
-  s.tfds_eval_split = "validation"
-  s.tfds_text_key = ""
-  s.tfds_text_pair_key = ""
-  s.tfds_label_key = "label"
-  s.num_labels = 0  # 0: from the training labels; else must equal their count
-  s.freeze_encoder = False  # train the head only (a linear probe)
-  s.freeze_encoder_steps = 0  # train the head only for this many first steps
-  s.num_epochs = 0.0  # > 0: num_train_steps = this many passes over the training examples
-  # The eval metric whose best parameters are kept in WORKDIR/best (a metrics.jsonl key, e.g.
-  # eval_loss; '' = eval_accuracy, or eval_pearson for regression; see early_stopping.py), and
-  # the evals without improvement after which the run stops (0: never).
-  s.early_stopping_metric = ""
-  s.early_stopping_patience = 0
-  return s
-
-
 def _mesh_defaults() -> ml_collections.ConfigDict:
   """Device mesh axes and sharding-rule overrides."""
   s = ml_collections.ConfigDict()
@@ -211,85 +182,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_model(c)
   _validate_compiler_and_init(c)
   _validate_opt(c)
-  _validate_finetune(c)
-
-
-FINETUNE_TASKS = ("", "classification", "pair_classification", "regression", "tagging")
-
-
-def _validate_finetune(c: ml_collections.ConfigDict) -> None:
-  f = c.finetune
-  _require(
-    f.task in FINETUNE_TASKS,
-    f"finetune.task={f.task!r}: use one of {', '.join(repr(t) for t in FINETUNE_TASKS)}.",
-  )
-  if not f.task:
-    return
-  _require(
-    not (f.init_from and c.init_from_hf),
-    "finetune.init_from and init_from_hf both name starting weights; set only one of them.",
-  )
-  _require(
-    not f.init_from or os.path.isdir(f.init_from) or "://" in f.init_from,
-    f"finetune.init_from={f.init_from!r} is not a directory; pass the --workdir of a pretraining "
-    "run.",
-  )
-  _require(
-    isinstance(f.num_epochs, (int, float)) and f.num_epochs >= 0,
-    f"finetune.num_epochs={f.num_epochs!r} must be a number >= 0 (0: use num_train_steps).",
-  )
-  for name in ("init_step", "num_labels", "freeze_encoder_steps", "early_stopping_patience"):
-    _require(
-      isinstance(f[name], int) and f[name] >= 0,
-      f"finetune.{name}={f[name]!r} must be an integer >= 0.",
-    )
-  _require(
-    f.task != "regression" or f.num_labels in (0, 1),
-    f"finetune.num_labels={f.num_labels} with task 'regression': regression has one output; "
-    "leave it 0.",
-  )
-  _require(
-    bool(f.train_files) == bool(f.eval_files),
-    "finetune.train_files and finetune.eval_files go together; set both, or neither for the "
-    "built-in task.",
-  )
-  error = early_stopping.check_metric(f.task, f.early_stopping_metric)
-  if error:
-    raise ConfigError(error)
-  _validate_finetune_tfds(f)
-  _require(
-    bool(f.train_files or f.tfds_name) or f.task == "classification",
-    f"the built-in task is a classification task; set finetune.task='classification' or give "
-    f"finetune.train_files (or finetune.tfds_name) for task {f.task!r}.",
-  )
-
-
-def _validate_finetune_tfds(f: ml_collections.ConfigDict) -> None:
-  if not f.tfds_name:
-    return
-  _require(
-    not f.train_files,
-    "finetune.tfds_name and finetune.train_files both name the training data; set only one.",
-  )
-  _require(
-    f.task != "tagging",
-    "finetune.tfds_name reads classification, pair_classification and regression data; "
-    "give tagging data as finetune.train_files.",
-  )
-  _require(
-    bool(f.tfds_train_split and f.tfds_eval_split),
-    "finetune.tfds_train_split and finetune.tfds_eval_split must name splits, e.g. train and "
-    "validation.",
-  )
-  _require(
-    bool(f.tfds_label_key),
-    "finetune.tfds_label_key is empty; set it to the dataset's label feature, e.g. label.",
-  )
-  _require(
-    bool(f.tfds_text_key) or not f.tfds_text_pair_key,
-    "finetune.tfds_text_pair_key is set without finetune.tfds_text_key; set both, or neither "
-    "to find them by name.",
-  )
+  finetune_config.validate(c, _require)
 
 
 def _validate_counts(c: ml_collections.ConfigDict) -> None:
