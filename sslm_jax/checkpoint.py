@@ -31,6 +31,9 @@ SHAPE_FIELDS = (
   "model.vocab_multiple",
   "model.param_dtype",
 )
+# Recorded keys that fix array shapes beside the config fields: a fine-tuning head has one output
+# per label.
+SHAPE_KEYS = ("finetune_labels",)
 # Fields that change what the run computes or which examples a step sees;
 # --allow_config_change=NAME,... (or all) accepts them.
 RUN_FIELDS = (
@@ -132,6 +135,9 @@ def _difference(key: str, old, new) -> str:
       if old.get(k) != new.get(k)
     ]
     return f"data_cache: {_NOTES[key]} ({'; '.join(parts)})"
+  if isinstance(old, dict) and isinstance(new, dict):  # e.g. a fine-tuning run's finetune.*
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return "\n  ".join(_difference(f"{key}.{k}", old.get(k), new.get(k)) for k in keys)
   note = f" ({_NOTES[key]})" if key in _NOTES else ""
   return f"{key}: checkpoint has {old!r}, config asks for {new!r}{note}"
 
@@ -153,15 +159,18 @@ def check_fingerprint(
   if cache is not None and cache[0] != cache[1] and not explained:
     saved, current = {**saved, "data_cache": cache[0]}, {**current, "data_cache": cache[1]}
     differing.append("data_cache")
-  refused = [k for k in differing if k in SHAPE_FIELDS or not ({k, "all"} & set(allowed))]
+  fixed = SHAPE_FIELDS + SHAPE_KEYS
+  refused = [k for k in differing if k in fixed or not ({k, "all"} & set(allowed))]
   if refused:
     lines = [_difference(k, saved[k], current[k]) for k in refused]
-    shapes = any(k in SHAPE_FIELDS for k in refused)
+    # Recorded keys without a field name of their own (a fine-tuning run's task and data) are
+    # allowed only by 'all'.
+    names = list(dict.fromkeys(k if k in CHANGEABLE else "all" for k in refused))
     fix = (
       "Use a new --workdir, or change the config back to match."
-      if shapes
+      if any(k in fixed for k in refused)
       else "Change the config (or the data) back, or pass --allow_config_change="
-      + ",".join(refused)
+      + ("all" if "all" in names else ",".join(names))
       + " if the change is intended."
     )
     raise CheckpointMismatch(
@@ -298,6 +307,26 @@ class Checkpointer:
       self._manager.close()
     except Exception as e:  # a failed save was already reported by wait(); don't mask it
       logging.warning("Closing the checkpoint manager: %s", _excerpt(e))
+
+
+def check_resumable(workdir: str, current: dict, allowed=frozenset(), cache=None) -> None:
+  """Refuse (CheckpointMismatch) when the newest checkpoint of `workdir` is of another run; call
+  it before writing anything, so a refused run leaves the workdir as it was. `cache`: a function
+  returning check_fingerprint's `cache`, called only when there is a checkpoint. Recorded keys
+  the checkpoint predates are logged and resumed as they were."""
+  saved = saved_fingerprint(f"{workdir}/checkpoints")
+  if saved is None:
+    return
+  step, recorded = saved
+  requests = cache() if cache is not None else None
+  unrecorded = check_fingerprint(recorded, current, workdir, allowed, requests)
+  if unrecorded:
+    logging.warning(
+      "The checkpoint at step %d predates recording %s, so they could not be compared; "
+      "resume with them as they were.",
+      step,
+      ", ".join(unrecorded),
+    )
 
 
 def saved_fingerprint(directory: str) -> tuple[int, dict] | None:

@@ -25,6 +25,7 @@ import optax
 from absl import logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from sslm_jax import checkpoint, heads, keep_best, optim, restore, tagging, task_metrics, train
 from sslm_jax import config as config_lib
@@ -161,9 +162,10 @@ def _from_workdir(config):
   return tok, encoder
 
 
-def _tokenizer(config, workdir: str, train_examples, given=None):
+def _tokenizer(config, workdir: str, given=None):
   """The init_from run's tokenizer, else data.tokenizer_path, else init_from_hf's tokenizer.json,
-  else WORKDIR/tokenizer.model (trained on the training texts the first time)."""
+  else WORKDIR/tokenizer.model; None when there is none yet (_train_tokenizer makes it). Writes
+  nothing."""
   path = config.data.tokenizer_path
   if given is None and not path and config.init_from_hf:  # the weights' own tokenizer
     path = f"{config.init_from_hf}/tokenizer.json"
@@ -178,14 +180,33 @@ def _tokenizer(config, workdir: str, train_examples, given=None):
         f"data.tokenizer_path={path} is not the tokenizer finetune.init_from was trained with; "
         "leave data.tokenizer_path empty to use that one."
       )
-    tok = given
-  elif path:
-    tok = tokenizer_lib.load(path)
-  elif epath.Path(f"{workdir}/tokenizer.model").exists():
-    tok = tokenizer_lib.load(f"{workdir}/tokenizer.model")
-  else:
+    return _checked_size(config, given)
+  if path:
+    return _checked_size(config, tokenizer_lib.load(path))
+  if epath.Path(f"{workdir}/tokenizer.model").exists():
+    return _checked_size(config, tokenizer_lib.load(f"{workdir}/tokenizer.model"))
+  return None
+
+
+def _train_tokenizer(config, workdir: str, train_examples):
+  """WORKDIR/tokenizer.model, trained on the training texts by process 0; the others wait for
+  it and load it."""
+  path = f"{workdir}/tokenizer.model"
+  if jax.process_index() == 0:
     texts = [t for e in train_examples for t in (e.text, e.text_pair) if t]
-    tok = tokenizer_lib.train(texts, config.data.vocab_size, f"{workdir}/tokenizer.model")
+    tokenizer_lib.train(texts, config.data.vocab_size, path)
+    logging.info("Trained the tokenizer %s on %d training texts", path, len(texts))
+  _barrier("fine-tuning tokenizer trained")
+  return _checked_size(config, tokenizer_lib.load(path))
+
+
+def _barrier(name: str) -> None:
+  """Every process waits here for all the others (as pretraining does around its data)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _checked_size(config, tok):
   if tok.vocab_size != config.data.vocab_size:
     raise config_lib.ConfigError(
       f"the tokenizer {tok.path} has {tok.vocab_size} pieces but data.vocab_size="
@@ -209,18 +230,11 @@ def _examples(config) -> tuple[list, list]:
   return labelled.read_examples(f.train_files, task), labelled.read_examples(f.eval_files, task)
 
 
-def _label_vocab(config, workdir: str, train_examples) -> labelled.LabelVocab | None:
-  """The training labels' vocabulary, written to (or checked against) WORKDIR/labels.json."""
+def _label_vocab(config, train_examples) -> labelled.LabelVocab | None:
+  """The training labels' vocabulary (None for regression)."""
   if config.finetune.task == heads.REGRESSION:
     return None
   vocab = labelled.LabelVocab.from_examples(train_examples, config.finetune.task)
-  path = epath.Path(workdir) / labelled.VOCAB_FILE
-  if path.exists() and labelled.LabelVocab.load(str(path)) != vocab:
-    raise config_lib.ConfigError(
-      f"{path} holds other labels than the training files; use a new --workdir."
-    )
-  if jax.process_index() == 0 and not path.exists():
-    vocab.save(str(path))
   wanted = config.finetune.num_labels
   if wanted and wanted != len(vocab):
     raise config_lib.ConfigError(
@@ -257,12 +271,16 @@ class Prepared:
   fingerprint: dict
 
 
-def prepare(config, workdir: str, rows=None) -> Prepared:
-  """Examples, tokenizer, labels, features and the objective of a fine-tuning run."""
+def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepared:
+  """Examples, tokenizer, labels, features and the objective of a fine-tuning run.
+
+  A workdir whose checkpoints are of another run is refused (checkpoint.CheckpointMismatch)
+  before anything is written; then process 0 trains the tokenizer (if there is none yet) and
+  writes labels.json, and every process waits for it before reading them.
+  """
   train_examples, eval_examples = _examples(config)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  stats_dir = workdir if jax.process_index() == 0 else None
-  augmented = augment_data.finetune_examples(config, train_examples, stats_dir)  # train only
+  augmentation = augment_data.Augmentation.from_config(config)
+  augmented = augmentation.examples(train_examples) if augmentation else train_examples
   given, encoder = None, None
   if config.finetune.init_from:
     given, encoder = _from_workdir(config)
@@ -270,22 +288,53 @@ def prepare(config, workdir: str, rows=None) -> Prepared:
     from sslm_jax import hf
 
     encoder = lambda: hf.load_params(config.init_from_hf, config)  # noqa: E731
-  tok = _tokenizer(config, workdir, train_examples, given)
-  vocab = _label_vocab(config, workdir, train_examples)
-  causal, seq_len = config.objective == "causal_lm", config.data.seq_len
-  featurize = tagging_data.featurize if config.finetune.task == tagging.TASK else tasks.featurize
-  train_features = featurize(augmented, tok, vocab, seq_len, causal)
-  eval_features = featurize(eval_examples, tok, vocab, seq_len, causal)
-  data = tasks.TaskData(train_features, eval_features, config.batch_size, config.seed, rows)
-  _steps_from_epochs(config, len(train_features["labels"]))
+  tok = _tokenizer(config, workdir, given)
+  vocab = _label_vocab(config, train_examples)
+  features = _features(config, tok, vocab, augmented, eval_examples) if tok else None
+  checkpoint.check_resumable(workdir, _fingerprint(config, tok, vocab, features), allow_changes)
+  labels_file = epath.Path(workdir) / labelled.VOCAB_FILE
+  if vocab and labels_file.exists() and labelled.LabelVocab.load(str(labels_file)) != vocab:
+    raise config_lib.ConfigError(
+      f"{labels_file} holds other labels than the training files; use a new --workdir."
+    )
+  _barrier("fine-tuning workdir read")  # no process reads what process 0 writes next
+
+  primary = jax.process_index() == 0
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  if augmentation:
+    augmentation.report(workdir if primary else None, "fine-tuning examples")  # train only
+  if vocab and primary and not labels_file.exists():
+    vocab.save(str(labels_file))
+  if tok is None:
+    tok = _train_tokenizer(config, workdir, train_examples)
+    features = _features(config, tok, vocab, augmented, eval_examples)
+  _barrier("fine-tuning files written")
+  data = tasks.TaskData(*features, config.batch_size, config.seed, rows)
+  _steps_from_epochs(config, len(features[0]["labels"]))
   labels = vocab.labels if vocab else ()
   objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder, labels)
+  return Prepared(data, objective, _fingerprint(config, tok, vocab, features))
+
+
+def _features(config, tok, vocab, train_examples, eval_examples) -> tuple[dict, dict]:
+  causal, seq_len = config.objective == "causal_lm", config.data.seq_len
+  featurize = tagging_data.featurize if config.finetune.task == tagging.TASK else tasks.featurize
+  return (
+    featurize(train_examples, tok, vocab, seq_len, causal),
+    featurize(eval_examples, tok, vocab, seq_len, causal),
+  )
+
+
+def _fingerprint(config, tok, vocab, features) -> dict:
+  """What a checkpoint of this run records; without a tokenizer yet, what can be known."""
   record = {
-    "tokenizer_sha256": tok.sha256,
+    "tokenizer_sha256": tok.sha256 if tok else "none yet (this run would train a new one)",
     "finetune": _finetune_record(config),
-    "finetune_data": _digest(train_features) + _digest(eval_features),
+    "finetune_labels": list(vocab.labels) if vocab else None,
   }
-  return Prepared(data, objective, checkpoint.fingerprint(config, record))
+  if features is not None:
+    record["finetune_data"] = _digest(features[0]) + _digest(features[1])
+  return checkpoint.fingerprint(config, record)
 
 
 def _steps_from_epochs(config, num_examples: int) -> None:
@@ -301,9 +350,12 @@ def _steps_from_epochs(config, num_examples: int) -> None:
   )  # fmt: skip
 
 
-def run(config, workdir: str, mesh, rows=None, allow_changes=frozenset()) -> dict:
-  """Fine-tune to num_train_steps, resuming from workdir's newest checkpoint if it has one."""
-  prepared = prepare(config, workdir, rows)
+def run(config, workdir: str, mesh, rows=None, allow_changes=frozenset(), prepared=None) -> dict:
+  """Fine-tune to num_train_steps, resuming from workdir's newest checkpoint if it has one.
+
+  `prepared`: prepare()'s result when the caller has it already.
+  """
+  prepared = prepared or prepare(config, workdir, rows, allow_changes)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
   hooks = train.DataHooks(

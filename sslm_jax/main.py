@@ -160,18 +160,8 @@ def _check_resumable(config, workdir: str) -> dict:
   from sslm_jax.data import cache as cache_lib
 
   fp = checkpoint.fingerprint(config, cache_lib.resume_record(config, workdir))
-  saved = checkpoint.saved_fingerprint(f"{workdir}/checkpoints")
-  if saved is not None:
-    step, recorded = saved
-    cache = cache_lib.cache_requests(config, workdir)
-    unrecorded = checkpoint.check_fingerprint(recorded, fp, workdir, _allowed_changes(), cache)
-    if unrecorded:
-      logging.warning(
-        "The checkpoint at step %d predates recording %s, so they could not be compared; "
-        "resume with them as they were.",
-        step,
-        ", ".join(unrecorded),
-      )
+  cache = lambda: cache_lib.cache_requests(config, workdir)  # noqa: E731
+  checkpoint.check_resumable(workdir, fp, _allowed_changes(), cache)
   return fp
 
 
@@ -270,6 +260,8 @@ def _train(config, workdir: str, mesh) -> dict:
   _use_compilation_cache(workdir)  # only now: a refused run leaves the workdir untouched
   from sslm_jax.data import pipeline  # the only TensorFlow import, kept out of the core
 
+  if jax.process_count() > 1:  # every process has read the workdir before process 0 writes
+    multihost_utils.sync_global_devices("resume checked")
   if jax.process_index() == 0:
     pipeline.prepare(config, workdir)
   if jax.process_count() > 1:
@@ -296,11 +288,13 @@ def _finetune(config, workdir: str, mesh) -> dict:
   from sslm_jax import finetune
   from sslm_jax.data import labelled
 
-  _use_compilation_cache(workdir)
   batch = sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh.rules))
   rows = sharding.batch_rows(batch, config.batch_size)
+  allowed = _allowed_changes()
   try:
-    return finetune.run(config, workdir, mesh, rows, _allowed_changes())
+    prepared = finetune.prepare(config, workdir, rows, allowed)  # refuses before writing
+    _use_compilation_cache(workdir)
+    return finetune.run(config, workdir, mesh, rows, allowed, prepared)
   except labelled.LabelledDataError as e:
     raise UsageError(str(e)) from e
 

@@ -74,6 +74,8 @@ def _tokenizer(config, workdir: str, recorded: str | None):
   if not path and f.init_from:
     pretrained = restore.read_config(f.init_from)
     path = pretrained.data.tokenizer_path or f"{f.init_from}/tokenizer.model"
+  elif not path and config.init_from_hf:
+    path = f"{config.init_from_hf}/tokenizer.json"
   tokenizer = tok.load(path or f"{workdir}/tokenizer.model")
   if recorded and recorded != tokenizer.sha256:
     raise UsageError(

@@ -356,3 +356,51 @@ def test_regression_with_text_pairs_reports_correlations(tmp_path, task_dir):
   final = _records(tmp_path / "run")[-1]
   assert {"eval_pearson", "eval_spearman", "eval_loss"} <= set(final)
   assert not (tmp_path / "run" / "labels.json").exists()
+
+
+def _files(workdir) -> dict:
+  return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in workdir.rglob("*") if p.is_file()}
+
+
+def test_another_runs_workdir_is_refused_before_anything_is_written(task_dir, tmp_path):
+  config = _config(task_dir, steps=3)
+  config.data.tokenizer_path = ""  # the run trains WORKDIR/tokenizer.model
+  workdir = tmp_path / "run"
+  finetune.run(config, str(workdir), _mesh(config))
+  before = _files(workdir)
+  assert {"tokenizer.model", "labels.json", "config.json", "best.json"} <= {p.name for p in before}
+  for split in ("train", "eval"):  # the same examples with other label names
+    text = (task_dir / f"{split}.jsonl").read_text()
+    (tmp_path / f"{split}.jsonl").write_text(
+      text.replace('"yes"', '"pos"').replace('"no"', '"neg"')
+    )
+  others = [  # (changes, what the refusal names: each difference and its fix)
+    (
+      {"finetune.task": "pair_classification"},
+      [
+        "finetune.task: checkpoint has 'classification', config asks for 'pair_classification'",
+        "--allow_config_change=all if",
+      ],
+    ),
+    (
+      {"finetune.train_files": str(tmp_path / "train.jsonl"), "finetune.eval_files": None},
+      [
+        "finetune_labels: checkpoint has ['no', 'yes'], config asks for ['neg', 'pos']",
+        "finetune.train_files: checkpoint has",
+        "Use a new --workdir",
+      ],
+    ),
+    ({"model.emb_dim": 32}, ["model.emb_dim: checkpoint has 64, config asks for 32"]),
+  ]
+  for changes, named in others:
+    other = ml_collections.ConfigDict(config.to_dict())
+    for field, value in changes.items():
+      section, name = field.split(".")
+      other[section][name] = str(tmp_path / "eval.jsonl") if name == "eval_files" else value
+    with pytest.raises(checkpoint.CheckpointMismatch, match="holds a checkpoint of a different"):
+      try:
+        finetune.run(other, str(workdir), _mesh(other))
+      except checkpoint.CheckpointMismatch as e:
+        assert all(n in str(e) for n in named), str(e)
+        raise
+    assert _files(workdir) == before, changes

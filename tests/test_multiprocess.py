@@ -40,9 +40,9 @@ def _env(devices: int) -> dict:
   return env
 
 
-def _launch(num_processes, devices, workdir, *extra, timeout=420):
+def _launch(num_processes, devices, workdir, *extra, timeout=420, flags=FLAGS):
   return subprocess.run(
-    ["bash", LAUNCH, str(num_processes), str(devices), *FLAGS, f"--workdir={workdir}", *extra],
+    ["bash", LAUNCH, str(num_processes), str(devices), *flags, f"--workdir={workdir}", *extra],
     cwd=ROOT,
     env=_env(devices),
     capture_output=True,
@@ -51,9 +51,9 @@ def _launch(num_processes, devices, workdir, *extra, timeout=420):
   )
 
 
-def _single(workdir, *extra, timeout=300, devices=8):
+def _single(workdir, *extra, timeout=300, devices=8, flags=FLAGS):
   return subprocess.run(
-    [sys.executable, "-m", "sslm_jax.main", *FLAGS, f"--workdir={workdir}", *extra],
+    [sys.executable, "-m", "sslm_jax.main", *flags, f"--workdir={workdir}", *extra],
     cwd=ROOT,
     env=_env(devices),
     capture_output=True,
@@ -141,6 +141,51 @@ def test_each_process_loads_the_rows_its_devices_hold(tmp_path, mesh):
       runs.append([r[k] for r in map(json.loads, f) for k in ("train_loss", "eval_loss") if k in r])
   assert len(runs[1]) == 4  # eval at steps 0 and 2, train at steps 1 and 2
   np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
+
+
+# The built-in task from random weights; the run trains its own tokenizer.
+FINETUNE_FLAGS = [
+  "--config=configs/finetune_gpt_tiny.py",
+  "--config.num_train_steps=4",
+  "--config.batch_size=16",
+  "--config.log_every_steps=1",
+  "--config.eval_every_steps=2",
+  "--config.checkpoint_every_steps=2",
+  "--config.data.seq_len=32",
+  "--config.data.vocab_size=512",
+  "--config.model.num_layers=1",
+  "--config.model.emb_dim=32",
+  "--config.model.mlp_dim=64",
+  "--config.model.dropout_rate=0.0",
+  "--config.opt.learning_rate=3e-3",
+  "--config.opt.warmup_steps=1",
+  "--config.mesh.data=-1",
+]
+
+
+def test_fine_tuning_in_two_processes_matches_one_and_writes_each_file_once(tmp_path):
+  one = _single(tmp_path / "one", flags=FINETUNE_FLAGS)
+  assert one.returncode == 0, one.stderr[-3000:]
+  two = _launch(2, 4, tmp_path / "two", flags=FINETUNE_FLAGS)
+  assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+  kept = ("train_loss", "eval_loss", "eval_accuracy", "eval_mcc")
+  runs = {}
+  for name in ("one", "two"):
+    with open(tmp_path / name / "metrics.jsonl") as f:
+      records = [json.loads(line) for line in f]
+    runs[name] = [(r["step"], k, r[k]) for r in records for k in kept if k in r]
+  assert [r[:2] for r in runs["two"]] == [r[:2] for r in runs["one"]]  # each record written once
+  print("1 process: ", [r[2] for r in runs["one"]], "\n2 processes:", [r[2] for r in runs["two"]])
+  np.testing.assert_allclose(
+    [r[2] for r in runs["two"]], [r[2] for r in runs["one"]], rtol=1e-5, atol=1e-6
+  )
+  # Process 0 trains the tokenizer and writes the files; process 1 loads them.
+  trained = [line[:3] for line in two.stdout.splitlines() if "Trained the tokenizer" in line]
+  assert trained == ["[0]"], trained
+  for name in ("tokenizer.model", "labels.json", "best.json"):
+    assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+  step = json.loads((tmp_path / "two" / "best.json").read_text())["step"]
+  assert os.listdir(tmp_path / "two" / "best") == [str(step)]
 
 
 def test_a_missing_peer_fails_fast_and_names_it(tmp_path):
