@@ -284,7 +284,8 @@ def _train(config, workdir: str, mesh) -> dict:
 
 
 def _finetune(config, workdir: str, mesh) -> dict:
-  """A task head on a pretrained encoder (finetune.py); its data needs no TensorFlow."""
+  """A task head on a pretrained encoder (finetune.py); its data needs TensorFlow only for a
+  TFDS dataset (finetune.tfds_name)."""
   from sslm_jax import finetune
   from sslm_jax.data import labelled
 

@@ -229,7 +229,10 @@ def test_config_accepts_tagging_with_files_only(tag_dir):
   config = _config(tag_dir)
   config_lib.validate(config)
   config.finetune.train_files = config.finetune.eval_files = ""
-  with pytest.raises(config_lib.ConfigError, match="give finetune.train_files for task 'tagging'"):
+  with pytest.raises(config_lib.ConfigError, match=r"give finetune.train_files .*'tagging'"):
+    config_lib.validate(config)
+  config.finetune.tfds_name = "glue/sst2"  # TFDS data has no per-word labels
+  with pytest.raises(config_lib.ConfigError, match="give tagging data as finetune.train_files"):
     config_lib.validate(config)
 
 
