@@ -121,6 +121,15 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, flags, words):
   assert "Traceback" not in result.stderr
 
 
+def test_jax_compilation_cache_dir_serves_as_the_default_cache(gpt_run):
+  # gpt_run ran with the test session's JAX_COMPILATION_CACHE_DIR (tests/conftest.py) and no
+  # --compilation_cache_dir: the compiled train step went there, not to WORKDIR/xla_cache.
+  workdir, _ = gpt_run
+  shared = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  assert not os.path.exists(os.path.join(workdir, "xla_cache"))
+  assert glob.glob(os.path.join(shared, "jit_train_step-*"))
+
+
 def test_workdir_of_another_objective_is_refused_untouched(gpt_run):
   workdir, _ = gpt_run
   before = _snapshot(workdir)
