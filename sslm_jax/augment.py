@@ -42,10 +42,10 @@ def _short(text: str, indent: int) -> str:
 
 
 def _pretraining(c, augmentation, n: int) -> list[dict]:
-  from sslm_jax.data import corpus
+  from sslm_jax.data import corpus, units
 
   try:
-    docs = list(itertools.islice(corpus.documents(c, "train", corpus.DecodeStats()), n))
+    docs = list(itertools.islice(units.split_documents(c, "train", corpus.DecodeStats()), n))
   except corpus.DataError as e:
     raise commands.UsageError(str(e)) from e
   shown = []

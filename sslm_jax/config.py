@@ -85,6 +85,10 @@ def _data_defaults() -> ml_collections.ConfigDict:
   # example is kept and followed by up to augment_copies augmented copies.
   s.augment = ""
   s.augment_copies = 1
+  # Preparing the cache (data/preparation.py): worker processes per host, and rows per shard
+  # (0: about 64 MiB). Neither changes the rows, so neither is recorded in checkpoints.
+  s.prepare_workers = 1
+  s.shard_rows = 0
   return s
 
 
@@ -193,6 +197,16 @@ def _validate_counts(c: ml_collections.ConfigDict) -> None:
       isinstance(value, int) and value > 0,
       f"{name}={value!r} must be a positive integer; set --config.{name}=N with N > 0.",
     )
+  _require(
+    isinstance(c.data.prepare_workers, int) and c.data.prepare_workers >= 1,
+    f"data.prepare_workers={c.data.prepare_workers!r} must be a positive integer (worker "
+    "processes per host that prepare the data cache); set --config.data.prepare_workers=N.",
+  )
+  _require(
+    isinstance(c.data.shard_rows, int) and c.data.shard_rows >= 0,
+    f"data.shard_rows={c.data.shard_rows!r} must be 0 (about 64 MiB per shard) or a positive "
+    "number of rows; set --config.data.shard_rows=N.",
+  )
   for name in ("profile_start_step", "profile_steps"):
     _require(
       isinstance(c[name], int) and c[name] >= 0,

@@ -187,6 +187,11 @@ def _samples_hook(config, data):
   return on_end
 
 
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def _from_process_0(text: str) -> str:
   """Process 0's `text` (up to 4 KiB of UTF-8), on every process."""
   if jax.process_count() == 1:
@@ -262,10 +267,14 @@ def _train(config, workdir: str, mesh) -> dict:
 
   if jax.process_count() > 1:  # every process has read the workdir before process 0 writes
     multihost_utils.sync_global_devices("resume checked")
-  if jax.process_index() == 0:
-    pipeline.prepare(config, workdir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("data prepared")
+  pipeline.prepare(  # every process prepares its share of the data's units
+    config,
+    workdir,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_workers=config.data.prepare_workers,
+    barrier=_barrier,
+  )
   # The rows the mesh places on this process: tensor-parallel replicas on other hosts load the same.
   batch = sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh.rules))
   data = pipeline.build(config, workdir, rows=sharding.batch_rows(batch, config.batch_size))

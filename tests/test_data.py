@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from sslm_jax import config as config_lib
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import corpus, masking, packing, pipeline
+from sslm_jax.data import cache, corpus, masking, packing, pipeline, units
 from sslm_jax.data.pipeline import DataError
 
 BOS, EOS, CLS, SEP, MASK = (
@@ -273,15 +273,17 @@ def test_split_is_deterministic_and_independent_of_data_location(tmp_path):
   for name in ("here", "elsewhere"):  # the same files in two places
     (tmp_path / name).mkdir()
     pipeline.prepare(make_config(write_corpus(tmp_path / name)), str(tmp_path / name / "w"))
-  for f in ("tokenizer.model", "data/train_rows.npy", "data/eval_rows.npy"):
-    here, elsewhere = (tmp_path / d / "w" / f for d in ("here", "elsewhere"))
-    assert here.read_bytes() == elsewhere.read_bytes(), f
+  here, elsewhere = (tmp_path / d / "w" for d in ("here", "elsewhere"))
+  assert (here / "tokenizer.model").read_bytes() == (elsewhere / "tokenizer.model").read_bytes()
+  for split in ("train", "eval"):
+    rows = [np.asarray(cache.split_rows(str(w), split)) for w in (here, elsewhere)]
+    assert len(rows[0]) and np.array_equal(*rows), split
 
 
 def test_prepare_reuses_cache_and_rebuilds_on_change(text_files, tmp_path):
   c, workdir = make_config(text_files), str(tmp_path)
   pipeline.prepare(c, workdir)
-  rows = tmp_path / "data" / "train_rows.npy"
+  rows = tmp_path / "data" / "train-00000-0000.bin"
   stamp = rows.stat().st_mtime_ns
   pipeline.prepare(c, workdir)
   assert rows.stat().st_mtime_ns == stamp
@@ -289,7 +291,7 @@ def test_prepare_reuses_cache_and_rebuilds_on_change(text_files, tmp_path):
   with pytest.raises(DataError, match="another config.*prepare"):
     pipeline.build(c, workdir)
   pipeline.prepare(c, workdir)
-  assert np.load(rows).shape[1] == 17
+  assert cache.split_rows(workdir, "train").shape[1] == 17
   assert pipeline.build(c, workdir).batch_for_step(0)["inputs"].shape == (4, 16)
 
 
@@ -315,11 +317,11 @@ def test_builtin_listing_and_split():
   assert not any(set(k.split("/")[:-1]) & set(skipped) for k in keys)
   c = config_lib.defaults()
   stats = corpus.DecodeStats()
-  train = list(corpus.documents(c, "train", stats))
-  ev = list(corpus.documents(c, "eval", stats))
+  train = list(units.split_documents(c, "train", stats))
+  ev = list(units.split_documents(c, "eval", stats))
   assert 0.02 * len(files) < len(ev) < 0.1 * len(files)
   assert len(train) + len(ev) == sum(1 for _, p in files if p.read_text("utf-8").strip())
-  assert ev == list(corpus.documents(c, "eval", corpus.DecodeStats()))
+  assert ev == list(units.split_documents(c, "eval", corpus.DecodeStats()))
   assert corpus.describe(c) == corpus.describe(c) and corpus.describe(c)["num_files"] == len(files)
 
 
@@ -497,15 +499,20 @@ def test_gpt2_style_tokenizer_json_packs_one_separator_per_document(text_files, 
   workdir = str(tmp_path / "w")
   pipeline.prepare(c, workdir)
   data = pipeline.build(c, workdir)
-  docs = list(corpus.documents(c, "train", corpus.DecodeStats()))
+  docs = list(units.split_documents(c, "train", corpus.DecodeStats()))
   meta = json.loads((tmp_path / "w" / "data" / "meta.json").read_text())
   assert meta["train"]["tokens"] == sum(len(ids) + 1 for ids in tok.encode_batch(docs))
   rows = np.asarray(data.train_rows).astype(np.int64)
   assert not ((rows[:, :-1] == end) & (rows[:, 1:] == end)).any()
-  # Documents read back whole between two separators.
-  stream = np.concatenate([np.asarray(data.train_rows[i]) for i in range(data.num_train_rows)])
-  cuts = np.flatnonzero(stream == end)
-  whole = [tok.decode(stream[a + 1 : b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+  # Documents read back whole between two separators in each unit's stream of rows (a unit's
+  # last document is cut where its rows end).
+  whole = []
+  for record in sorted((tmp_path / "w" / "data" / "units").glob("*.json")):
+    shards = json.loads(record.read_text())["splits"]["train"]["shards"]
+    parts = [np.fromfile(tmp_path / "w" / "data" / name, meta["dtype"]) for name, _ in shards]
+    stream = np.concatenate([np.empty(0, meta["dtype"]), *parts]).astype(np.int64)
+    cuts = np.flatnonzero(stream == end)
+    whole += [tok.decode(stream[a + 1 : b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
   assert len(whole) > 10 and set(whole) <= set(docs)
   batch = data.batch_for_step(0)
   assert (batch["weights"] == 1).all(), "the separator target ends a document and is learned"

@@ -244,7 +244,9 @@ def test_a_cache_rebuild_nothing_recorded_explains_is_refused(text_run, tmp_path
   meta["request"]["version"] = 0  # as if written by an sslm_jax that packed rows differently
   meta_path.write_text(json.dumps(meta))
   config = _loaded(workdir)
-  with pytest.raises(checkpoint.CheckpointMismatch, match="data_cache: .*version: 0 -> 1"):
+  with pytest.raises(
+    checkpoint.CheckpointMismatch, match=f"data_cache: .*version: 0 -> {cache_lib.CACHE_VERSION}"
+  ):
     _check(config, workdir)
   _check(config, workdir, allowed={"data_cache"})
   shutil.rmtree(workdir / "data")  # no cache: it is rebuilt from the same, compared inputs

@@ -7,7 +7,7 @@ from conftest import tiny_config
 from test_tokenizer import corpus_texts
 
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import corpus, pipeline
+from sslm_jax.data import corpus, pipeline, units
 
 
 class SslmTinyText(tfds.core.GeneratorBasedBuilder):
@@ -61,7 +61,7 @@ def test_a_dataset_prepared_here_feeds_training(tmp_path):
 def test_a_dataset_that_cannot_be_prepared_is_one_clear_line(tmp_path):
   c = _config("sslm_unreachable_text", tmp_path / "empty")
   with pytest.raises(corpus.DataError) as error:
-    list(corpus.documents(c, "train", corpus.DecodeStats()))
+    list(units.split_documents(c, "train", corpus.DecodeStats()))
   message = str(error.value)
   assert "\n" not in message
   assert "sslm_unreachable_text" in message and str(tmp_path / "empty") in message
@@ -75,4 +75,4 @@ def test_an_unknown_split_names_the_splits_there_are(tmp_path):
   c = _config("sslm_tiny_text", data_dir)
   c.data.tfds_eval_split = "validation"
   with pytest.raises(corpus.DataError, match=r"no split 'validation'.*\['test', 'train'\]"):
-    list(corpus.documents(c, "eval", corpus.DecodeStats()))
+    list(units.split_documents(c, "eval", corpus.DecodeStats()))

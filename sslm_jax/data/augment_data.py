@@ -141,14 +141,33 @@ class Augmentation:
 
   def report(self, workdir: str | None, what: str) -> dict:
     """Log the counts and write them to WORKDIR/augment.json (no file when workdir is None)."""
-    record = {"split": "train", "data": what, **self.counts.record()}
-    logging.info("data.augment on %s: %s", what, json.dumps(record))
-    if workdir is not None:
-      from etils import epath
+    return write_report(workdir, what, self.counts.record())
 
-      path = epath.Path(workdir) / STATS_FILE
-      path.write_text(json.dumps(record, indent=1) + "\n")
-    return record
+
+_SUMMED = ("examples", "copies_added", "copies_unchanged", "texts_added")
+
+
+def merge_counts(records: list[dict]) -> dict:
+  """One Counts.record() of several parts of a split (prepared apart), summed."""
+  merged = {**records[0], "changed": dict(records[0]["changed"])}
+  for record in records[1:]:
+    for key in _SUMMED:
+      merged[key] += record[key]
+    for name, n in record["changed"].items():
+      merged["changed"][name] += n
+  return merged
+
+
+def write_report(workdir: str | None, what: str, counts: dict) -> dict:
+  """Log a Counts.record() and write it to WORKDIR/augment.json (none when workdir is None)."""
+  record = {"split": "train", "data": what, **counts}
+  logging.info("data.augment on %s: %s", what, json.dumps(record))
+  if workdir is not None:
+    from etils import epath
+
+    path = epath.Path(workdir) / STATS_FILE
+    path.write_text(json.dumps(record, indent=1) + "\n")
+  return record
 
 
 def finetune_examples(c, examples: list, workdir: str | None) -> list:

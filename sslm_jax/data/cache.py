@@ -7,26 +7,36 @@ cache without one is incomplete.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
 from collections.abc import Callable
 
 import ml_collections
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import augment_data, corpus, permute
+from sslm_jax.data import augment_data, corpus, permute, shards, units
 from sslm_jax.data.corpus import DataError
 
-CACHE_VERSION = 1
+# 1: one .npy file per split, packed as one stream; 2: shards per unit (data/units.py).
+CACHE_VERSION = 2
 
 
 def row_len(c: ml_collections.ConfigDict) -> int:
   return c.data.seq_len + 1 if c.objective == "causal_lm" else c.data.seq_len
+
+
+def doc_ids(c: ml_collections.ConfigDict, tok) -> tuple[int, int]:
+  """The ids that open and close each document: (bos, eos) or (cls, sep).
+
+  Where they are one id (GPT-2's <|endoftext|>) each document is opened by it and not closed,
+  so one separator stands at each document boundary.
+  """
+  if c.objective == "causal_lm":
+    return tok.bos_id, tok.eos_id
+  return tok.cls_id, tok.sep_id
 
 
 def _check_specials(c: ml_collections.ConfigDict, tok) -> None:
@@ -56,8 +66,6 @@ def paths(workdir: str) -> dict[str, str]:
   return {
     "dir": data,
     "meta": os.path.join(data, "meta.json"),
-    "train": os.path.join(data, "train_rows.npy"),
-    "eval": os.path.join(data, "eval_rows.npy"),
   }
 
 
@@ -78,11 +86,16 @@ def read_meta(workdir: str) -> dict | None:
     return json.load(f)
 
 
-def load_rows(path: str) -> np.ndarray:
-  if "://" not in path:
-    return np.load(path, mmap_mode="r")
-  with tf.io.gfile.GFile(path, "rb") as f:
-    return np.load(io.BytesIO(f.read()))
+def split_rows(workdir: str, split: str, opener=None) -> shards.ShardedRows:
+  """The 'train' or 'eval' rows of the cache in workdir/data, as listed in its meta.json."""
+  meta = read_meta(workdir)
+  if meta is None:
+    raise DataError(
+      f"no data cache in {paths(workdir)['dir']}; run prepare(config, workdir) first."
+    )
+  return shards.ShardedRows(
+    paths(workdir)["dir"], meta[split]["shards"], meta["row_len"], meta["dtype"], opener
+  )
 
 
 def request(c: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> dict:
@@ -129,7 +142,7 @@ def check_sizes(c: ml_collections.ConfigDict, meta: dict) -> None:
 
 def _train_tokenizer(c: ml_collections.ConfigDict, path: str) -> tokenizer_lib.Tokenizer:
   """Train on the first data.tokenizer_sample_bytes of the train split (never on eval text)."""
-  train_docs = corpus.documents(c, "train", corpus.DecodeStats())
+  train_docs = units.split_documents(c, "train", corpus.DecodeStats())
   sample = corpus.tokenizer_sample(train_docs, c.data.tokenizer_sample_bytes)
   if not sample:
     raise DataError(

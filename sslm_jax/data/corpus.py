@@ -81,16 +81,6 @@ def builtin_files() -> list[tuple[str, pathlib.Path]]:
   return sorted(found)
 
 
-def _builtin_documents(split: str, eval_fraction: float, stats: DecodeStats) -> Iterator[str]:
-  for key, path in builtin_files():
-    if is_eval(key, eval_fraction) != (split == "eval"):
-      continue
-    text, bad = _decode(path.read_bytes())
-    stats.add(key, bad)
-    if text.strip():
-      yield text
-
-
 def _pattern_base(pattern: str) -> str:
   """The directory above the first wildcard: matched files are named relative to it."""
   cut = min((i for i, ch in enumerate(pattern) if ch in "*?["), default=len(pattern))
@@ -180,19 +170,17 @@ def _jsonl_records(path: str, name: str, text_key: str) -> Iterator[tuple[str, s
       yield f"{name}#{number}", str(text), bad
 
 
-def _text_documents(
-  files: list[tuple[str, str]], keep, text_key: str, stats: DecodeStats
-) -> Iterator[str]:
-  for name, path in files:
-    if path.endswith(".jsonl"):
-      records = _jsonl_records(path, name, text_key)
-    else:
-      records = _paragraphs(path, name)
-    for key, text, bad in records:
-      if keep(key):
-        stats.add(path, bad)
-        if text.strip():
-          yield text
+def file_records(
+  source: str, name: str, path: str, text_key: str
+) -> Iterator[tuple[str, str, bool]]:
+  """(key, text, had bad bytes) of each document of a built-in or text file: a whole built-in
+  file, a .jsonl record's `text_key` field, or a paragraph of any other text file."""
+  if source == "builtin":
+    text, bad = _decode(pathlib.Path(path).read_bytes())
+    return iter([(name, text, bad)])
+  if path.endswith(".jsonl"):
+    return _jsonl_records(path, name, text_key)
+  return _paragraphs(path, name)
 
 
 def tfds_builder(name: str, data_dir: str, name_field: str = "data.tfds_name"):
@@ -243,10 +231,12 @@ def tfds_split(builder, split: str, split_field: str):
     ) from e
 
 
-def _tfds_documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats) -> Iterator[str]:
-  name = c.data.tfds_train_split if split == "train" else c.data.tfds_eval_split
+def tfds_texts(
+  c: ml_collections.ConfigDict, split: str, split_field: str, stats: DecodeStats
+) -> Iterator[str]:
+  """Non-empty texts of tfds split (or slice) `split` of data.tfds_name, in file order."""
   builder = prepared_tfds_builder(c.data.tfds_name, c.data.tfds_data_dir)
-  ds = tfds_split(builder, name, f"data.tfds_{split}_split")
+  ds = tfds_split(builder, split, split_field)
   key = c.data.tfds_text_key
   if key not in ds.element_spec:
     raise DataError(
@@ -259,23 +249,6 @@ def _tfds_documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats
       stats.add(None, bad)
       if text.strip():
         yield text
-
-
-def documents(c: ml_collections.ConfigDict, split: str, stats: DecodeStats) -> Iterator[str]:
-  """Texts of the 'train' or 'eval' split, in a fixed order; empty documents are skipped."""
-  source = c.data.source
-  if source == "builtin":
-    return _builtin_documents(split, c.data.eval_fraction, stats)
-  if source == "tfds":
-    return _tfds_documents(c, split, stats)
-  if source != "text":
-    raise DataError(f"data.source={source!r}: use 'builtin', 'text' or 'tfds'.")
-  if c.data.eval_text_files:
-    files = c.data.text_files if split == "train" else c.data.eval_text_files
-    return _text_documents(text_paths(files), lambda key: True, c.data.text_key, stats)
-  want_eval = split == "eval"
-  keep = lambda key: is_eval(key, c.data.eval_fraction) == want_eval
-  return _text_documents(text_paths(c.data.text_files), keep, c.data.text_key, stats)
 
 
 def snippet(text: str) -> str:

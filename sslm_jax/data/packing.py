@@ -9,28 +9,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Iterator
 
 import numpy as np
 from absl import logging
 
-from sslm_jax import tokenizer as tokenizer_lib
-
 _TOKENIZE_DOCS = 1024  # documents per encode_batch call
 _TOKENIZE_CHARS = 4_000_000  # and at most this much text per call, for very long documents
 _LOG_EVERY_S = 15.0
-
-
-def _batches(texts: Iterator[str]) -> Iterator[list[str]]:
-  batch, chars = [], 0
-  for text in texts:
-    batch.append(text)
-    chars += len(text)
-    if len(batch) >= _TOKENIZE_DOCS or chars >= _TOKENIZE_CHARS:
-      yield batch
-      batch, chars = [], 0
-  if batch:
-    yield batch
 
 
 def frame(ids: list[list[int]], start_id: int, end_id: int) -> np.ndarray:
@@ -49,6 +34,63 @@ def frame(ids: list[list[int]], start_id: int, end_id: int) -> np.ndarray:
   return stream
 
 
+def row_dtype(tok) -> np.dtype:
+  return np.dtype(np.uint16 if tok.vocab_size <= 65535 else np.int32)
+
+
+class Packer:
+  """Streaming `pack`: documents go in one by one, whole rows come out through `emit` as soon
+  as a tokenized batch completes them, so memory stays bounded whatever the corpus size.
+
+  Where start_id == end_id (GPT-2's <|endoftext|>) each document is opened by it and not
+  closed, so the stream reads sep d1 sep d2 ...
+  """
+
+  def __init__(self, tok, *, start_id: int, end_id: int, row_len: int, emit, what: str):
+    self.tok, self.start_id, self.end_id, self.row_len = tok, start_id, end_id, row_len
+    self.emit, self.what, self.dtype = emit, what, row_dtype(tok)
+    self.num_docs = self.num_tokens = self.num_rows = 0
+    self._batch: list[str] = []
+    self._chars = 0
+    self._carry = np.empty(0, np.int64)
+    self._last_log = time.monotonic()
+
+  def add(self, text: str) -> None:
+    self._batch.append(text)
+    self._chars += len(text)
+    if len(self._batch) >= _TOKENIZE_DOCS or self._chars >= _TOKENIZE_CHARS:
+      self._flush()
+
+  def _flush(self) -> None:
+    if not self._batch:
+      return
+    ids = self.tok.encode_batch(self._batch)
+    if self.start_id == self.end_id:
+      framed = np.fromiter(
+        itertools.chain.from_iterable([self.start_id, *doc] for doc in ids), np.int64
+      )
+    else:
+      framed = frame(ids, self.start_id, self.end_id)
+    stream = np.concatenate([self._carry, framed])
+    self.num_docs += len(self._batch)
+    self.num_tokens += len(framed)
+    usable = len(stream) // self.row_len * self.row_len
+    if usable:
+      self.emit(stream[:usable].reshape(-1, self.row_len).astype(self.dtype))
+      self.num_rows += usable // self.row_len
+    self._carry, self._batch, self._chars = stream[usable:], [], 0
+    if time.monotonic() - self._last_log > _LOG_EVERY_S:
+      logging.info(
+        "prepare %s: %d documents, %d tokens so far", self.what, self.num_docs, self.num_tokens
+      )
+      self._last_log = time.monotonic()
+
+  def close(self) -> None:
+    """Tokenize what is left; the stream's remainder, too short for a row, is dropped."""
+    self._flush()
+    self._carry = np.empty(0, np.int64)
+
+
 @dataclasses.dataclass
 class Packed:
   rows: np.ndarray  # [num_rows, row_len]
@@ -56,53 +98,21 @@ class Packed:
   num_tokens: int  # including the start and end ids
 
 
-def pack(
-  texts: Iterator[str],
-  tok: tokenizer_lib.Tokenizer,
-  *,
-  start_id: int,
-  end_id: int,
-  row_len: int,
-  what: str,
-) -> Packed:
+def pack(texts, tok, *, start_id: int, end_id: int, row_len: int, what: str) -> Packed:
   """Tokenize documents in batches and cut their concatenation into rows (remainder dropped)."""
-  dtype = np.uint16 if tok.vocab_size <= 65535 else np.int32
-  chunks, carry = [], np.empty(0, np.int64)
-  num_docs = num_tokens = 0
-  last_log = time.monotonic()
-  for batch in _batches(texts):
-    stream = np.concatenate([carry, frame(tok.encode_batch(batch), start_id, end_id)])
-    num_docs += len(batch)
-    num_tokens += len(stream) - len(carry)
-    usable = len(stream) // row_len * row_len
-    chunks.append(stream[:usable].reshape(-1, row_len).astype(dtype))
-    carry = stream[usable:]
-    if time.monotonic() - last_log > _LOG_EVERY_S:
-      logging.info("prepare %s: %d documents, %d tokens so far", what, num_docs, num_tokens)
-      last_log = time.monotonic()
-  rows = np.concatenate(chunks) if chunks else np.empty((0, row_len), dtype)
-  logging.info(
-    "prepare %s: %d documents, %d tokens, %d rows", what, num_docs, num_tokens, len(rows)
+  chunks = []
+  packer = Packer(
+    tok, start_id=start_id, end_id=end_id, row_len=row_len, emit=chunks.append, what=what
   )
-  return Packed(rows=rows, num_docs=num_docs, num_tokens=num_tokens)
-
-
-def pack_separated(texts, tok, sep_id: int, row_len: int, what: str) -> Packed:
-  """`pack` for a tokenizer whose start and end id are one (GPT-2's <|endoftext|>): each
-  document is opened by it and not closed, so the stream reads sep d1 sep d2 ..."""
-  dtype = np.uint16 if tok.vocab_size <= 65535 else np.int32
-  chunks, carry, num_docs, num_tokens = [], np.empty(0, np.int64), 0, 0
-  texts = iter(texts)
-  while batch := list(itertools.islice(texts, _TOKENIZE_DOCS)):
-    ids = [[sep_id, *doc] for doc in tok.encode_batch(batch)]
-    stream = np.concatenate([carry, np.fromiter(itertools.chain.from_iterable(ids), np.int64)])
-    num_docs += len(batch)
-    num_tokens += len(stream) - len(carry)
-    usable = len(stream) // row_len * row_len
-    chunks.append(stream[:usable].reshape(-1, row_len).astype(dtype))
-    carry = stream[usable:]
-  rows = np.concatenate(chunks) if chunks else np.empty((0, row_len), dtype)
+  for text in texts:
+    packer.add(text)
+  packer.close()
+  rows = np.concatenate(chunks) if chunks else np.empty((0, row_len), packer.dtype)
   logging.info(
-    "prepare %s: %d documents, %d tokens, %d rows", what, num_docs, num_tokens, len(rows)
+    "prepare %s: %d documents, %d tokens, %d rows",
+    what,
+    packer.num_docs,
+    packer.num_tokens,
+    len(rows),
   )
-  return Packed(rows=rows, num_docs=num_docs, num_tokens=num_tokens)
+  return Packed(rows=rows, num_docs=packer.num_docs, num_tokens=packer.num_tokens)

@@ -7,7 +7,6 @@ hosts see exactly the same global batches, and no iterator state is ever saved.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 
 import ml_collections
@@ -17,7 +16,7 @@ from absl import logging
 
 from sslm_jax import config as config_lib
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import augment_data, cache, corpus, masking, packing, permute
+from sslm_jax.data import cache, masking, permute, preparation, shards
 from sslm_jax.data.corpus import DataError
 
 __all__ = [
@@ -33,17 +32,6 @@ __all__ = [
 # Eval rows and eval masks use this fixed seed, so runs with different seeds are compared on the
 # same examples.
 EVAL_SEED = 0xE7A1
-
-
-def _doc_ids(c: ml_collections.ConfigDict, tok) -> tuple[int, int]:
-  """The ids that open and close each document: (bos, eos) or (cls, sep).
-
-  Where they are one id (GPT-2's <|endoftext|>) each document is opened by it and not closed,
-  so one separator stands at each document boundary.
-  """
-  if c.objective == "causal_lm":
-    return tok.bos_id, tok.eos_id
-  return tok.cls_id, tok.sep_id
 
 
 # ----------------------------------------------------------------------------- batch features
@@ -108,6 +96,8 @@ def masked_features(
 
 # ----------------------------------------------------------------------------- serving
 
+prepare = preparation.prepare
+
 
 @dataclasses.dataclass
 class Data:
@@ -121,7 +111,7 @@ class Data:
   num_train_rows: int
   num_eval_rows: int
   config: ml_collections.ConfigDict = dataclasses.field(repr=False)
-  train_rows: np.ndarray = dataclasses.field(repr=False)
+  train_rows: np.ndarray = dataclasses.field(repr=False)  # or shards.ShardedRows
   eval_rows: np.ndarray = dataclasses.field(repr=False)
   samples: list[str] = dataclasses.field(repr=False)
   row_ids: np.ndarray | None = None  # None: the whole global batch
@@ -200,11 +190,11 @@ class Data:
 
   def max_segments_per_row(self, chunk: int = 8192) -> int:
     """The most documents (whole or cut) that any train or eval row holds."""
-    start, t = _doc_ids(self.config, self._specials)[0], self.config.data.seq_len
+    start, t = cache.doc_ids(self.config, self._specials)[0], self.config.data.seq_len
     most = 1
     for rows in (self.train_rows, self.eval_rows):
       for i in range(0, len(rows), chunk):
-        inputs_bT = np.asarray(rows[i : i + chunk, :t])
+        inputs_bT = np.asarray(rows[i : i + chunk])[:, :t]
         starts_b = (inputs_bT == start).sum(axis=1) + (inputs_bT[:, 0] != start)
         most = max(most, int(starts_b.max(initial=1)))
     return most
@@ -230,72 +220,20 @@ def size_packing(c: ml_collections.ConfigDict, data: Data) -> None:
     logging.info("cuDNN packed attention: up to %d documents per row.", needed)
 
 
-def _pack(c, tok, split: str, stats: corpus.DecodeStats, samples=None, augmentation=None):
-  start_id, end_id = _doc_ids(c, tok)
-  texts = corpus.documents(c, split, stats)
-  if augmentation is not None:
-    texts = augmentation.documents(texts)
-  if samples is not None:
-    texts = corpus.keep_snippets(texts, samples)
-  row_len = cache.row_len(c)
-  if start_id == end_id:
-    return packing.pack_separated(texts, tok, start_id, row_len, split)
-  return packing.pack(texts, tok, start_id=start_id, end_id=end_id, row_len=row_len, what=split)
-
-
-def prepare(c: ml_collections.ConfigDict, workdir: str) -> None:
-  """Build workdir/tokenizer.model and workdir/data/ unless they already match the config.
-
-  Call on process 0 only, before build(). A killed or failed prepare leaves no meta.json, and
-  build() refuses to run without one that matches the config.
-  """
-  paths = cache.paths(workdir)
-  tok = cache.tokenizer(c, workdir, may_train=True)
-  request = cache.request(c, tok)
-  meta = cache.read_meta(workdir)
-  if meta is not None and meta["request"] == request:
-    logging.info("reusing the data cache in %s", paths["dir"])
-    cache.check_sizes(c, meta)
-    return
-  if meta is not None:
-    tf.io.gfile.remove(paths["meta"])
-  tf.io.gfile.makedirs(paths["dir"])
-  stats, samples = corpus.DecodeStats(), []
-  augmentation = augment_data.Augmentation.from_config(c)  # the train split only
-  packed = {
-    "train": _pack(c, tok, "train", stats, augmentation=augmentation),
-    "eval": _pack(c, tok, "eval", stats, samples),
-  }
-  if stats.docs:
-    logging.warning(
-      "%d documents in %d files had bytes that are not UTF-8; they were replaced by U+FFFD.",
-      stats.docs,
-      len(stats.files),
-    )
-  meta = {"request": request, "samples": samples}
-  meta["undecodable"] = {"files": len(stats.files), "docs": stats.docs}
-  if augmentation is not None:
-    meta["augment"] = augmentation.report(workdir, "pretraining documents")
-  for split, p in packed.items():
-    meta[split] = {"docs": p.num_docs, "tokens": p.num_tokens, "rows": len(p.rows)}
-  cache.check_sizes(c, meta)
-  for split, p in packed.items():
-    cache.atomic_write(paths[split], lambda f, rows=p.rows: np.save(f, rows))
-  cache.atomic_write(paths["meta"], lambda f: f.write(json.dumps(meta, indent=1).encode("utf-8")))
-  logging.info("data cache written to %s: %s", paths["dir"], {k: meta[k] for k in packed})
-
-
 def build(
   c: ml_collections.ConfigDict,
   workdir: str,
   process_index: int = 0,
   process_count: int = 1,
   rows: np.ndarray | None = None,
+  opener: shards.Opener | None = None,
 ) -> Data:
   """Open the cache prepare() wrote; this process serves `rows` (sorted indices) of each batch.
 
   Training passes the rows its mesh places on this process (sharding.batch_rows); without them,
-  process p of n serves the even share [p*b, (p+1)*b), b = batch_size // n.
+  process p of n serves the even share [p*b, (p+1)*b), b = batch_size // n. Shards are read
+  by memory map when local, by ranged reads when remote or when `opener` (path -> binary file
+  object) is given.
   """
   if rows is None:
     if c.batch_size % process_count:
@@ -319,9 +257,7 @@ def build(
       "prepare(config, workdir) again to rebuild it."
     )
   cache.check_sizes(c, meta)
-  train_rows, eval_rows = cache.load_rows(paths["train"]), cache.load_rows(paths["eval"])
-  if len(train_rows) != meta["train"]["rows"] or len(eval_rows) != meta["eval"]["rows"]:
-    raise DataError(f"{paths['dir']} holds other row counts than its meta.json; rerun prepare.")
+  train_rows, eval_rows = (cache.split_rows(workdir, s, opener) for s in ("train", "eval"))
   return Data(
     tokenizer=tok,
     num_train_rows=len(train_rows),

@@ -1,0 +1,113 @@
+"""Units of preparation work: the configured source cut into pieces that are prepared alone.
+
+A unit is a group of built-in files, one text file, or an even slice of a TFDS split. Units are
+defined by the source alone, never by the number of workers or hosts, and each is packed into
+rows on its own (its remainder, too short for a row, dropped), so the rows of a split are the
+concatenation of its units' rows in unit order whoever prepared them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import ml_collections
+import tensorflow_datasets as tfds
+
+from sslm_jax.data import corpus
+
+BUILTIN_FILES_PER_UNIT = 64
+TFDS_DOCS_PER_UNIT = 50_000
+TFDS_MAX_UNITS = 1024
+SPLITS = ("train", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  index: int
+  name: str  # for logs and errors
+  splits: tuple[str, ...]  # the splits its documents go to
+  files: tuple[tuple[str, str], ...] = ()  # (key name, path) of builtin and text units
+  tfds_split: object = ""  # a tfds unit's split: its name, or one of tfds.even_splits(name, n)
+
+
+def _builtin_units() -> list[Unit]:
+  files = [(key, str(path)) for key, path in corpus.builtin_files()]
+  n = BUILTIN_FILES_PER_UNIT
+  return [
+    Unit(i, f"builtin files {i * n}-{i * n + len(group) - 1}", SPLITS, tuple(group))
+    for i, group in enumerate(files[j : j + n] for j in range(0, len(files), n))
+  ]
+
+
+def _text_units(d: ml_collections.ConfigDict) -> list[Unit]:
+  if not d.eval_text_files:
+    return [
+      Unit(i, path, SPLITS, ((name, path),))
+      for i, (name, path) in enumerate(corpus.text_paths(d.text_files))
+    ]
+  out = []
+  for split, patterns in (("train", d.text_files), ("eval", d.eval_text_files)):
+    for name, path in corpus.text_paths(patterns):
+      out.append(Unit(len(out), f"{path} ({split})", (split,), ((name, path),)))
+  return out
+
+
+def _tfds_units(d: ml_collections.ConfigDict) -> list[Unit]:
+  builder = corpus.prepared_tfds_builder(d.tfds_name, d.tfds_data_dir)
+  out = []
+  for split, name in (("train", d.tfds_train_split), ("eval", d.tfds_eval_split)):
+    corpus.tfds_split(builder, name, f"data.tfds_{split}_split")  # a bad split fails here
+    try:
+      examples = builder.info.splits[name].num_examples
+    except (KeyError, ValueError):  # no split metadata (e.g. tfds.testing.mock_data): one unit
+      examples = 0
+    n = max(1, min(TFDS_MAX_UNITS, examples // TFDS_DOCS_PER_UNIT))
+    parts = [name] if n == 1 else tfds.even_splits(name, n=n)
+    for i, part in enumerate(parts):
+      label = f"tfds {d.tfds_name}:{name}" + (f" part {i + 1}/{n}" if n > 1 else "")
+      out.append(Unit(len(out), label, (split,), tfds_split=part))
+  return out
+
+
+def units(c: ml_collections.ConfigDict) -> list[Unit]:
+  """The source's units, in the order their rows are concatenated."""
+  source = c.data.source
+  if source == "builtin":
+    return _builtin_units()
+  if source == "text":
+    return _text_units(c.data)
+  if source == "tfds":
+    return _tfds_units(c.data)
+  raise corpus.DataError(f"data.source={source!r}: use 'builtin', 'text' or 'tfds'.")
+
+
+def documents(
+  c: ml_collections.ConfigDict, unit: Unit, stats: corpus.DecodeStats
+) -> Iterator[tuple[str, str]]:
+  """(split, text) of each non-empty document of the unit, in a fixed order."""
+  d = c.data
+  if d.source == "tfds":
+    split = unit.splits[0]
+    for text in corpus.tfds_texts(c, unit.tfds_split, f"data.tfds_{split}_split", stats):
+      yield split, text
+    return
+  for name, path in unit.files:
+    records = corpus.file_records(d.source, name, path, d.text_key)
+    for key, text, bad in records:
+      if len(unit.splits) == 1:
+        split = unit.splits[0]
+      else:
+        split = "eval" if corpus.is_eval(key, d.eval_fraction) else "train"
+      stats.add(path if d.source == "text" else key, bad)
+      if text.strip():
+        yield split, text
+
+
+def split_documents(
+  c: ml_collections.ConfigDict, split: str, stats: corpus.DecodeStats
+) -> Iterator[str]:
+  """Texts of the 'train' or 'eval' split, unit after unit (read lazily, in a fixed order)."""
+  for unit in units(c):
+    if split in unit.splits:
+      yield from (text for s, text in documents(c, unit, stats) if s == split)
