@@ -9,7 +9,10 @@ step), compile_time_s, model FLOPs (sslm_jax/flops.py), mfu against a peak FLOP/
 device (a vendor table; on CPU a GEMM measured in this run, per host) and where that figure came
 from, the devices, compute dtype and peak memory per device. Synthetic
 data never imports TensorFlow; --data=real reads the training pipeline (needs --workdir) and
-also reports input_wait_fraction, the share of loop time spent waiting for the next batch.
+also reports input_wait_fraction, the share of loop time spent waiting for the next batch;
+with --read_latency_ms=50 it then times the input pipeline alone with 50 ms added to every
+read of the cache (a remote object store) and reports input_batches_per_sec and
+input_over_step, how many times the step's consumption it delivers.
 
 --mode=generate times greedy KV-cache generation (sslm_jax/decode.py) of exactly --gen_new_tokens
 after a --gen_prompt_len prompt, with random weights, against Hugging Face's GPT2LMHeadModel
@@ -41,6 +44,12 @@ flags.DEFINE_integer("steps", 10, "Timed train steps.", lower_bound=1)
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps run after compiling.", lower_bound=0)
 flags.DEFINE_enum("data", "synthetic", ["synthetic", "real"], "Random batches or the pipeline.")
 flags.DEFINE_string("workdir", None, "Run directory holding the data cache (for --data=real).")
+flags.DEFINE_float(
+  "read_latency_ms",
+  0.0,
+  "With --data=real: also time the input pipeline alone with this much delay added to every "
+  "read of the data cache (as from a remote object store) and compare it with the step.",
+)
 flags.DEFINE_enum("mode", "train", ["train", "generate"], "Time the train step or generation.")
 flags.DEFINE_enum("gen_shape", "gpt2_small", ["gpt2_small", "tiny"], "Model for --mode=generate.")
 flags.DEFINE_list("gen_batch_sizes", ["1", "8"], "Batch sizes timed by --mode=generate.")
@@ -106,6 +115,25 @@ def real_batches(config, workdir: str | None) -> Iterator[dict[str, np.ndarray]]
   return data.train_batches(0)
 
 
+def input_throughput(config, workdir: str, latency_ms: float, batches: int) -> dict:
+  """Batches/s the input pipeline delivers when every read of the cache waits latency_ms."""
+  from sslm_jax.data import pipeline, shards
+
+  opener = shards.LatencyOpener(latency_ms / 1000)
+  data = pipeline.build(config, workdir, jax.process_index(), jax.process_count(), opener=opener)
+  it = data.train_batches(0)
+  next(it)  # the pipeline's start-up
+  t0 = time.perf_counter()
+  for _ in range(batches):
+    next(it)
+  seconds = time.perf_counter() - t0
+  return {
+    "input_read_latency_ms": latency_ms,
+    "input_batches_per_sec": batches / seconds,
+    "input_reads_per_batch": len(opener.reads) / (batches + 1),
+  }
+
+
 def timed_steps(trainer, state, batches, steps: int):
   """(state, last metrics, per-step seconds, seconds waiting on next(batches), loop seconds)."""
   step_s, wait_s, step_metrics = [], 0.0, None
@@ -128,7 +156,9 @@ def per_device_memory(trainer) -> tuple[int, str]:
   return plan.step_bytes(trainer.memory_analysis), "XLA memory analysis of the step"
 
 
-def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -> dict:
+def run(
+  config, steps: int, warmup_steps: int, data: str, workdir: str | None, read_latency_ms=0.0
+) -> dict:
   """Benchmark the train step of `config`; returns the JSON record."""
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
@@ -171,6 +201,9 @@ def run(config, steps: int, warmup_steps: int, data: str, workdir: str | None) -
   }
   if data == "real":
     record["input_wait_fraction"] = wait_s / loop_s
+    if read_latency_ms > 0:
+      record.update(input_throughput(config, workdir, read_latency_ms, max(50, 5 * steps)))
+      record["input_over_step"] = record["input_batches_per_sec"] * step_time
   return record
 
 
@@ -256,7 +289,10 @@ def main(argv):
         FLAGS.gen_new_tokens, FLAGS.gen_repeats,
       )  # fmt: skip
     else:
-      record = run(FLAGS.config, FLAGS.steps, FLAGS.warmup_steps, FLAGS.data, FLAGS.workdir)
+      record = run(
+        FLAGS.config, FLAGS.steps, FLAGS.warmup_steps, FLAGS.data, FLAGS.workdir,
+        FLAGS.read_latency_ms,
+      )  # fmt: skip
   except (UsageError, config_lib.ConfigError, sharding.MeshError) as e:
     print(f"sslm_jax.bench: error: {e}", file=sys.stderr)
     sys.exit(2)

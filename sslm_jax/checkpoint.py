@@ -50,6 +50,7 @@ RUN_FIELDS = (
   "data.tfds_train_split",
   "data.tfds_eval_split",
   "data.tfds_data_dir",
+  "data.mixture",  # sources and weights
   "data.mlm_probability",
   "model.dropout_rate",
   "model.gelu",
@@ -90,6 +91,8 @@ def fingerprint(config, data_record: dict | None = None) -> dict:
   `data_record` (tokenizer_sha256, data_listing, data_order) comes from the data pipeline.
   """
   fp = {name: config[name] for name in SHAPE_FIELDS + RUN_FIELDS if name != "positions"}
+  if "data.mixture" in fp:
+    fp["data.mixture"] = config.data.mixture.to_dict()
   fp["positions"] = config_lib.positions(config)
   fp.update(data_record or {})
   return fp

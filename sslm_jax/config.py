@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from sslm_jax import finetune_config
+from sslm_jax import finetune_config, mixture_config
 from sslm_jax.model import ModelConfig
 
 
@@ -89,6 +89,8 @@ def _data_defaults() -> ml_collections.ConfigDict:
   # (0: about 64 MiB). Neither changes the rows, so neither is recorded in checkpoints.
   s.prepare_workers = 1
   s.shard_rows = 0
+  # Several sources with weights (mixture_config.py); empty: data.source alone.
+  s.mixture = ml_collections.ConfigDict()
   return s
 
 
@@ -186,6 +188,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
   _validate_model(c)
   _validate_compiler_and_init(c)
   _validate_opt(c)
+  mixture_config.validate(c, _require)
   finetune_config.validate(c, _require)
 
 

@@ -277,10 +277,20 @@ class Trainer:
     self.memory_analysis = self._train.memory_analysis()
     return time.perf_counter() - t0
 
-  def evaluate(self, params, batches: Iterable[Batch]) -> dict:
+  def evaluate(self, params, batches: Iterable[Batch] | dict[str, Iterable[Batch]]) -> dict:
+    """Eval metrics over `batches`; for named sets (a data mixture's sources), over all of them
+    together and, as `eval_loss/NAME` etc., over each."""
+    named = batches if isinstance(batches, dict) else {"": batches}
     with sharding.activate(self.mesh, self.rules):
-      outputs = [jax.device_get(self._eval(params, self.to_global(b))) for b in batches]
-    return self.objective.summarize(outputs)
+      outputs = {
+        name: [jax.device_get(self._eval(params, self.to_global(b))) for b in sets]
+        for name, sets in named.items()
+      }
+    record = self.objective.summarize([o for sets in outputs.values() for o in sets])
+    for name, sets in outputs.items():
+      if name:
+        record.update({f"{k}/{name}": v for k, v in self.objective.summarize(sets).items()})
+    return record
 
 
 def _check_finite(step: int, values: dict, last_good: int | None) -> None:

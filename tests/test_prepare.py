@@ -127,34 +127,13 @@ def test_sharded_rows_index_like_an_array(corpus_glob, tmp_path):
     rows[np.array([len(whole)])]
 
 
-class SlowFile:
-  """A local file whose every read waits `latency` seconds, like a remote object store."""
-
-  def __init__(self, path, latency, counter):
-    self.f, self.latency, self.counter = open(path, "rb"), latency, counter
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.f.close()
-
-  def seek(self, offset):
-    self.f.seek(offset)
-
-  def read(self, n):
-    time.sleep(self.latency)
-    self.counter.append(n)
-    return self.f.read(n)
-
-
 def test_a_slow_remote_style_filesystem_yields_the_same_batches(corpus_glob, tmp_path):
   c = _config(corpus_glob)
   workdir = str(tmp_path)
   pipeline.prepare(c, workdir)
-  reads = []
+  slow = shards.LatencyOpener(0.01)
   local = pipeline.build(c, workdir)
-  remote = pipeline.build(c, workdir, opener=lambda p: SlowFile(p, 0.01, reads))
+  remote = pipeline.build(c, workdir, opener=slow)
   assert remote.train_rows.ranged and not local.train_rows.ranged
   batches = remote.train_batches(3)
   for step in range(3, 13):
@@ -166,7 +145,7 @@ def test_a_slow_remote_style_filesystem_yields_the_same_batches(corpus_glob, tmp
   for got, want in zip(remote.eval_batches(), local.eval_batches(), strict=True):
     np.testing.assert_array_equal(got["inputs"], want["inputs"])
   row_bytes = c.data.seq_len + 1  # uint16 rows of seq_len + 1 tokens: 2 bytes each
-  assert reads and max(reads) <= 2 * row_bytes * c.batch_size  # rows, never whole shards
+  assert slow.reads and max(slow.reads) <= 2 * row_bytes * c.batch_size  # rows, not shards
 
 
 def _prepare_command(workdir, text_files, *extra, **kwargs):

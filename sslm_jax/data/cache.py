@@ -140,10 +140,30 @@ def check_sizes(c: ml_collections.ConfigDict, meta: dict) -> None:
     )
 
 
+def tokenizer_file(c: ml_collections.ConfigDict, workdir: str) -> str:
+  """data.tokenizer_path, else the workdir's own tokenizer.model."""
+  return c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+
+
+def _tokenizer_sample(c: ml_collections.ConfigDict) -> list[str]:
+  """The first data.tokenizer_sample_bytes of the train split (never eval text); of a mixture,
+  each source's first share of them, by weight."""
+  budget = c.data.tokenizer_sample_bytes
+  if not c.data.mixture:
+    return corpus.tokenizer_sample(units.split_documents(c, "train", corpus.DecodeStats()), budget)
+  from sslm_jax import mixture_config
+
+  weights, sample = mixture_config.weights(c), []
+  for name, weight in zip(mixture_config.names(c), weights, strict=True):
+    source = mixture_config.source_config(c, name, "")
+    docs = units.split_documents(source, "train", corpus.DecodeStats())
+    sample += corpus.tokenizer_sample(docs, int(budget * weight / sum(weights)))
+  return sample
+
+
 def _train_tokenizer(c: ml_collections.ConfigDict, path: str) -> tokenizer_lib.Tokenizer:
-  """Train on the first data.tokenizer_sample_bytes of the train split (never on eval text)."""
-  train_docs = units.split_documents(c, "train", corpus.DecodeStats())
-  sample = corpus.tokenizer_sample(train_docs, c.data.tokenizer_sample_bytes)
+  """Train on _tokenizer_sample (never on eval text)."""
+  sample = _tokenizer_sample(c)
   if not sample:
     raise DataError(
       f"{_source_name(c, 'train')} has no text; {_one_batch(c)}. Check data.source and its "
@@ -179,7 +199,7 @@ def tokenizer(
 
 def _existing_tokenizer(c: ml_collections.ConfigDict, workdir: str):
   """The tokenizer prepare() would use, or None where it would train a new one (reads only)."""
-  path = c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+  path = tokenizer_file(c, workdir)
   if c.data.tokenizer_path or tf.io.gfile.exists(path):
     return tokenizer_lib.load(path)
   return None
@@ -188,11 +208,28 @@ def _existing_tokenizer(c: ml_collections.ConfigDict, workdir: str):
 def resume_record(c: ml_collections.ConfigDict, workdir: str) -> dict:
   """What a checkpoint records about its data beside the config, computed without writing."""
   tok = _existing_tokenizer(c, workdir)
+  if c.data.mixture:
+    listing = {name: corpus.listing(src) for name, src, _ in mixture_sources(c, workdir)}
+  else:
+    listing = corpus.listing(c)
   return {
     "tokenizer_sha256": tok.sha256 if tok else "none yet (prepare would train a new one)",
-    "data_listing": corpus.listing(c),
+    "data_listing": listing,
     "data_order": permute.ORDER_VERSION,
   }
+
+
+def mixture_sources(c: ml_collections.ConfigDict, workdir: str):
+  """(name, config, workdir) of each source of a mixture."""
+  from sslm_jax import mixture_config
+
+  path = tokenizer_file(c, workdir)
+  for name in mixture_config.names(c):
+    yield (
+      name,
+      mixture_config.source_config(c, name, path),
+      mixture_config.source_workdir(workdir, name),
+    )
 
 
 def cache_requests(c: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict] | None:
@@ -200,6 +237,11 @@ def cache_requests(c: ml_collections.ConfigDict, workdir: str) -> tuple[dict, di
 
   None when there is no cache or no tokenizer yet: then nothing cached is replaced.
   """
+  if c.data.mixture:  # each source's cache
+    pairs = {name: cache_requests(src, w) for name, src, w in mixture_sources(c, workdir)}
+    if None in pairs.values():
+      return None
+    return {n: p[0] for n, p in pairs.items()}, {n: p[1] for n, p in pairs.items()}
   meta, tok = read_meta(workdir), _existing_tokenizer(c, workdir)
   if meta is None or tok is None:
     return None

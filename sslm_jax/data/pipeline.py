@@ -115,6 +115,7 @@ class Data:
   eval_rows: np.ndarray = dataclasses.field(repr=False)
   samples: list[str] = dataclasses.field(repr=False)
   row_ids: np.ndarray | None = None  # None: the whole global batch
+  order: str = "train"  # names the train order's permutations (a mixture source's own name)
   _eval_cache: list | None = dataclasses.field(default=None, init=False, repr=False)
 
   @property
@@ -131,22 +132,26 @@ class Data:
 
   def _permutation(self, epoch: int) -> permute.KeyedPermutation:
     """The epoch's order of train rows; indexing it computes only the rows asked for."""
-    return permute.KeyedPermutation(self.num_train_rows, "train", self.config.seed, epoch)
+    return permute.KeyedPermutation(self.num_train_rows, self.order, self.config.seed, epoch)
 
   def _features(self, rows: np.ndarray, example_ids_b: np.ndarray, seed: int) -> dict:
     if self.config.objective == "causal_lm":
       return causal_features(rows, self._specials.bos_id, self._specials.eos_id)
     return masked_features(rows, example_ids_b, self.config, seed, self._specials)
 
-  def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
-    """This process's part of global batch `step`, with no dependence on earlier calls."""
-    g_b = step * self.config.batch_size + self._rows().astype(np.int64)
+  def train_rows_for(self, g_b: np.ndarray) -> np.ndarray:
+    """The rows of train examples g_b: example g is row perm_e[g % n] of epoch e = g // n."""
     epoch_b, offset_b = np.divmod(g_b, self.num_train_rows)
     row_b = np.empty(len(g_b), np.int64)
     for epoch in np.unique(epoch_b):
       here = epoch_b == epoch
       row_b[here] = self._permutation(int(epoch))[offset_b[here]]
-    return self._features(self.train_rows[row_b], g_b, self.config.seed)
+    return self.train_rows[row_b]
+
+  def batch_for_step(self, step: int) -> dict[str, np.ndarray]:
+    """This process's part of global batch `step`, with no dependence on earlier calls."""
+    g_b = step * self.config.batch_size + self._rows().astype(np.int64)
+    return self._features(self.train_rows_for(g_b), g_b, self.config.seed)
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Batches for steps start_step, start_step + 1, ... forever, computed ahead in parallel."""
@@ -162,9 +167,12 @@ class Data:
       out = tf.numpy_function(numpy_batch, [step], dtypes, stateful=False)
       return {k: tf.ensure_shape(v, example[k].shape) for k, v in zip(keys, out, strict=True)}
 
+    # Remote rows wait on the network, not on a core: fetch many batches at once.
+    ranged = getattr(self.train_rows, "ranged", False)
+    parallel = shards.READ_AHEAD_BATCHES if ranged else tf.data.AUTOTUNE
     ds = tf.data.Dataset.range(start_step, 2**62)
-    ds = ds.map(tf_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    ds = ds.map(tf_batch, num_parallel_calls=parallel, deterministic=True)
+    return ds.prefetch(parallel).as_numpy_iterator()
 
   def _make_eval_batches(self) -> list[dict[str, np.ndarray]]:
     big_b = self.config.batch_size
@@ -244,6 +252,8 @@ def build(
     b = c.batch_size // process_count
     rows = np.arange(process_index * b, (process_index + 1) * b)
   rows = np.asarray(rows, np.int64)
+  if c.data.mixture:
+    return _build_mixture(c, workdir, rows, opener)
   if not len(rows) or rows.min() < 0 or rows.max() >= c.batch_size or (np.diff(rows) <= 0).any():
     raise DataError(f"rows {rows} are not sorted, distinct indices into a batch of {c.batch_size}.")
   paths = cache.paths(workdir)
@@ -267,4 +277,35 @@ def build(
     eval_rows=eval_rows,
     samples=meta["samples"],
     row_ids=rows,
+  )
+
+
+def _build_mixture(c, workdir: str, rows: np.ndarray, opener) -> Data:
+  from sslm_jax import mixture_config
+  from sslm_jax.data import mixture
+
+  tok_path = cache.tokenizer_file(c, workdir)
+  names = mixture_config.names(c)
+  sources = []
+  for name in names:
+    source = build(
+      mixture_config.source_config(c, name, tok_path),
+      mixture_config.source_workdir(workdir, name),
+      rows=rows,
+      opener=opener,
+    )
+    source.order = f"train/{name}"
+    sources.append(source)
+  return mixture.MixtureData(
+    tokenizer=sources[0].tokenizer,
+    num_train_rows=sum(d.num_train_rows for d in sources),
+    num_eval_rows=sum(d.num_eval_rows for d in sources),
+    config=c,
+    train_rows=None,
+    eval_rows=None,
+    samples=[text for d in sources for text in d.samples],
+    row_ids=rows,
+    names=names,
+    sources=sources,
+    schedule=mixture.Schedule(mixture_config.weights(c)),
   )

@@ -236,6 +236,20 @@ def prepare(
   if process_index == 0:
     cache.tokenizer(c, workdir, may_train=True)  # trains one on first use
   barrier("tokenizer ready")
+  if c.data.mixture:  # each source's own cache, with the run's tokenizer
+    for name, source, source_workdir in cache.mixture_sources(c, workdir):
+      logging.info("preparing mixture source %r", name)
+      try:
+        prepare(
+          source, source_workdir, process_index=process_index, process_count=process_count,
+          num_workers=num_workers, barrier=barrier,
+        )  # fmt: skip
+      except DataError as e:
+        raise DataError(
+          f"mixture source {name!r}: {e} (a source's own fields are set as "
+          f"--config.data.mixture.{name}.FIELD, e.g. eval_fraction)"
+        ) from e
+    return
   tok = cache.tokenizer(c, workdir, may_train=False)
   request = cache.request(c, tok)
   meta = cache.read_meta(workdir)

@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 
@@ -21,7 +22,9 @@ import tensorflow as tf
 # Rows per shard at most: about this many bytes (64 MiB) of rows.
 SHARD_BYTES = 64 << 20
 # Concurrent ranged reads of remote rows; they wait on the network, not on a core.
-READ_THREADS = 64
+READ_THREADS = 128
+# Batches fetched ahead at once when rows are read remotely (each fetches its rows in parallel).
+READ_AHEAD_BATCHES = 16
 
 
 def rows_per_shard(row_len: int, dtype, shard_bytes: int = SHARD_BYTES) -> int:
@@ -89,6 +92,36 @@ Opener = Callable[[str], object]
 
 def gfile_opener(path: str):
   return tf.io.gfile.GFile(path, "rb")
+
+
+class LatencyOpener:
+  """Local files behind `latency_s` of delay per read, as from an object store far away (for
+  benchmarks and tests); `reads` records the size of every read."""
+
+  def __init__(self, latency_s: float):
+    self.latency_s, self.reads = latency_s, []
+
+  def __call__(self, path: str):
+    return _LatencyFile(open(path, "rb"), self)
+
+
+class _LatencyFile:
+  def __init__(self, f, opener: LatencyOpener):
+    self.f, self.opener = f, opener
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.f.close()
+
+  def seek(self, offset: int) -> None:
+    self.f.seek(offset)
+
+  def read(self, size: int) -> bytes:
+    time.sleep(self.opener.latency_s)
+    self.opener.reads.append(size)
+    return self.f.read(size)
 
 
 @dataclasses.dataclass
