@@ -9,7 +9,8 @@ every host of a pod or cluster like sslm_jax.main (TPU pods and SLURM are detect
 --coordinator_address, --num_processes and --process_id), on every host: process p of n
 prepares units p, p + n, ... of the source. A killed prepare keeps its finished units; rerun
 it to continue. The cache is identical for any number of workers or hosts. The last line is
-JSON: documents, tokens, rows, seconds, tokens per second and this process's peak memory.
+JSON: documents, tokens, rows, seconds, tokens per second, and the peak memory of this process
+and of its largest worker process.
 """
 
 from __future__ import annotations
@@ -45,11 +46,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def _peak_rss_mib() -> float:
-  """Peak resident memory of this process and of its finished worker processes (the larger)."""
-  own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  return max(own, children) / 1024  # kilobytes on Linux
+def _peak_rss_mib(who) -> float:
+  """Peak resident memory of this process (RUSAGE_SELF) or of its largest finished worker
+  process (RUSAGE_CHILDREN), in MiB."""
+  return resource.getrusage(who).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def main(argv):
@@ -95,7 +95,8 @@ def main(argv):
     "shards": len(meta["train"]["shards"]) + len(meta["eval"]["shards"]),
     "seconds": round(seconds, 3),
     "tokens_per_sec": round(tokens / seconds, 1),
-    "peak_rss_mib": round(_peak_rss_mib(), 1),
+    "peak_rss_mib": round(_peak_rss_mib(resource.RUSAGE_SELF), 1),
+    "peak_worker_rss_mib": round(_peak_rss_mib(resource.RUSAGE_CHILDREN), 1),
   }
   if multi:
     cluster.leave()
