@@ -11,6 +11,19 @@ prepares units p, p + n, ... of the source. A killed prepare keeps its finished 
 it to continue. The cache is identical for any number of workers or hosts. The last line is
 JSON: documents, tokens, rows, seconds, tokens per second, and the peak memory of this process
 and of its largest worker process.
+
+With --runner the same preparation runs as an Apache Beam pipeline (pip install
+'sslm_jax[beam]'; see sslm_jax/data/beam_prepare.py), writing the same shards and meta.json
+byte for byte. Beam's own pipeline options follow a lone `--`, which ends this command's flags:
+
+  python -m sslm_jax.prepare --config=configs/gpt_base.py --workdir=runs/gpt --runner=DirectRunner
+  python -m sslm_jax.prepare --config=configs/gpt_base.py --workdir=gs://bucket/runs/gpt \
+    --config.data.source=text --config.data.text_files='gs://bucket/owt/*.txt' \
+    --runner=DataflowRunner -- --project=PROJECT --region=us-central1 \
+    --temp_location=gs://bucket/tmp --sdk_container_image=IMAGE_WITH_SSLM_JAX
+
+Beam then distributes the units (--num_workers and the multi-host flags do not apply); the
+JSON line names the runner and counts the units prepared and those a previous run finished.
 """
 
 from __future__ import annotations
@@ -42,6 +55,12 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 flags.DEFINE_integer(
   "initialization_timeout", 300, "Seconds to wait for every process to join before failing."
 )
+flags.DEFINE_string(
+  "runner",
+  "",
+  "Apache Beam runner (DirectRunner, DataflowRunner, SparkRunner, FlinkRunner): prepare as a "
+  "Beam pipeline, with Beam's pipeline options after `--`. Empty: worker processes here.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -52,21 +71,16 @@ def _peak_rss_mib(who) -> float:
   return resource.getrusage(who).ru_maxrss / 1024  # kilobytes on Linux
 
 
-def main(argv):
+def _prepare_here(c) -> tuple[dict, float]:
+  """Worker processes on this host, and on every host of a cluster it joins; (facts, seconds)."""
   import jax
-  from absl import logging
   from jax.experimental import multihost_utils
 
-  from sslm_jax.data import cache, pipeline
+  from sslm_jax.data import pipeline
 
-  if len(argv) > 1:
-    raise commands.UsageError(f"unexpected arguments {argv[1:]}; options are flags (--name=value).")
   workers = FLAGS.num_workers if FLAGS.num_workers is not None else os.cpu_count() or 1
   if workers < 1:
     raise commands.UsageError(f"--num_workers={workers}: use at least 1.")
-  logging.set_verbosity(logging.INFO)  # progress: one line per unit prepared
-  c = FLAGS.config
-  config_lib.validate(c)
   cluster.join(
     FLAGS.coordinator_address,
     FLAGS.num_processes,
@@ -85,21 +99,72 @@ def main(argv):
     barrier=multihost_utils.sync_global_devices if multi else lambda name: None,
   )
   seconds = time.perf_counter() - start
-  meta = cache.read_meta(FLAGS.workdir)
-  tokens = meta["train"]["tokens"] + meta["eval"]["tokens"]
+  if multi:
+    cluster.leave()
+  facts = {"process": jax.process_index(), "processes": jax.process_count()}
+  return {**facts, "num_workers": workers}, seconds
+
+
+def _prepare_on_beam(c, beam_args: list[str]) -> tuple[dict, float]:
+  from sslm_jax.data import beam_prepare
+
+  if FLAGS.num_workers is not None or FLAGS.coordinator_address:
+    raise commands.UsageError(
+      "--num_workers and --coordinator_address do not apply with --runner: Beam places the "
+      "work; give its options after `--` (e.g. -- --direct_num_workers=4 or --max_num_workers=32)."
+    )
+  from sslm_jax.data import cache
+
+  beam_prepare.import_beam()  # before any work, so a missing Beam fails at once
+  start = time.perf_counter()
+  if not c.data.mixture:
+    counts = beam_prepare.run(c, FLAGS.workdir, FLAGS.runner, beam_args)
+    return {"runner": FLAGS.runner, **counts}, time.perf_counter() - start
+  cache.tokenizer(c, FLAGS.workdir, may_train=True)  # one for every source
+  counts = {
+    name: beam_prepare.run(source, workdir, FLAGS.runner, beam_args)
+    for name, source, workdir in cache.mixture_sources(c, FLAGS.workdir)
+  }
+  return {"runner": FLAGS.runner, "sources": counts}, time.perf_counter() - start
+
+
+def _manifests(c) -> list[dict]:
+  """The meta.json of the cache, or of each mixture source's cache."""
+  from sslm_jax.data import cache
+
+  if not c.data.mixture:
+    return [cache.read_meta(FLAGS.workdir)]
+  return [cache.read_meta(w) for _, _, w in cache.mixture_sources(c, FLAGS.workdir)]
+
+
+def main(argv):
+  from absl import logging
+
+  if len(argv) > 1 and not FLAGS.runner:
+    raise commands.UsageError(
+      f"unexpected arguments {argv[1:]}; options are flags (--name=value), and Beam pipeline "
+      "options after `--` go with --runner."
+    )
+  logging.set_verbosity(logging.INFO)  # progress: one line per unit prepared
+  c = FLAGS.config
+  config_lib.validate(c)
+  how, seconds = _prepare_on_beam(c, argv[1:]) if FLAGS.runner else _prepare_here(c)
+  metas = _manifests(c)
+  sizes = {
+    f"{s}_{k}": sum(m[s][k] for m in metas)
+    for s in ("train", "eval")
+    for k in ("docs", "tokens", "rows")
+  }
+  tokens = sizes["train_tokens"] + sizes["eval_tokens"]
   summary = {
-    "process": jax.process_index(),
-    "processes": jax.process_count(),
-    "num_workers": workers,
-    **{f"{s}_{k}": meta[s][k] for s in ("train", "eval") for k in ("docs", "tokens", "rows")},
-    "shards": len(meta["train"]["shards"]) + len(meta["eval"]["shards"]),
+    **how,
+    **sizes,
+    "shards": sum(len(m["train"]["shards"]) + len(m["eval"]["shards"]) for m in metas),
     "seconds": round(seconds, 3),
     "tokens_per_sec": round(tokens / seconds, 1),
     "peak_rss_mib": round(_peak_rss_mib(resource.RUSAGE_SELF), 1),
     "peak_worker_rss_mib": round(_peak_rss_mib(resource.RUSAGE_CHILDREN), 1),
   }
-  if multi:
-    cluster.leave()
   print(json.dumps(summary), flush=True)
 
 

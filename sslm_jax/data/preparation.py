@@ -7,12 +7,14 @@ record (data/units/NNNNN.json) is written after its shards; a rerun skips units 
 matches, so a killed prepare keeps what it finished. Process p of n prepares units p, p + n, ...
 on a pool of `num_workers` processes; then process 0 joins the records, in unit order, into
 data/meta.json, the manifest that build() opens. The rows, and so the batch for any step, are
-the same for any number of workers or hosts.
+the same for any number of workers or hosts. data/beam_prepare.py runs the same steps as an
+Apache Beam pipeline.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -51,7 +53,7 @@ def _write_json(path: str, record: dict) -> None:
   cache.atomic_write(path, lambda f: f.write(data))
 
 
-def _finished(data_dir: str, unit: units.Unit, digest: str) -> dict | None:
+def finished(data_dir: str, unit: units.Unit, digest: str) -> dict | None:
   """The unit's record when a previous prepare finished it for the same request."""
   record = _read_json(_record_path(data_dir, unit.index))
   if record is None or record["digest"] != digest:
@@ -134,6 +136,44 @@ def _log_done(done: int, total: int, unit: units.Unit, record: dict) -> None:
   logging.info("prepared unit %d/%d (%s): %s", done, total, unit.name, sizes)
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The work of preparing a config's cache: the request the rows answer, the source's units,
+  each unit's digest (its record is reused when the digest matches) and the rows per shard."""
+
+  request: dict
+  units: list[units.Unit]
+  digests: dict[int, str]
+  shard_rows: int
+
+
+def plan(c: ml_collections.ConfigDict, tok, request: dict) -> Plan:
+  """The units, digests and shard size of preparing `c` with `tok` for `request`."""
+  all_units = units.units(c)
+  shard_rows = c.data.shard_rows or shards.rows_per_shard(cache.row_len(c), packing.row_dtype(tok))
+  digests = {u.index: _digest(request, u, shard_rows) for u in all_units}
+  return Plan(request, all_units, digests, shard_rows)
+
+
+def cached(c: ml_collections.ConfigDict, workdir: str, request: dict) -> bool:
+  """Whether workdir/data holds a finished cache for `request` (then its sizes are checked)."""
+  meta = cache.read_meta(workdir)
+  if meta is None or meta["request"] != request:
+    return False
+  logging.info("reusing the data cache in %s", cache.paths(workdir)["dir"])
+  cache.check_sizes(c, meta)
+  return True
+
+
+def open_cache(workdir: str) -> None:
+  """Remove the manifest of a cache for another request (finish() writes the new one) and make
+  the directory of unit records; finished units of the same request are kept."""
+  paths = cache.paths(workdir)
+  if tf.io.gfile.exists(paths["meta"]):
+    tf.io.gfile.remove(paths["meta"])
+  tf.io.gfile.makedirs(os.path.join(paths["dir"], UNITS_DIR))
+
+
 def _prepare_units(c, workdir, todo: list[units.Unit], digests, shard_rows, num_workers) -> None:
   """Prepare `todo` here (num_workers == 1) or on a pool of fresh worker processes."""
   args = lambda u: (c.to_dict(), workdir, u, digests[u.index], shard_rows)  # noqa: E731
@@ -191,7 +231,8 @@ def _remove_unlisted(data_dir: str, meta: dict, num_units: int) -> None:
       tf.io.gfile.remove(os.path.join(record_dir, name))
 
 
-def _finish(c, workdir: str, request: dict, all_units: list[units.Unit], tok) -> None:
+def finish(c, workdir: str, request: dict, all_units: list[units.Unit], tok) -> None:
+  """Join the unit records, in unit order, into data/meta.json and remove what it does not list."""
   paths = cache.paths(workdir)
   records = [_read_json(_record_path(paths["dir"], u.index)) for u in all_units]
   missing = [u.name for u, r in zip(all_units, records, strict=True) if r is None]
@@ -252,23 +293,16 @@ def prepare(
     return
   tok = cache.tokenizer(c, workdir, may_train=False)
   request = cache.request(c, tok)
-  meta = cache.read_meta(workdir)
-  reuse = meta is not None and meta["request"] == request
+  reuse = cached(c, workdir, request)
   barrier("data cache checked")
   if reuse:
-    logging.info("reusing the data cache in %s", paths["dir"])
-    cache.check_sizes(c, meta)
     return
   if process_index == 0:
-    if meta is not None:
-      tf.io.gfile.remove(paths["meta"])
-    tf.io.gfile.makedirs(os.path.join(paths["dir"], UNITS_DIR))
+    open_cache(workdir)
   barrier("data cache opened")
-  all_units = units.units(c)
-  shard_rows = c.data.shard_rows or shards.rows_per_shard(cache.row_len(c), packing.row_dtype(tok))
-  digests = {u.index: _digest(request, u, shard_rows) for u in all_units}
-  mine = [u for u in all_units if u.index % process_count == process_index]
-  todo = [u for u in mine if _finished(paths["dir"], u, digests[u.index]) is None]
+  work = plan(c, tok, request)
+  mine = [u for u in work.units if u.index % process_count == process_index]
+  todo = [u for u in mine if finished(paths["dir"], u, work.digests[u.index]) is None]
   if len(todo) < len(mine):
     logging.info(
       "prepare: %d of %d units were finished before; preparing %d",
@@ -276,10 +310,10 @@ def prepare(
       len(mine),
       len(todo),
     )
-  _prepare_units(c, workdir, todo, digests, shard_rows, num_workers)
+  _prepare_units(c, workdir, todo, work.digests, work.shard_rows, num_workers)
   barrier("data units prepared")
   if process_index == 0:
-    _finish(c, workdir, request, all_units, tok)
+    finish(c, workdir, request, work.units, tok)
   barrier("data cache written")
   if process_index != 0:
     cache.check_sizes(c, cache.read_meta(workdir))
