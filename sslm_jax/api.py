@@ -23,11 +23,11 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 from flax import nnx
-from sentencepiece import sentencepiece_model_pb2
 
 from sslm_jax import restore
 from sslm_jax import tokenizer as tok
 from sslm_jax.restore import UsageError
+from sslm_jax.sp_model import ModelProto
 
 MASK_TEXT = "[MASK]"
 POOLINGS = ("mean", "cls", "last")
@@ -179,7 +179,7 @@ class LanguageModel:
     if not isinstance(self.tokenizer, tok.Tokenizer):  # another tokenizer kind: plain encoding
       return self.tokenizer.encode(text)
     if self._continuation_sp is None:
-      proto = sentencepiece_model_pb2.ModelProto()
+      proto = ModelProto()
       proto.ParseFromString(epath.Path(self.tokenizer.path).read_bytes())
       proto.normalizer_spec.add_dummy_prefix = False
       self._continuation_sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())

@@ -29,13 +29,13 @@ import re
 import numpy as np
 import tokenizers
 from etils import epath
-from sentencepiece import sentencepiece_model_pb2
 from tokenizers import AddedToken, decoders, models, normalizers, processors
 
 from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.sp_model import ModelProto
 
 _SPACE = "\u2581"  # SentencePiece's visible space
-_Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+_Piece = ModelProto.SentencePiece
 # Below any sum of real piece scores over the few characters these pieces spell.
 _UNREACHABLE_SCALE = 1000.0
 OBJECTIVES = ("causal_lm", "masked_lm")
@@ -50,7 +50,7 @@ def _model_proto(tok: tokenizer_lib.Tokenizer) -> bytes:
   return proto
 
 
-def _check_exportable(m: sentencepiece_model_pb2.ModelProto, path: str) -> None:
+def _check_exportable(m: ModelProto, path: str) -> None:
   """The normalizer and decoder below mirror only the settings tokenizer.train uses."""
   norm, spec = m.normalizer_spec, m.trainer_spec
   found = {
@@ -95,7 +95,7 @@ def build(tok: tokenizer_lib.Tokenizer, *, objective: str) -> tokenizers.Tokeniz
 def _build(proto: bytes, path: str, objective: str) -> tokenizers.Tokenizer:
   if objective not in OBJECTIVES:
     raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}.")
-  m = sentencepiece_model_pb2.ModelProto.FromString(proto)
+  m = ModelProto.FromString(proto)
   _check_exportable(m, path)
   normal = [p.score for p in m.pieces if p.type == _Piece.NORMAL]
   unreachable = _UNREACHABLE_SCALE * min(min(normal, default=-1.0), -1.0)
