@@ -10,7 +10,7 @@ every host of a pod or cluster like sslm_jax.main (TPU pods and SLURM are detect
 prepares units p, p + n, ... of the source. A killed prepare keeps its finished units; rerun
 it to continue. The cache is identical for any number of workers or hosts. The last line is
 JSON: documents, tokens, rows, seconds, tokens per second, and the peak memory of this process
-and of its largest worker process.
+and of its largest worker process (null without workers).
 
 With --runner the same preparation runs as an Apache Beam pipeline (pip install
 'sslm_jax[beam]'; see sslm_jax/data/beam_prepare.py), writing the same shards and meta.json
@@ -65,12 +65,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-def _peak_rss_mib(who) -> float:
-  """Peak resident memory of this process (RUSAGE_SELF) or of its largest finished worker
-  process (RUSAGE_CHILDREN), in MiB."""
-  return resource.getrusage(who).ru_maxrss / 1024  # kilobytes on Linux
-
-
 def _prepare_here(c) -> tuple[dict, float]:
   """Worker processes on this host, and on every host of a cluster it joins; (facts, seconds)."""
   import jax
@@ -90,7 +84,7 @@ def _prepare_here(c) -> tuple[dict, float]:
   )
   multi = jax.process_count() > 1
   start = time.perf_counter()
-  pipeline.prepare(
+  worker_peak = pipeline.prepare(
     c,
     FLAGS.workdir,
     process_index=jax.process_index(),
@@ -102,7 +96,8 @@ def _prepare_here(c) -> tuple[dict, float]:
   if multi:
     cluster.leave()
   facts = {"process": jax.process_index(), "processes": jax.process_count()}
-  return {**facts, "num_workers": workers}, seconds
+  peak = None if worker_peak is None else round(worker_peak, 1)
+  return {**facts, "num_workers": workers, "peak_worker_rss_mib": peak}, seconds
 
 
 def _prepare_on_beam(c, beam_args: list[str]) -> tuple[dict, float]:
@@ -162,8 +157,7 @@ def main(argv):
     "shards": sum(len(m["train"]["shards"]) + len(m["eval"]["shards"]) for m in metas),
     "seconds": round(seconds, 3),
     "tokens_per_sec": round(tokens / seconds, 1),
-    "peak_rss_mib": round(_peak_rss_mib(resource.RUSAGE_SELF), 1),
-    "peak_worker_rss_mib": round(_peak_rss_mib(resource.RUSAGE_CHILDREN), 1),
+    "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
   }
   print(json.dumps(summary), flush=True)
 

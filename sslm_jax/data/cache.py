@@ -13,11 +13,10 @@ import uuid
 from collections.abc import Callable
 
 import ml_collections
-import tensorflow as tf
 from absl import logging
 
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import augment_data, corpus, permute, shards, units
+from sslm_jax.data import augment_data, corpus, gfile, permute, shards, units
 from sslm_jax.data.corpus import DataError
 
 # 1: one .npy file per split, packed as one stream; 2: shards per unit (data/units.py).
@@ -73,16 +72,16 @@ def atomic_write(path: str, write: Callable) -> None:
   """Write beside `path` under a temporary name, then rename: never a half file at `path`."""
   head, tail = os.path.split(path)
   tmp = os.path.join(head, f".{tail}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-  with tf.io.gfile.GFile(tmp, "wb") as f:
+  with gfile.GFile(tmp, "wb") as f:
     write(f)
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  gfile.rename(tmp, path, overwrite=True)
 
 
 def read_meta(workdir: str) -> dict | None:
   path = paths(workdir)["meta"]
-  if not tf.io.gfile.exists(path):
+  if not gfile.exists(path):
     return None
-  with tf.io.gfile.GFile(path, "r") as f:
+  with gfile.GFile(path, "r") as f:
     return json.load(f)
 
 
@@ -181,7 +180,7 @@ def tokenizer(
     tok, origin = tokenizer_lib.load(c.data.tokenizer_path), "data.tokenizer_path"
   else:
     origin = os.path.join(workdir, "tokenizer.model")
-    if tf.io.gfile.exists(origin):
+    if gfile.exists(origin):
       tok = tokenizer_lib.load(origin)
     elif may_train:
       tok = _train_tokenizer(c, origin)
@@ -200,7 +199,7 @@ def tokenizer(
 def _existing_tokenizer(c: ml_collections.ConfigDict, workdir: str):
   """The tokenizer prepare() would use, or None where it would train a new one (reads only)."""
   path = tokenizer_file(c, workdir)
-  if c.data.tokenizer_path or tf.io.gfile.exists(path):
+  if c.data.tokenizer_path or gfile.exists(path):
     return tokenizer_lib.load(path)
   return None
 

@@ -19,9 +19,10 @@ import zlib
 from collections.abc import Iterator
 
 import ml_collections
-import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+
+from sslm_jax.data import gfile
 
 # Third-party packages and the test suites are not the standard library's own code.
 _BUILTIN_SKIP_DIRS = frozenset(
@@ -97,7 +98,7 @@ def text_paths(patterns: str) -> list[tuple[str, str]]:
   for pattern in (p.strip() for p in patterns.split(",")):
     if not pattern:
       continue
-    matched = tf.io.gfile.glob(pattern)
+    matched = gfile.glob(pattern)
     if not matched:
       raise DataError(
         f"text file pattern {pattern!r} matches no files; fix data.text_files / "
@@ -139,7 +140,7 @@ def _bounded_lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
 def _paragraphs(path: str, name: str) -> Iterator[tuple[str, str, bool]]:
   """(key, text, had bad bytes) of each blank-line-separated paragraph of a text file."""
   index, lines, size = 0, [], 0
-  with tf.io.gfile.GFile(path, "rb") as f:
+  with gfile.GFile(path, "rb") as f:
     for line in itertools.chain(_bounded_lines(f), [b""]):  # "" flushes the last paragraph
       if line.strip():
         lines.append(line)
@@ -154,7 +155,7 @@ def _paragraphs(path: str, name: str) -> Iterator[tuple[str, str, bool]]:
 
 def _jsonl_records(path: str, name: str, text_key: str) -> Iterator[tuple[str, str, bool]]:
   """(key, text, had bad bytes) of each .jsonl record's `text_key` field."""
-  with tf.io.gfile.GFile(path, "rb") as f:
+  with gfile.GFile(path, "rb") as f:
     for number, line in enumerate(f, start=1):
       if not line.strip():
         continue
@@ -316,7 +317,7 @@ def describe(c: ml_collections.ConfigDict) -> dict:
     paths = text_paths(patterns)
     desc[f"{split}_num_files"] = len(paths)
     desc[f"{split}_listing_sha256"] = _listing_digest(
-      [f"{p}:{tf.io.gfile.stat(p).length}" for _, p in paths]
+      [f"{p}:{gfile.stat(p).length}" for _, p in paths]
     )
   return desc
 
@@ -359,7 +360,7 @@ def listing(c: ml_collections.ConfigDict) -> dict:
   return {
     "source": "text",
     **{
-      group: _file_list([(n, tf.io.gfile.stat(p).length) for n, p in text_paths(patterns)])
+      group: _file_list([(n, gfile.stat(p).length) for n, p in text_paths(patterns)])
       for group, patterns in groups.items()
     },
   }

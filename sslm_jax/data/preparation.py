@@ -22,10 +22,9 @@ import os
 from collections.abc import Callable
 
 import ml_collections
-import tensorflow as tf
 from absl import logging
 
-from sslm_jax.data import augment_data, cache, corpus, packing, shards, units
+from sslm_jax.data import augment_data, cache, corpus, gfile, packing, shards, units
 from sslm_jax.data.corpus import DataError
 
 UNITS_DIR = "units"
@@ -42,9 +41,9 @@ def _digest(request: dict, unit: units.Unit, shard_rows: int) -> str:
 
 
 def _read_json(path: str) -> dict | None:
-  if not tf.io.gfile.exists(path):
+  if not gfile.exists(path):
     return None
-  with tf.io.gfile.GFile(path, "r") as f:
+  with gfile.GFile(path, "r") as f:
     return json.load(f)
 
 
@@ -60,7 +59,7 @@ def finished(data_dir: str, unit: units.Unit, digest: str) -> dict | None:
     return None
   for split in record["splits"].values():
     for name, _ in split["shards"]:
-      if not tf.io.gfile.exists(os.path.join(data_dir, name)):
+      if not gfile.exists(os.path.join(data_dir, name)):
         return None
   return record
 
@@ -169,25 +168,48 @@ def open_cache(workdir: str) -> None:
   """Remove the manifest of a cache for another request (finish() writes the new one) and make
   the directory of unit records; finished units of the same request are kept."""
   paths = cache.paths(workdir)
-  if tf.io.gfile.exists(paths["meta"]):
-    tf.io.gfile.remove(paths["meta"])
-  tf.io.gfile.makedirs(os.path.join(paths["dir"], UNITS_DIR))
+  if gfile.exists(paths["meta"]):
+    gfile.remove(paths["meta"])
+  gfile.makedirs(os.path.join(paths["dir"], UNITS_DIR))
 
 
-def _prepare_units(c, workdir, todo: list[units.Unit], digests, shard_rows, num_workers) -> None:
-  """Prepare `todo` here (num_workers == 1) or on a pool of fresh worker processes."""
+def peak_rss_mib() -> float | None:
+  """This process's peak resident memory since its program started (Linux VmHWM; ru_maxrss
+  would count a worker's parent's memory at the fork before exec)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return None
+
+
+def _unit_in_worker(*args) -> tuple[dict, float | None]:
+  return prepare_unit(*args), peak_rss_mib()
+
+
+def _prepare_units(
+  c, workdir, todo: list[units.Unit], digests, shard_rows, num_workers
+) -> float | None:
+  """Prepare `todo` here (num_workers == 1) or on a pool of fresh worker processes; returns
+  the largest worker's peak memory in MiB (None without workers)."""
   args = lambda u: (c.to_dict(), workdir, u, digests[u.index], shard_rows)  # noqa: E731
   if num_workers <= 1 or len(todo) <= 1:
     for done, unit in enumerate(todo, start=1):
       _log_done(done, len(todo), unit, prepare_unit(*args(unit)))
-    return
+    return None
   # Fresh interpreters: forking a process that runs TensorFlow's and JAX's threads can hang.
   context = multiprocessing.get_context("spawn")
-  workers = min(num_workers, len(todo))
+  workers, peak = min(num_workers, len(todo)), 0.0
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-    futures = {pool.submit(prepare_unit, *args(u)): u for u in todo}
+    futures = {pool.submit(_unit_in_worker, *args(u)): u for u in todo}
     for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-      _log_done(done, len(todo), futures[future], future.result())
+      record, worker_peak = future.result()
+      _log_done(done, len(todo), futures[future], record)
+      peak = max(peak, worker_peak or 0.0)
+  return peak or None
 
 
 def _manifest(c, request: dict, records: list[dict], row_len: int, dtype: str) -> dict:
@@ -221,14 +243,14 @@ def _manifest(c, request: dict, records: list[dict], row_len: int, dtype: str) -
 def _remove_unlisted(data_dir: str, meta: dict, num_units: int) -> None:
   """Shards, unit records and version-1 files that the new manifest does not use."""
   keep = {name for split in units.SPLITS for name, _ in meta[split]["shards"]}
-  for name in tf.io.gfile.listdir(data_dir):
+  for name in gfile.listdir(data_dir):
     stale_shard = name.endswith(".bin") and name not in keep
     if stale_shard or name in ("train_rows.npy", "eval_rows.npy"):
-      tf.io.gfile.remove(os.path.join(data_dir, name))
+      gfile.remove(os.path.join(data_dir, name))
   record_dir = os.path.join(data_dir, UNITS_DIR)
-  for name in tf.io.gfile.listdir(record_dir):
+  for name in gfile.listdir(record_dir):
     if name.endswith(".json") and int(name.split(".")[0]) >= num_units:
-      tf.io.gfile.remove(os.path.join(record_dir, name))
+      gfile.remove(os.path.join(record_dir, name))
 
 
 def finish(c, workdir: str, request: dict, all_units: list[units.Unit], tok) -> None:
@@ -266,22 +288,24 @@ def prepare(
   process_count: int = 1,
   num_workers: int = 1,
   barrier: Callable[[str], None] = lambda name: None,
-) -> None:
+) -> float | None:
   """Build workdir/tokenizer.model and workdir/data/ unless they already match the config.
 
   Every process of a run calls it (`barrier` waits for all of them); each prepares its share
   of the units on `num_workers` worker processes. A killed or failed prepare leaves no
-  meta.json, and build() refuses to run without one that matches the config.
+  meta.json, and build() refuses to run without one that matches the config. Returns the
+  largest worker process's peak memory in MiB (None when no worker process ran).
   """
   paths = cache.paths(workdir)
   if process_index == 0:
     cache.tokenizer(c, workdir, may_train=True)  # trains one on first use
   barrier("tokenizer ready")
   if c.data.mixture:  # each source's own cache, with the run's tokenizer
+    peaks = []
     for name, source, source_workdir in cache.mixture_sources(c, workdir):
       logging.info("preparing mixture source %r", name)
       try:
-        prepare(
+        peak = prepare(
           source, source_workdir, process_index=process_index, process_count=process_count,
           num_workers=num_workers, barrier=barrier,
         )  # fmt: skip
@@ -290,13 +314,14 @@ def prepare(
           f"mixture source {name!r}: {e} (a source's own fields are set as "
           f"--config.data.mixture.{name}.FIELD, e.g. eval_fraction)"
         ) from e
-    return
+      peaks += [peak] if peak else []
+    return max(peaks, default=None)
   tok = cache.tokenizer(c, workdir, may_train=False)
   request = cache.request(c, tok)
   reuse = cached(c, workdir, request)
   barrier("data cache checked")
   if reuse:
-    return
+    return None
   if process_index == 0:
     open_cache(workdir)
   barrier("data cache opened")
@@ -310,10 +335,11 @@ def prepare(
       len(mine),
       len(todo),
     )
-  _prepare_units(c, workdir, todo, work.digests, work.shard_rows, num_workers)
+  worker_peak = _prepare_units(c, workdir, todo, work.digests, work.shard_rows, num_workers)
   barrier("data units prepared")
   if process_index == 0:
     finish(c, workdir, request, work.units, tok)
   barrier("data cache written")
   if process_index != 0:
     cache.check_sizes(c, cache.read_meta(workdir))
+  return worker_peak

@@ -17,7 +17,8 @@ import uuid
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import tensorflow as tf
+
+from sslm_jax.data import gfile
 
 # Rows per shard at most: about this many bytes (64 MiB) of rows.
 SHARD_BYTES = 64 << 20
@@ -48,13 +49,13 @@ class ShardWriter:
   def _open(self) -> None:
     name = f"{self.prefix}-{len(self.shards):04d}.bin"
     self._tmp = os.path.join(self.directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    self._file, self._rows = tf.io.gfile.GFile(self._tmp, "wb"), 0
+    self._file, self._rows = gfile.GFile(self._tmp, "wb"), 0
     self.shards.append((name, 0))
 
   def _finish(self) -> None:
     self._file.close()
     name = self.shards[-1][0]
-    tf.io.gfile.rename(self._tmp, os.path.join(self.directory, name), overwrite=True)
+    gfile.rename(self._tmp, os.path.join(self.directory, name), overwrite=True)
     self.shards[-1] = (name, self._rows)
     self._file = None
 
@@ -79,7 +80,7 @@ class ShardWriter:
     """Drop the shard being written (its temporary file); finished shards stay."""
     if self._file is not None:
       self._file.close()
-      tf.io.gfile.remove(self._tmp)
+      gfile.remove(self._tmp)
       self._file = None
 
 
@@ -91,7 +92,7 @@ Opener = Callable[[str], object]
 
 
 def gfile_opener(path: str):
-  return tf.io.gfile.GFile(path, "rb")
+  return gfile.GFile(path, "rb")
 
 
 class LatencyOpener:
