@@ -6,8 +6,8 @@
 Training prepares the cache itself when it is missing; this command does the same work ahead
 of time, on every core (--num_workers worker processes; default: one per core) and, launched on
 every host of a pod or cluster like sslm_jax.main (TPU pods and SLURM are detected; else
---coordinator_address, --num_processes and --process_id), on every host: process p of n
-prepares units p, p + n, ... of the source. A killed prepare keeps its finished units; rerun
+--coordinator_address, --num_processes and --process_id), on every host: the units of the
+source are shared out by size, largest first. A killed prepare keeps its finished units; rerun
 it to continue. The cache is identical for any number of workers or hosts. The last line is
 JSON: documents, tokens, rows, seconds, tokens per second, and the peak memory of this process
 and of its largest worker process (null without workers).
@@ -75,13 +75,14 @@ def _prepare_here(c) -> tuple[dict, float]:
   workers = FLAGS.num_workers if FLAGS.num_workers is not None else os.cpu_count() or 1
   if workers < 1:
     raise commands.UsageError(f"--num_workers={workers}: use at least 1.")
-  cluster.join(
+  cluster.join(  # before anything starts JAX's backend (validate() asks for devices)
     FLAGS.coordinator_address,
     FLAGS.num_processes,
     FLAGS.process_id,
     initialization_timeout=FLAGS.initialization_timeout,
     heartbeat_timeout=60,
   )
+  config_lib.validate(c)
   multi = jax.process_count() > 1
   start = time.perf_counter()
   worker_peak = pipeline.prepare(
@@ -110,6 +111,7 @@ def _prepare_on_beam(c, beam_args: list[str]) -> tuple[dict, float]:
     )
   from sslm_jax.data import cache
 
+  config_lib.validate(c)
   beam_prepare.import_beam()  # before any work, so a missing Beam fails at once
   start = time.perf_counter()
   if not c.data.mixture:
@@ -142,7 +144,6 @@ def main(argv):
     )
   logging.set_verbosity(logging.INFO)  # progress: one line per unit prepared
   c = FLAGS.config
-  config_lib.validate(c)
   how, seconds = _prepare_on_beam(c, argv[1:]) if FLAGS.runner else _prepare_here(c)
   metas = _manifests(c)
   sizes = {

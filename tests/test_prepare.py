@@ -191,6 +191,34 @@ def test_a_killed_prepare_resumes_to_identical_shards(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_joined_on_loopback_prepare_the_same_cache(tmp_path):
+  from test_multiprocess import _free_port
+
+  text_files = _corpus(tmp_path / "corpus", files=4, paragraphs=400)
+  _summary(_prepare_command(tmp_path / "one", text_files, "--num_workers=1"))
+  address = f"127.0.0.1:{_free_port()}"
+  procs = [
+    _prepare_command(
+      tmp_path / "two",
+      text_files,
+      "--num_workers=1",
+      f"--coordinator_address={address}",
+      "--num_processes=2",
+      f"--process_id={i}",
+      "--initialization_timeout=60",
+    )  # fmt: skip
+    for i in range(2)
+  ]
+  summaries = [_summary(p, timeout=180) for p in procs]
+  assert [s["process"] for s in summaries] == [0, 1]
+  assert all(s["processes"] == 2 for s in summaries)
+  assert _cache_files(tmp_path / "two") == _cache_files(tmp_path / "one")
+  assert (tmp_path / "one" / "tokenizer.model").read_bytes() == (
+    tmp_path / "two" / "tokenizer.model"
+  ).read_bytes()
+
+
+@pytest.mark.slow
 def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
   small = _corpus(tmp_path / "small", files=1, paragraphs=20_000)
   big = _corpus(tmp_path / "big", files=10, paragraphs=20_000, seed=1)
@@ -226,3 +254,18 @@ def test_a_unit_no_process_prepared_is_named(corpus_glob, tmp_path):
   assert preparation.UNITS_DIR in os.listdir(tmp_path / "data")
   assert not (tmp_path / "data" / "meta.json").exists()
   assert shards.rows_per_shard(1025, np.uint16) == (64 << 20) // 2050
+
+
+def test_units_are_shared_out_by_size():
+  from sslm_jax.data import units
+
+  sizes = [100, 5, 5, 5, 5, 60, 40, 1, 1, 30]
+  work = [units.Unit(i, f"u{i}", units.SPLITS, size=n) for i, n in enumerate(sizes)]
+  shares = units.assign(work, 3)
+  assert sorted(u.index for share in shares for u in share) == list(range(len(sizes)))
+  loads = [sum(u.size for u in share) for share in shares]
+  assert max(loads) == 100 and min(loads) >= 46  # round robin by index: 111 / 71 / 70
+  assert [u.size for u in shares[1]] == sorted((u.size for u in shares[1]), reverse=True)
+  assert units.assign(work, 3) == shares and units.assign(work, 1) == [
+    sorted(work, key=lambda u: -u.size)
+  ]

@@ -4,9 +4,10 @@ The source is cut into units (data/units.py). Each unit is read, augmented (trai
 tokenized and packed on its own, streaming: its rows go to shards as they are made, so memory
 is bounded by one tokenizer batch and one shard buffer, whatever the corpus size. A unit's
 record (data/units/NNNNN.json) is written after its shards; a rerun skips units whose record
-matches, so a killed prepare keeps what it finished. Process p of n prepares units p, p + n, ...
-on a pool of `num_workers` processes; then process 0 joins the records, in unit order, into
-data/meta.json, the manifest that build() opens. The rows, and so the batch for any step, are
+matches, so a killed prepare keeps what it finished. Each of the n processes prepares its share
+of the units (units.assign: by size, largest first) on a pool of `num_workers` processes; then
+process 0 joins the records, in unit order, into data/meta.json, the manifest that build()
+opens. The rows, and so the batch for any step, are
 the same for any number of workers or hosts. data/beam_prepare.py runs the same steps as an
 Apache Beam pipeline.
 """
@@ -326,7 +327,7 @@ def prepare(
     open_cache(workdir)
   barrier("data cache opened")
   work = plan(c, tok, request)
-  mine = [u for u in work.units if u.index % process_count == process_index]
+  mine = units.assign(work.units, process_count)[process_index]
   todo = [u for u in mine if finished(paths["dir"], u, work.digests[u.index]) is None]
   if len(todo) < len(mine):
     logging.info(

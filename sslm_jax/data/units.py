@@ -9,12 +9,13 @@ concatenation of its units' rows in unit order whoever prepared them.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import ml_collections
 import tensorflow_datasets as tfds
 
-from sslm_jax.data import corpus
+from sslm_jax.data import corpus, gfile
 
 BUILTIN_FILES_PER_UNIT = 64
 TFDS_DOCS_PER_UNIT = 50_000
@@ -29,27 +30,36 @@ class Unit:
   splits: tuple[str, ...]  # the splits its documents go to
   files: tuple[tuple[str, str], ...] = ()  # (key name, path) of builtin and text units
   tfds_split: object = ""  # a tfds unit's split: its name, or one of tfds.even_splits(name, n)
+  size: int = 0  # bytes of its files, or documents of its tfds slice: how hosts share the work
 
 
 def _builtin_units() -> list[Unit]:
   files = [(key, str(path)) for key, path in corpus.builtin_files()]
   n = BUILTIN_FILES_PER_UNIT
+  groups = [files[j : j + n] for j in range(0, len(files), n)]
   return [
-    Unit(i, f"builtin files {i * n}-{i * n + len(group) - 1}", SPLITS, tuple(group))
-    for i, group in enumerate(files[j : j + n] for j in range(0, len(files), n))
+    Unit(
+      i,
+      f"builtin files {i * n}-{i * n + len(group) - 1}",
+      SPLITS,
+      tuple(group),
+      size=sum(os.path.getsize(path) for _, path in group),
+    )  # fmt: skip
+    for i, group in enumerate(groups)
   ]
 
 
 def _text_units(d: ml_collections.ConfigDict) -> list[Unit]:
   if not d.eval_text_files:
     return [
-      Unit(i, path, SPLITS, ((name, path),))
+      Unit(i, path, SPLITS, ((name, path),), size=gfile.stat(path).length)
       for i, (name, path) in enumerate(corpus.text_paths(d.text_files))
     ]
   out = []
   for split, patterns in (("train", d.text_files), ("eval", d.eval_text_files)):
     for name, path in corpus.text_paths(patterns):
-      out.append(Unit(len(out), f"{path} ({split})", (split,), ((name, path),)))
+      size = gfile.stat(path).length
+      out.append(Unit(len(out), f"{path} ({split})", (split,), ((name, path),), size=size))
   return out
 
 
@@ -66,7 +76,7 @@ def _tfds_units(d: ml_collections.ConfigDict) -> list[Unit]:
     parts = [name] if n == 1 else tfds.even_splits(name, n=n)
     for i, part in enumerate(parts):
       label = f"tfds {d.tfds_name}:{name}" + (f" part {i + 1}/{n}" if n > 1 else "")
-      out.append(Unit(len(out), label, (split,), tfds_split=part))
+      out.append(Unit(len(out), label, (split,), tfds_split=part, size=examples // n))
   return out
 
 
@@ -111,3 +121,15 @@ def split_documents(
   for unit in units(c):
     if split in unit.splits:
       yield from (text for s, text in documents(c, unit, stats) if s == split)
+
+
+def assign(all_units: list[Unit], process_count: int) -> list[list[Unit]]:
+  """Each process's units, largest first: every unit, from the largest, goes to the process
+  with the least work so far (ties: the lowest index), so no host idles while another works
+  through a long tail. Depends on the units alone, not on timing."""
+  loads, out = [0] * process_count, [[] for _ in range(process_count)]
+  for unit in sorted(all_units, key=lambda u: (-u.size, u.index)):
+    p = min(range(process_count), key=lambda i: (loads[i], i))
+    out[p].append(unit)
+    loads[p] += max(unit.size, 1)
+  return out
