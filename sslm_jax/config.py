@@ -89,6 +89,10 @@ def _data_defaults() -> ml_collections.ConfigDict:
   # (0: about 64 MiB). Neither changes the rows, so neither is recorded in checkpoints.
   s.prepare_workers = 1
   s.shard_rows = 0
+  # Remote shards (gs://...) are read by ranged reads: this many at once, and this many batches
+  # fetched ahead. Raise both when a fast step waits on a far-away bucket.
+  s.read_threads = 128
+  s.read_ahead_batches = 16
   # Several sources with weights (mixture_config.py); empty: data.source alone.
   s.mixture = ml_collections.ConfigDict()
   return s
@@ -205,6 +209,11 @@ def _validate_counts(c: ml_collections.ConfigDict) -> None:
     f"data.prepare_workers={c.data.prepare_workers!r} must be a positive integer (worker "
     "processes per host that prepare the data cache); set --config.data.prepare_workers=N.",
   )
+  for name in ("read_threads", "read_ahead_batches"):
+    _require(
+      isinstance(c.data[name], int) and c.data[name] >= 1,
+      f"data.{name}={c.data[name]!r} must be a positive integer; set --config.data.{name}=N.",
+    )
   _require(
     isinstance(c.data.shard_rows, int) and c.data.shard_rows >= 0,
     f"data.shard_rows={c.data.shard_rows!r} must be 0 (about 64 MiB per shard) or a positive "

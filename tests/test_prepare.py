@@ -239,7 +239,12 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
 def test_bad_worker_and_shard_settings_are_refused(corpus_glob):
   from sslm_jax import config as config_lib
 
-  for field, value in (("prepare_workers", 0), ("shard_rows", -1)):
+  for field, value in (
+    ("prepare_workers", 0),
+    ("shard_rows", -1),
+    ("read_threads", 0),
+    ("read_ahead_batches", 0),
+  ):
     c = _config(corpus_glob)
     c.data[field] = value
     with pytest.raises(config_lib.ConfigError, match=f"data.{field}"):

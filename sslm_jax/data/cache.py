@@ -85,16 +85,18 @@ def read_meta(workdir: str) -> dict | None:
     return json.load(f)
 
 
-def split_rows(workdir: str, split: str, opener=None) -> shards.ShardedRows:
-  """The 'train' or 'eval' rows of the cache in workdir/data, as listed in its meta.json."""
+def split_rows(workdir: str, split: str, opener=None, read_threads=128) -> shards.ShardedRows:
+  """The 'train' or 'eval' rows of the cache in workdir/data, as listed in its meta.json;
+  remote ones are read `read_threads` ranged reads at a time."""
   meta = read_meta(workdir)
   if meta is None:
     raise DataError(
       f"no data cache in {paths(workdir)['dir']}; run prepare(config, workdir) first."
     )
   return shards.ShardedRows(
-    paths(workdir)["dir"], meta[split]["shards"], meta["row_len"], meta["dtype"], opener
-  )
+    paths(workdir)["dir"], meta[split]["shards"], meta["row_len"], meta["dtype"], opener,
+    read_threads,
+  )  # fmt: skip
 
 
 def request(c: ml_collections.ConfigDict, tok: tokenizer_lib.Tokenizer) -> dict:

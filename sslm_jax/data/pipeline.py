@@ -169,7 +169,7 @@ class Data:
 
     # Remote rows wait on the network, not on a core: fetch many batches at once.
     ranged = getattr(self.train_rows, "ranged", False)
-    parallel = shards.READ_AHEAD_BATCHES if ranged else tf.data.AUTOTUNE
+    parallel = self.config.data.read_ahead_batches if ranged else tf.data.AUTOTUNE
     ds = tf.data.Dataset.range(start_step, 2**62)
     ds = ds.map(tf_batch, num_parallel_calls=parallel, deterministic=True)
     return ds.prefetch(parallel).as_numpy_iterator()
@@ -267,7 +267,9 @@ def build(
       "prepare(config, workdir) again to rebuild it."
     )
   cache.check_sizes(c, meta)
-  train_rows, eval_rows = (cache.split_rows(workdir, s, opener) for s in ("train", "eval"))
+  train_rows, eval_rows = (
+    cache.split_rows(workdir, s, opener, c.data.read_threads) for s in ("train", "eval")
+  )
   return Data(
     tokenizer=tok,
     num_train_rows=len(train_rows),

@@ -22,10 +22,6 @@ from sslm_jax.data import gfile
 
 # Rows per shard at most: about this many bytes (64 MiB) of rows.
 SHARD_BYTES = 64 << 20
-# Concurrent ranged reads of remote rows; they wait on the network, not on a core.
-READ_THREADS = 128
-# Batches fetched ahead at once when rows are read remotely (each fetches its rows in parallel).
-READ_AHEAD_BATCHES = 16
 
 
 def rows_per_shard(row_len: int, dtype, shard_bytes: int = SHARD_BYTES) -> int:
@@ -144,8 +140,10 @@ class ShardedRows:
     row_len: int,
     dtype,
     opener: Opener | None = None,
+    read_threads: int = 128,
   ):
     self.row_len, self.dtype = row_len, np.dtype(dtype)
+    self._read_threads = read_threads  # concurrent ranged reads: they wait on the network
     self._shards, start = [], 0
     for name, rows in shards:
       self._shards.append(_Shard(os.path.join(directory, name), int(rows), start))
@@ -228,7 +226,7 @@ class ShardedRows:
   def _read_all(self, reads: list, out: np.ndarray) -> None:
     with self._lock:
       if self._pool is None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, "sslm-rows")
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._read_threads, "sslm-rows")
     futures = [self._pool.submit(self._read_one, s, first, len(pos)) for s, first, pos in reads]
     for (_, _, pos), future in zip(reads, futures, strict=True):
       out[pos] = future.result()
