@@ -7,7 +7,7 @@ from conftest import tiny_config
 from test_tokenizer import corpus_texts
 
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import corpus, pipeline, units
+from sslm_jax.data import cache, corpus, pipeline, units
 
 
 class SslmTinyText(tfds.core.GeneratorBasedBuilder):
@@ -76,3 +76,25 @@ def test_an_unknown_split_names_the_splits_there_are(tmp_path):
   c.data.tfds_eval_split = "validation"
   with pytest.raises(corpus.DataError, match=r"no split 'validation'.*\['test', 'train'\]"):
     list(units.split_documents(c, "eval", corpus.DecodeStats()))
+
+
+def test_a_split_cut_into_units_prepares_the_same_rows_on_worker_processes(tmp_path, monkeypatch):
+  data_dir = tmp_path / "tfds"
+  tfds.builder("sslm_tiny_text", data_dir=str(data_dir)).download_and_prepare()
+  c = _config("sslm_tiny_text", data_dir)
+  whole = list(units.split_documents(c, "train", corpus.DecodeStats()))
+  monkeypatch.setattr(units, "TFDS_DOCS_PER_UNIT", 100)  # 300 train documents: 3 units
+  parts = units.units(c)
+  assert [u.splits for u in parts] == [("train",)] * 3 + [("eval",)]
+  assert list(units.split_documents(c, "train", corpus.DecodeStats())) == whole
+  pipeline.prepare(c, str(tmp_path / "here"))
+  meta = cache.read_meta(str(tmp_path / "here"))
+  assert meta["train"]["docs"] == len(whole) == 300
+  assert len(meta["train"]["shards"]) == 3  # one per unit
+  # Worker processes are handed the units themselves, slices and all, as this process planned.
+  pipeline.prepare(c, str(tmp_path / "pool"), num_workers=2)
+  for split in ("train", "eval"):
+    np.testing.assert_array_equal(
+      np.asarray(cache.split_rows(str(tmp_path / "pool"), split)),
+      np.asarray(cache.split_rows(str(tmp_path / "here"), split)),
+    )
