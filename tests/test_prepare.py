@@ -274,3 +274,18 @@ def test_units_are_shared_out_by_size():
   assert units.assign(work, 3) == shares and units.assign(work, 1) == [
     sorted(work, key=lambda u: -u.size)
   ]
+
+
+def test_a_worker_process_error_is_the_preparations_error(corpus_glob, tmp_path):
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  for i in range(3):
+    (bad / f"ok{i}.jsonl").write_text('{"text": "fine words here"}\n' * 50)
+  (bad / "broken.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+  c = make_config(str(bad / "*.jsonl"))
+  c.data.tokenizer_path = str(tmp_path / "tok.model")
+  pipeline.prepare(_config(corpus_glob), str(tmp_path / "good"))
+  os.replace(tmp_path / "good" / "tokenizer.model", c.data.tokenizer_path)
+  with pytest.raises(DataError, match=r"broken.jsonl:2 is not a JSON object with a 'text' field"):
+    pipeline.prepare(c, str(tmp_path / "w"), num_workers=2)
+  assert not (tmp_path / "w" / "data" / "meta.json").exists()

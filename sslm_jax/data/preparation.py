@@ -206,10 +206,14 @@ def _prepare_units(
   workers, peak = min(num_workers, len(todo)), 0.0
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
     futures = {pool.submit(_unit_in_worker, *args(u)): u for u in todo}
-    for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-      record, worker_peak = future.result()
-      _log_done(done, len(todo), futures[future], record)
-      peak = max(peak, worker_peak or 0.0)
+    try:
+      for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+        record, worker_peak = future.result()  # a worker's error is raised here
+        _log_done(done, len(todo), futures[future], record)
+        peak = max(peak, worker_peak or 0.0)
+    except BaseException:
+      pool.shutdown(cancel_futures=True)  # units not started yet are not started
+      raise
   return peak or None
 
 
