@@ -140,6 +140,36 @@ def resume_hint(checkpoint_dir: str | None) -> str:
 _watch: _Watch | None = None
 
 
+def define_join_flags() -> None:
+  """The flags `join_from_flags` reads, for each command that may run as one of several
+  processes (sslm_jax.main, sslm_jax.prepare)."""
+  from absl import flags
+
+  flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs off TPU/SLURM."
+  )
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+  flags.DEFINE_integer(
+    "initialization_timeout", 300, "Seconds to wait for every process to join before failing."
+  )
+
+
+def join_from_flags(*, heartbeat_timeout: int, checkpoint_dir: str | None = None) -> None:
+  """`join` with the flags of define_join_flags."""
+  from absl import flags
+
+  f = flags.FLAGS
+  join(
+    f.coordinator_address,
+    f.num_processes,
+    f.process_id,
+    initialization_timeout=f.initialization_timeout,
+    heartbeat_timeout=heartbeat_timeout,
+    checkpoint_dir=checkpoint_dir,
+  )
+
+
 def join(
   coordinator_address: str | None,
   num_processes: int | None,

@@ -204,12 +204,7 @@ def _validate_counts(c: ml_collections.ConfigDict) -> None:
       isinstance(value, int) and value > 0,
       f"{name}={value!r} must be a positive integer; set --config.{name}=N with N > 0.",
     )
-  _require(
-    isinstance(c.data.prepare_workers, int) and c.data.prepare_workers >= 1,
-    f"data.prepare_workers={c.data.prepare_workers!r} must be a positive integer (worker "
-    "processes per host that prepare the data cache); set --config.data.prepare_workers=N.",
-  )
-  for name in ("read_threads", "read_ahead_batches"):
+  for name in ("prepare_workers", "read_threads", "read_ahead_batches"):
     _require(
       isinstance(c.data[name], int) and c.data[name] >= 1,
       f"data.{name}={c.data[name]!r} must be a positive integer; set --config.data.{name}=N.",

@@ -33,14 +33,7 @@ from sslm_jax import topology as topology_lib
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, config.")
-flags.DEFINE_string(
-  "coordinator_address", None, "host:port of process 0, for multi-process runs off TPU/SLURM."
-)
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-flags.DEFINE_integer(
-  "initialization_timeout", 300, "Seconds to wait for every process to join before failing."
-)
+cluster.define_join_flags()
 flags.DEFINE_integer(
   "heartbeat_timeout",
   20,
@@ -311,13 +304,8 @@ def _finetune(config, workdir: str, mesh) -> dict:
 
 def initialize_distributed() -> None:
   """Join the other processes: explicit flags, or any cluster environment JAX detects."""
-  cluster.join(
-    FLAGS.coordinator_address,
-    FLAGS.num_processes,
-    FLAGS.process_id,
-    initialization_timeout=FLAGS.initialization_timeout,
-    heartbeat_timeout=FLAGS.heartbeat_timeout,
-    checkpoint_dir=f"{FLAGS.workdir}/checkpoints",
+  cluster.join_from_flags(
+    heartbeat_timeout=FLAGS.heartbeat_timeout, checkpoint_dir=f"{FLAGS.workdir}/checkpoints"
   )
 
 

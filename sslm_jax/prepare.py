@@ -47,14 +47,7 @@ flags.DEFINE_string("workdir", None, "Run directory: the cache goes to WORKDIR/d
 flags.DEFINE_integer(
   "num_workers", None, "Worker processes on this host (default: one per core of this host)."
 )
-flags.DEFINE_string(
-  "coordinator_address", None, "host:port of process 0, for multi-host preparation off TPU/SLURM."
-)
-flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-flags.DEFINE_integer(
-  "initialization_timeout", 300, "Seconds to wait for every process to join before failing."
-)
+cluster.define_join_flags()
 flags.DEFINE_string(
   "runner",
   "",
@@ -75,13 +68,8 @@ def _prepare_here(c) -> tuple[dict, float]:
   workers = FLAGS.num_workers if FLAGS.num_workers is not None else os.cpu_count() or 1
   if workers < 1:
     raise commands.UsageError(f"--num_workers={workers}: use at least 1.")
-  cluster.join(  # before anything starts JAX's backend (validate() asks for devices)
-    FLAGS.coordinator_address,
-    FLAGS.num_processes,
-    FLAGS.process_id,
-    initialization_timeout=FLAGS.initialization_timeout,
-    heartbeat_timeout=60,
-  )
+  # Before anything starts JAX's backend (validate() asks for devices).
+  cluster.join_from_flags(heartbeat_timeout=60)
   config_lib.validate(c)
   multi = jax.process_count() > 1
   start = time.perf_counter()

@@ -124,6 +124,7 @@ def test_the_checkpoint_records_every_source(two_corpora, tmp_path):
   current = checkpoint.fingerprint(reweighted, cache.resume_record(reweighted, workdir))
   with pytest.raises(checkpoint.CheckpointMismatch, match="data.mixture"):
     checkpoint.check_fingerprint(fp, current, "w")
+  checkpoint.check_fingerprint(fp, current, "w", allowed={"data.mixture"})  # as the README says
   assert cache.cache_requests(c, workdir)[0] == cache.cache_requests(c, workdir)[1]
 
 
