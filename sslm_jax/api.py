@@ -145,6 +145,7 @@ class LanguageModel:
     self.tokenizer = tokenizer
     self.step = step
     self._continuation_sp = None
+    self._decoding = None  # the GPT's weights in decoding layout, made by the first generate
 
   def __repr__(self) -> str:
     c = self.model_cfg
@@ -238,7 +239,7 @@ class LanguageModel:
     """Continuations, [prompt][sample], of each prompt (GPT). A sample stops at EOS or after
     `max_new_tokens` or at the model's last position. top_k=0 and top_p=1 sample from the
     whole distribution; special ids other than EOS are never produced."""
-    from sslm_jax import decode
+    from sslm_jax import decode, decoder
 
     self._require("causal_lm", "generate text", "use fill_mask, score or embed with it.")
     if min(max_new_tokens, num_samples) < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
@@ -256,8 +257,10 @@ class LanguageModel:
           f"{self.model_cfg.max_len} positions (model.max_positions) and leaves no room to "
           "generate; shorten it."
         )
+    if self._decoding is None:
+      self._decoding = decoder.prepare(self.model)
     new_ids = decode.generate(
-      self.model,
+      self._decoding,
       prompt_ids,
       max_new_tokens=max_new_tokens,
       temperature=temperature,

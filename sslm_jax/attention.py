@@ -1,4 +1,4 @@
-"""Self-attention over packed documents, and the KV cache of generation.
+"""Self-attention over packed documents.
 
 Einsum letters as in model.py; M is the most segments (documents) a row holds. Packed rows
 reach the attention either as a dense [B, 1, T, S] segment mask (XLA) or as a `Packing` of
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sslm_jax.layers import PADDING_LOGIT, constrain, dense
+from sslm_jax.layers import constrain, dense
 
 if TYPE_CHECKING:  # model.py imports this module
   from sslm_jax.model import ModelConfig
@@ -49,50 +49,6 @@ class Attention(nnx.Module):
         q_BTNH, k_BSNH, v_BSNH, mask=segments, is_causal=self.cfg.causal, implementation="xla"
       )
     return self.out(out_BTNH)
-
-  def cached(self, x_BTD, key_BNHS, value_BNSH, index, mask_B1TS):
-    """Attention of T new tokens written at cache slot `index` onto every valid slot.
-
-    Plain einsums whatever `attention_impl`: T is 1 per decode step, and the mask is a slot
-    mask. Keys are kept [B, N, H, S] and values [B, N, S, H], the layouts the two products
-    read without transposing the cache every step.
-    """
-    names = ("act_batch", "act_len", "act_heads", None)
-    q_BTNH = constrain(self.query(x_BTD), names)
-    k_BNHT = self.key(x_BTD).astype(key_BNHS.dtype).transpose(0, 2, 3, 1)
-    v_BNTH = self.value(x_BTD).astype(value_BNSH.dtype).transpose(0, 2, 1, 3)
-    key_BNHS = jax.lax.dynamic_update_slice(key_BNHS, k_BNHT, (0, 0, 0, index))
-    value_BNSH = jax.lax.dynamic_update_slice(value_BNSH, v_BNTH, (0, 0, index, 0))
-    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
-    scores_BNTS = jnp.einsum(
-      "BTNH,BNHS->BNTS", q_BTNH, key_BNHS, preferred_element_type=jnp.float32
-    )
-    scores_BNTS = jnp.where(mask_B1TS, scores_BNTS * scale, PADDING_LOGIT)
-    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1).astype(value_BNSH.dtype)
-    out_BTNH = constrain(jnp.einsum("BNTS,BNSH->BTNH", probs_BNTS, value_BNSH), names)
-    # Heads and head_dim merged into one contraction: as two, XLA:CPU transposed the output
-    # kernel at every decode step.
-    (b, t, n, h), kernel_NHD = out_BTNH.shape, self.out.kernel[...]
-    out_BTD = out_BTNH.reshape(b, t, n * h) @ kernel_NHD.reshape(n * h, -1).astype(out_BTNH.dtype)
-    return out_BTD + self.out.bias[...].astype(out_BTD.dtype), key_BNHS, value_BNSH
-
-
-class KVCache(NamedTuple):
-  """Keys and values of every layer for generation, in `cache_len` static slots per row.
-
-  Keys are [L, B, N, H, S] and values [L, B, N, S, H], or tuples of L such [B, ...] arrays
-  for the unstacked layers. Prompts are left-padded so that they end at the same slot: row b
-  holds real tokens from slot `start_B[b]` up to the last slot written; slots before it are
-  padding and never attended to.
-  """
-
-  keys: jax.Array | tuple[jax.Array, ...]
-  values: jax.Array | tuple[jax.Array, ...]
-  start_B: jax.Array  # int32
-
-
-KEY_CACHE_NAMES = ("act_batch", "act_heads", None, "act_len")
-VALUE_CACHE_NAMES = ("act_batch", "act_heads", "act_len", None)
 
 
 def segment_mask(segment_ids_BT):

@@ -234,7 +234,7 @@ def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens
   except ImportError as e:
     raise UsageError(f"--mode=generate compares with Hugging Face and needs torch and "
                      f"transformers (pip install -e '.[test]'): {e}") from e  # fmt: skip
-  from sslm_jax import decode
+  from sslm_jax import decode, decoder
   from sslm_jax import model as model_lib
 
   layers, width, heads, mlp, vocab = GEN_SHAPES[shape]
@@ -243,7 +243,10 @@ def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens
     objective="causal_lm", vocab_size=vocab, max_len=max_len, num_layers=layers,
     num_heads=heads, emb_dim=width, mlp_dim=mlp, gelu="tanh", scan_layers=False,
   )  # fmt: skip
-  ours = model_lib.build(cfg, seed=0)
+  t0 = time.perf_counter()
+  ours = decoder.prepare(model_lib.build(cfg, seed=0))  # weights in decoding layout, once
+  jax.block_until_ready(ours.weights)
+  prepare_s = time.perf_counter() - t0
   hf_config = transformers.GPT2Config(
     vocab_size=vocab, n_positions=max_len, n_embd=width, n_layer=layers, n_head=heads,
     n_inner=mlp, bos_token_id=0, eos_token_id=0, pad_token_id=0,
@@ -254,7 +257,8 @@ def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens
   record = {"shape": dict(zip(("layers", "width", "heads", "mlp", "vocab"), GEN_SHAPES[shape],
                               strict=True)),
             "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
-            "torch_threads": torch.get_num_threads(), "devices": jax.device_count()}  # fmt: skip
+            "torch_threads": torch.get_num_threads(), "devices": jax.device_count(),
+            "build_and_prepare_s": prepare_s}  # fmt: skip
   for b in batch_sizes:
     prompts = rng.integers(1, vocab, (b, prompt_len))
 

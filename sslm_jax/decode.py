@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sslm_jax import decoder
 from sslm_jax.layers import constrain
+from sslm_jax.model import GPT
 
 
 def bucket(n: int) -> int:
@@ -54,48 +56,43 @@ def _choose(logits_BV, allowed_V, key, sampling, greedy: bool):
   return jax.random.categorical(key, filtered_BV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "greedy"))
+@functools.partial(jax.jit, static_argnames=("cfg", "cache_len", "greedy"))
 def _generate(
-  graphdef, params, prompt_BP, start_B, limit_B, allowed_V, eos_id, key, sampling, *,
+  cfg, weights, prompt_BP, start_B, limit_B, allowed_V, eos_id, key, sampling, *,
   cache_len: int, greedy: bool,
 ):  # fmt: skip
   """(new tokens [B, cache_len - P], how many each row produced)."""
-  model = nnx.merge(graphdef, params)
+  prepared = decoder.Prepared(cfg, weights)
   b, p = prompt_BP.shape
   length_B = p - start_B
   positions_BP = jnp.maximum(jnp.arange(p) - start_B[:, None], 0)
-  # Unrolled layers read weights sliced once here, not copied out of the stack at every step.
-  layers = None if model.cfg.scan_layers else model.stack.unstacked()
-  cache = model.init_cache(b, cache_len, start_B, per_layer=layers is not None)
-  x_BPD, cache = model.extend(prompt_BP, positions_BP, cache, 0, layers)
-  layers_def, layers_state = nnx.split(layers) if layers is not None else (None, None)
-  first_B = _choose(model.logits(x_BPD[:, -1]), allowed_V, key, sampling, greedy)
+  cache = decoder.init_cache(prepared, b, cache_len, start_B)
+  x_BPD, cache = decoder.extend(prepared, prompt_BP, positions_BP, cache, 0)
+  first_B = _choose(decoder.logits(prepared, x_BPD[:, -1]), allowed_V, key, sampling, greedy)
   tokens_BN = jnp.zeros((b, cache_len - p), jnp.int32).at[:, 0].set(first_B)
   count_B = jnp.ones((b,), jnp.int32)
   done_B = (first_B == eos_id) | (limit_B <= 1)
 
   def more(carry):
-    i, _, _, done_B, _, _, _ = carry
+    i, _, _, done_B, _ = carry
     return (i + 1 < tokens_BN.shape[1]) & ~jnp.all(done_B)
 
   def step(carry):
-    i, tokens_BN, count_B, done_B, cache, params, layers_state = carry
-    # Parameters ride in the carry: nnx modules must be built in the loop's own trace.
-    model = nnx.merge(graphdef, params)
-    layers = None if layers_def is None else nnx.merge(layers_def, layers_state)
+    i, tokens_BN, count_B, done_B, cache = carry
     token_B1 = jax.lax.dynamic_slice_in_dim(tokens_BN, i, 1, axis=1)
-    x_B1D, cache = model.extend(token_B1, (length_B + i)[:, None], cache, p + i, layers)
+    x_B1D, cache = decoder.extend(prepared, token_B1, (length_B + i)[:, None], cache, p + i)
     next_B = _choose(
-      model.logits(x_B1D[:, 0]), allowed_V, jax.random.fold_in(key, i + 1), sampling, greedy
-    )
+      decoder.logits(prepared, x_B1D[:, 0]), allowed_V, jax.random.fold_in(key, i + 1), sampling,
+      greedy,
+    )  # fmt: skip
     next_B = jnp.where(done_B, eos_id, next_B)
     tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, next_B[:, None], i + 1, axis=1)
     count_B = count_B + ~done_B
     done_B = done_B | (next_B == eos_id) | (count_B >= limit_B)
-    return i + 1, tokens_BN, count_B, done_B, cache, params, layers_state
+    return i + 1, tokens_BN, count_B, done_B, cache
 
-  carry = (jnp.int32(0), tokens_BN, count_B, done_B, cache, params, layers_state)
-  _, tokens_BN, count_B, _, _, _, _ = jax.lax.while_loop(more, step, carry)
+  carry = (jnp.int32(0), tokens_BN, count_B, done_B, cache)
+  _, tokens_BN, count_B, _, _ = jax.lax.while_loop(more, step, carry)
   replicated = constrain  # a no-op outside a rules context
   return replicated(tokens_BN, (None, None)), replicated(count_B, (None,))
 
@@ -111,7 +108,7 @@ def _mesh_of(params):
 
 
 def generate(
-  model,
+  model: GPT | decoder.Prepared,
   prompts: Sequence[Sequence[int]],
   *,
   max_new_tokens: int,
@@ -129,6 +126,9 @@ def generate(
   `eos_id` (kept as its last element), after `max_new_tokens`, or when its next position would
   not fit in model.cfg.max_len; an id the model cannot produce (e.g. -1) never stops a row early.
   `banned_ids` and the vocabulary's padding rows are never produced. Deterministic in `seed`.
+
+  `model` is a GPT, or `decoder.prepare(gpt)` to skip copying its weights into decoding layout
+  at every call (a cost of about one pass over the weights).
   """
   cfg = model.cfg
   if not cfg.causal:
@@ -159,11 +159,11 @@ def generate(
     np.int32(top_k),
     np.float32(top_p),
   )
-  graphdef, params = nnx.split(model)
-  mesh = _mesh_of(params)
+  mesh = _mesh_of(model.weights if isinstance(model, decoder.Prepared) else nnx.state(model))
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    prepared = model if isinstance(model, decoder.Prepared) else decoder.prepare(model)
     tokens_BN, count_B = _generate(
-      graphdef, params, prompt_BP, p - lengths, limit_B, allowed_V, np.int32(eos_id),
+      cfg, prepared.weights, prompt_BP, p - lengths, limit_B, allowed_V, np.int32(eos_id),
       jax.random.key(seed), sampling, cache_len=bucket(p + int(limit_B.max())),
       greedy=temperature == 0,
     )  # fmt: skip

@@ -1,6 +1,7 @@
 """GPT-2 and BERT Transformers in Flax NNX, sharing one block.
 
-The block's self-attention and the KV cache are in attention.py; the sharding constraint,
+The block's self-attention is in attention.py, generation's forward pass and KV cache in
+decoder.py; the sharding constraint,
 dropout, GELU and the parameterised layers both modules build on are in layers.py.
 
 Einsum letters: B batch, T query positions, S key positions, D model width,
@@ -25,13 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from sslm_jax.attention import (
-  KEY_CACHE_NAMES,
-  VALUE_CACHE_NAMES,
-  Attention,
-  KVCache,
-  attention_segments,
-)
+from sslm_jax.attention import Attention, attention_segments
 from sslm_jax.layers import PADDING_LOGIT, constrain, dense, dropout, embed, gelu, layer_norm
 
 Objective = Literal["causal_lm", "masked_lm"]
@@ -118,16 +113,6 @@ class Block(nnx.Module):
       x_BTD = self.mlp_norm(x_BTD + dropout(h, rate, k_mlp)).astype(dt)
     return constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
 
-  def cached(self, x_BTD, key_BNHS, value_BNSH, index, mask_B1TS):
-    """The causal (pre-LN) block over new tokens, reading and extending one layer's cache."""
-    dt = x_BTD.dtype
-    h, key_BNHS, value_BNSH = self.attention.cached(
-      self.attention_norm(x_BTD).astype(dt), key_BNHS, value_BNSH, index, mask_B1TS
-    )
-    x_BTD = x_BTD + h
-    x_BTD = x_BTD + self.mlp(self.mlp_norm(x_BTD).astype(dt))
-    return constrain(x_BTD, ("act_batch", "act_len", "act_embed")), key_BNHS, value_BNSH
-
 
 _REMAT_POLICIES = {
   "none": None,
@@ -175,45 +160,6 @@ class Stack(nnx.Module):
 
     return run(self.blocks, x_BTD, keys_L)
 
-  def unstacked(self) -> Layers:
-    """The blocks as separate modules. A decode loop slices the stacked weights once, before
-    it starts, instead of copying every layer's weights out of the stack at every step."""
-    graphdef, state = nnx.split(self.blocks)
-    return Layers([
-      nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
-      for i in range(self.cfg.num_layers)
-    ])  # fmt: skip
-
-  def cached(self, x_BTD, cache: KVCache, index, mask_B1TS, layers: Layers | None = None):
-    """The blocks over new tokens with their layer of the cache: scanned over the stacked
-    blocks and cache, or, given `layers` and a cache of per-layer tuples, one after another."""
-    if layers is not None:
-      keys, values = [], []
-      for block, key_BNHS, value_BNSH in zip(layers.blocks, cache.keys, cache.values, strict=True):
-        x_BTD, key_BNHS, value_BNSH = block.cached(x_BTD, key_BNHS, value_BNSH, index, mask_B1TS)
-        keys.append(key_BNHS)
-        values.append(value_BNSH)
-      return x_BTD, cache._replace(keys=tuple(keys), values=tuple(values))
-
-    @nnx.scan(
-      in_axes=(0, nnx.Carry, 0, 0),
-      out_axes=(nnx.Carry, 0, 0),
-      unroll=1 if self.cfg.scan_layers else self.cfg.num_layers,
-      transform_metadata={nnx.PARTITION_NAME: "layers"},
-    )
-    def run(block, x_BTD, key_BNHS, value_BNSH):
-      return block.cached(x_BTD, key_BNHS, value_BNSH, index, mask_B1TS)
-
-    x_BTD, keys, values = run(self.blocks, x_BTD, cache.keys, cache.values)
-    return x_BTD, cache._replace(keys=keys, values=values)
-
-
-class Layers(nnx.Module):
-  """A Stack's blocks as L separate modules (see Stack.unstacked)."""
-
-  def __init__(self, blocks: list[Block]):
-    self.blocks = nnx.List(blocks)
-
 
 def _tied_logits(x_BxD, embedding_VD, dtype):
   """Output projection onto the input embedding, in float32 for the softmax."""
@@ -258,42 +204,6 @@ class GPT(nnx.Module):
     logits_BTV = _tied_logits(x_BTD, self.token_embed.embedding[...], self.cfg.dtype)
     logits_BTV = mask_padding_ids(logits_BTV, self.cfg)
     return constrain(logits_BTV, ("act_batch", "act_len", "act_vocab"))
-
-  def init_cache(self, batch: int, cache_len: int, start_B, per_layer: bool = False) -> KVCache:
-    """An empty cache of `cache_len` slots for `batch` rows whose real tokens start at `start_B`:
-    stacked over layers, or tuples of per-layer arrays for `extend(..., layers=...)`."""
-    cfg = self.cfg
-    n, h, s = cfg.num_heads, cfg.head_dim, cache_len
-    key, value = jnp.zeros((batch, n, h, s), cfg.dtype), jnp.zeros((batch, n, s, h), cfg.dtype)
-    if per_layer:
-      keys = tuple(constrain(key, KEY_CACHE_NAMES) for _ in range(cfg.num_layers))
-      values = tuple(constrain(value, VALUE_CACHE_NAMES) for _ in range(cfg.num_layers))
-    else:
-      stacked = lambda x, names: constrain(jnp.stack([x] * cfg.num_layers), ("layers", *names))
-      keys, values = stacked(key, KEY_CACHE_NAMES), stacked(value, VALUE_CACHE_NAMES)
-    return KVCache(keys, values, jnp.asarray(start_B, jnp.int32))
-
-  def extend(self, inputs_BT, positions_BT, cache: KVCache, index, layers: Layers | None = None):
-    """(final hidden states [B, T, D], cache) for T tokens written at slots index..index+T-1.
-
-    Prefill is one call over the left-padded prompts at index 0; each decode step is one more
-    with T = 1. Each token attends to its row's real slots up to its own. With `layers` (from
-    `self.stack.unstacked()`) the cache holds per-layer tuples (see init_cache).
-    """
-    cfg = self.cfg
-    x_BTD = self.token_embed(inputs_BT) + self.position_embed(positions_BT)
-    x_BTD = constrain(x_BTD.astype(cfg.dtype), ("act_batch", "act_len", "act_embed"))
-    t, s = inputs_BT.shape[1], jax.tree.leaves(cache.values)[0].shape[-2]
-    query_slot_T1 = index + jnp.arange(t)[:, None]
-    key_slot_S = jnp.arange(s)
-    mask_BTS = (key_slot_S <= query_slot_T1) & (key_slot_S >= cache.start_B[:, None, None])
-    x_BTD, cache = self.stack.cached(x_BTD, cache, index, mask_BTS[:, None], layers)
-    return self.final_norm(x_BTD), cache
-
-  def logits(self, x_BxD):
-    """Next-token logits in float32 from final hidden states, padding ids masked."""
-    logits_BxV = _tied_logits(x_BxD, self.token_embed.embedding[...], self.cfg.dtype)
-    return mask_padding_ids(logits_BxV, self.cfg)
 
 
 class MlmHead(nnx.Module):

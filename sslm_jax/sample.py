@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from sslm_jax import decode
+from sslm_jax import decode, decoder
 from sslm_jax import tokenizer as tok
 
 # Never sampled: every special id but EOS, which ends a sample.
@@ -42,6 +42,7 @@ def fill_mask(
 def show(model, tokenizer: tok.Tokenizer, texts: list[str]) -> list[str]:
   """Human-readable sample lines for held-out `texts`."""
   lines = []
+  decoding = decoder.prepare(model) if model.cfg.causal else None  # once for all prompts
   for text in texts:
     ids = tokenizer.encode(text)
     if len(ids) < 4:
@@ -51,7 +52,7 @@ def show(model, tokenizer: tok.Tokenizer, texts: list[str]) -> list[str]:
         [tok.BOS_ID] + ids[: min(len(ids) // 2, 24)], model.cfg.max_len, max_new_tokens=32
       )
       (new,) = decode.generate(
-        model, [prompt], max_new_tokens=room, temperature=0.8, top_k=40, eos_id=tok.EOS_ID,
+        decoding, [prompt], max_new_tokens=room, temperature=0.8, top_k=40, eos_id=tok.EOS_ID,
         banned_ids=BANNED_IDS,
       )  # fmt: skip
       new = new[:-1] if new and new[-1] == tok.EOS_ID else new

@@ -32,6 +32,7 @@ CORE = [
   "sslm_jax.api",
   "sslm_jax.commands",
   "sslm_jax.decode",
+  "sslm_jax.decoder",
   "sslm_jax.hf",
   "sslm_jax.hf_tokenizer",
   "sslm_jax.task_metrics",

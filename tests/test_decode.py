@@ -11,7 +11,7 @@ from conftest import tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax import decode, sharding
+from sslm_jax import decode, decoder, sharding
 from sslm_jax import model as model_lib
 
 EOS = 3
@@ -74,26 +74,29 @@ def test_cached_decoding_matches_the_full_forward_pass(scan_layers):
   positions_BT = np.maximum(np.arange(8) - start_B[:, None], 0)
   want = [_full_logits(model, ids[0]), _full_logits(model, ids[1, pad:])]
 
-  @jax.jit
-  def run(params):
-    model = nnx.merge(graphdef, params)
-    got = []
-    for layers in (None, model.stack.unstacked()):
-      cache = model.init_cache(2, 32, start_B, per_layer=layers is not None)
-      x_BTD, cache = model.extend(prompt_BT, positions_BT, cache, 0, layers)
-      steps = [model.logits(x_BTD)]
-      for t in range(8, 12):
-        x_BTD, cache = model.extend(ids[:, t : t + 1], t - start_B[:, None], cache, t, layers)
-        steps.append(model.logits(x_BTD))
-      got.append(jnp.concatenate(steps, axis=1))
-    return got
+  @functools.partial(jax.jit, static_argnums=1)
+  def run(weights, rows: tuple[int, ...]):
+    rows = list(rows)
+    prepared = decoder.Prepared(model.cfg, weights)
+    cache = decoder.init_cache(prepared, len(rows), 32, start_B[rows])
+    x_BTD, cache = decoder.extend(prepared, prompt_BT[rows], positions_BT[rows], cache, 0)
+    steps = [decoder.logits(prepared, x_BTD)]
+    for t in range(8, 12):
+      x_BTD, cache = decoder.extend(
+        prepared, ids[rows, t : t + 1], t - start_B[rows, None], cache, t
+      )  # fmt: skip
+      steps.append(decoder.logits(prepared, x_BTD))
+    return jnp.concatenate(steps, axis=1)
 
-  graphdef, params = nnx.split(model)
-  for got_BTV in run(params):
-    assert float(jnp.abs(got_BTV[0] - want[0]).max()) < 1e-5
-    assert float(jnp.abs(got_BTV[1, pad:] - want[1]).max()) < 1e-5
-    # The two rows really differ, so row 1's match is not a copy of row 0's.
-    assert float(jnp.abs(got_BTV[1, pad:] - got_BTV[0, pad:]).max()) > 1e-3
+  weights = decoder.prepare(model).weights
+  got_BTV = run(weights, (0, 1))
+  assert float(jnp.abs(got_BTV[0] - want[0]).max()) < 1e-5
+  assert float(jnp.abs(got_BTV[1, pad:] - want[1]).max()) < 1e-5
+  # The two rows really differ, so row 1's match is not a copy of row 0's.
+  assert float(jnp.abs(got_BTV[1, pad:] - got_BTV[0, pad:]).max()) > 1e-3
+  # A single row keeps its cache without the B axis: the same logits.
+  for row in (0, 1):
+    assert float(jnp.abs(run(weights, (row,))[0] - got_BTV[row]).max()) < 1e-5
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
