@@ -151,8 +151,9 @@ class KVCache(NamedTuple):
 def init_cache(prepared: Prepared, batch: int, cache_len: int, start_B) -> KVCache:
   """An empty cache of `cache_len` slots for `batch` rows whose real tokens start at `start_B`."""
   cfg = prepared.cfg
-  rows = (batch,) if batch > 1 else ()
-  key_names, value_names = _cache_names(batch)
+  rows, row_names = ((batch,), ("act_batch",)) if batch > 1 else ((), ())
+  key_names = (*row_names, "act_heads", None, "act_len")
+  value_names = (*row_names, "act_heads", "act_len", None)
   key = constrain(jnp.zeros((*rows, cfg.num_heads, cfg.head_dim, cache_len), cfg.dtype), key_names)
   value = constrain(
     jnp.zeros((*rows, cfg.num_heads, cache_len, cfg.head_dim), cfg.dtype), value_names
@@ -163,11 +164,6 @@ def init_cache(prepared: Prepared, batch: int, cache_len: int, start_B) -> KVCac
   else:
     keys, values = (key,) * cfg.num_layers, (value,) * cfg.num_layers
   return KVCache(keys, values, jnp.asarray(start_B, jnp.int32))
-
-
-def _cache_names(batch: int):
-  rows = ("act_batch",) if batch > 1 else ()
-  return (*rows, "act_heads", None, "act_len"), (*rows, "act_heads", "act_len", None)
 
 
 def extend(prepared: Prepared, inputs_BT, positions_BT, cache: KVCache, index):
@@ -242,14 +238,13 @@ def _attention(cfg: ModelConfig, w: LayerWeights, x_BTD, key, value, index, mask
   q_BTNH = qkv_BTNKH[:, :, :, 0]
   k_BNHT = qkv_BTNKH[:, :, :, 1].transpose(0, 2, 3, 1).astype(key.dtype)
   v_BNTH = qkv_BTNKH[:, :, :, 2].transpose(0, 2, 1, 3).astype(value.dtype)
-  if key.ndim == 3:  # one row, kept without its B axis (see KVCache)
-    key = jax.lax.dynamic_update_slice(key, k_BNHT[0], (0, 0, index))
-    value = jax.lax.dynamic_update_slice(value, v_BNTH[0], (0, index, 0))
-    key_BNHS, value_BNSH = key[None], value[None]
-  else:
-    key = jax.lax.dynamic_update_slice(key, k_BNHT, (0, 0, 0, index))
-    value = jax.lax.dynamic_update_slice(value, v_BNTH, (0, 0, index, 0))
-    key_BNHS, value_BNSH = key, value
+  one_row = key.ndim == 3  # kept without its B axis (see KVCache)
+  rows = () if one_row else (0,)
+  key = jax.lax.dynamic_update_slice(key, k_BNHT[0] if one_row else k_BNHT, (*rows, 0, 0, index))
+  value = jax.lax.dynamic_update_slice(
+    value, v_BNTH[0] if one_row else v_BNTH, (*rows, 0, index, 0)
+  )  # fmt: skip
+  key_BNHS, value_BNSH = (key[None], value[None]) if one_row else (key, value)
   scores_BNTS = jnp.einsum(
     "BTNH,BNHS->BNTS", q_BTNH, key_BNHS, preferred_element_type=jnp.float32
   ) * (1.0 / math.sqrt(h))

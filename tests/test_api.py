@@ -410,7 +410,9 @@ def test_generate_continues_each_prompt(gpt):
   samples = gpt.generate(["the model", "data"], max_new_tokens=5, num_samples=2, seed=1)
   assert [len(s) for s in samples] == [2, 2]
   assert all(isinstance(t, str) for s in samples for t in s)
+  prepared = gpt._decoding
   assert samples == gpt.generate(["the model", "data"], max_new_tokens=5, num_samples=2, seed=1)
+  assert gpt._decoding is prepared  # the weights are put in decoding layout once, not per call
   greedy = gpt.generate("the model", max_new_tokens=5, temperature=0, num_samples=2)
   assert greedy[0][0] == greedy[0][1]
   too_long = " ".join(["data"] * (gpt.model_cfg.max_len + 5))

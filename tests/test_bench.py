@@ -200,6 +200,7 @@ def test_generate_mode_reports_ours_and_hugging_face_tokens_per_sec():
   assert "tensorflow modules: []" in result.stderr
   record = json.loads(result.stdout.strip().splitlines()[-1])
   assert record["new_tokens"] == 6 and record["shape"]["layers"] == 2
+  assert record["prepare_s"] > 0
   for b in (1, 2):
     row = record[f"batch_{b}"]
     assert row["ours_tokens_per_sec"] > 0 and row["hf_tokens_per_sec"] > 0

@@ -108,6 +108,13 @@ def test_greedy_with_cache_equals_greedy_without(scan_layers):
   assert len(set(got)) > 1  # not a constant run that any bug could produce
 
 
+def test_a_prepared_model_generates_what_the_model_does(gpt):
+  prompts = [[2, 9, 10], [2, 30, 31, 32]]
+  kwargs = dict(max_new_tokens=8, eos_id=-1, seed=3, num_samples=2)
+  prepared = decoder.prepare(gpt)
+  assert decode.generate(prepared, prompts, **kwargs) == decode.generate(gpt, prompts, **kwargs)
+
+
 def test_left_padded_batch_equals_each_prompt_alone(gpt):
   prompts = [[2, 9, 10], [2, 30, 31, 32, 33, 34, 35], [2] + list(range(40, 51))]
   batch = decode.generate(gpt, prompts, max_new_tokens=8, temperature=0, eos_id=-1)
