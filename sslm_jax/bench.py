@@ -180,7 +180,7 @@ def run(
   tokens_per_sec = config.batch_size * config.data.seq_len / step_time
   num_predictions = None if model_cfg.causal else config_lib.num_predictions(config)
   per_token = flops.model_flops_per_token(model_cfg, num_predictions)
-  peak, peak_source, units = flops.peak_and_units(config.model.dtype)
+  peak, peak_source, units = flops.peak_and_units(config_lib.compute_dtype(config))
   memory, memory_source = per_device_memory(trainer)
   record = {
     "tokens_per_sec": tokens_per_sec,
@@ -192,7 +192,7 @@ def run(
     "peak_flops_per_sec": peak,
     "peak_source": peak_source,
     "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind},
-    "dtype": config.model.dtype,
+    "dtype": config_lib.compute_dtype(config),
     "attention_impl": model_cfg.attention_impl,
     "per_device_memory_bytes": memory,
     "memory_source": memory_source,

@@ -106,7 +106,11 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.emb_dim = 128
   s.mlp_dim = 512
   s.dropout_rate = 0.0
-  s.dtype = "float32"  # compute
+  # Compute dtype. 'auto' (the default): bfloat16 on TPU and GPU, float32 on CPU (whose bf16 matmuls
+  # run no faster). Parameters and optimizer state stay model.param_dtype (float32); LayerNorm,
+  # softmax, the logsumexp of the loss and its reductions run in float32 whatever this says.
+  # Override with --config.model.dtype=float32 (or bfloat16) to force one everywhere.
+  s.dtype = "auto"
   s.param_dtype = "float32"
   s.vocab_multiple = 128  # embedding rows padded to a multiple of this
   # Rows of the position table: the longest sequence the model takes; 0 means data.seq_len.
@@ -114,7 +118,15 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.max_positions = 0
   s.scan_layers = True
   s.remat_policy = "none"  # none | full | dots | dots_no_batch
-  s.attention_impl = "auto"  # auto (cudnn on Hopper+ GPUs for bf16/fp16, else xla) | xla | cudnn
+  # auto (splash on TPU, cudnn on Hopper+ GPUs for bf16/fp16, else xla) | xla | cudnn | splash
+  s.attention_impl = "auto"
+  # Splash attention's query and key/value block sizes (each clamped to data.seq_len, which
+  # they must divide); the backward pass uses the same blocks.
+  s.attention_block_q = 512
+  s.attention_block_kv = 512
+  # The output projection and cross-entropy run over chunks of this many sequence positions
+  # (masked_lm: gathered predictions), so [tokens, vocab] logits never exist whole; 0: one chunk.
+  s.loss_chunk_len = 256
   s.gelu = "auto"  # auto (tanh for causal_lm like GPT-2, erf for masked_lm like BERT) | tanh | erf
   # Documents per row that cuDNN's packed layout holds; 0: measured on the data at start.
   s.max_segments_per_row = 0
@@ -152,7 +164,8 @@ def _mesh_defaults() -> ml_collections.ConfigDict:
 
 
 OBJECTIVES = ("causal_lm", "masked_lm")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 SOURCES = ("builtin", "text", "tfds")
 
 
@@ -269,23 +282,11 @@ def _validate_model(c: ml_collections.ConfigDict) -> None:
     f"model.dropout_rate={c.model.dropout_rate} must lie in [0, 1).",
   )
   _require(
-    c.model.attention_impl in ATTENTION_IMPLS,
-    f"model.attention_impl={c.model.attention_impl!r}: use one of {', '.join(ATTENTION_IMPLS)}.",
+    c.model.dtype in DTYPES,
+    f"model.dtype={c.model.dtype!r}: use one of {', '.join(DTYPES)} ('auto': bfloat16 on TPU "
+    "and GPU, float32 on CPU).",
   )
-  _require(
-    c.model.attention_impl != "cudnn" or jax.default_backend() == "gpu",
-    f"model.attention_impl='cudnn' needs a GPU; use 'auto' or 'xla' on {jax.default_backend()}.",
-  )
-  _require(
-    c.model.attention_impl != "cudnn" or c.model.dtype in ("bfloat16", "float16"),
-    f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, not {c.model.dtype}.",
-  )
-  _require(
-    c.model.attention_impl != "cudnn" or _gpu_capability() >= (9, 0),
-    "model.attention_impl='cudnn' takes packed documents as lengths and offsets, which cuDNN "
-    f"supports from Hopper (compute capability 9.0) on; this GPU is {_gpu_capability()}. "
-    "Use 'auto' or 'xla'.",
-  )
+  _validate_attention(c)
   _require(
     c.model.gelu in GELU_FORMS,
     f"model.gelu={c.model.gelu!r}: use one of {', '.join(GELU_FORMS)}.",
@@ -294,6 +295,45 @@ def _validate_model(c: ml_collections.ConfigDict) -> None:
     c.model.max_segments_per_row >= 0,
     f"model.max_segments_per_row={c.model.max_segments_per_row}: use 0 (measure on the data) "
     "or a positive bound.",
+  )
+
+
+def _validate_attention(c: ml_collections.ConfigDict) -> None:
+  impl, dtype, backend = c.model.attention_impl, compute_dtype(c), jax.default_backend()
+  _require(
+    impl in ATTENTION_IMPLS,
+    f"model.attention_impl={impl!r}: use one of {', '.join(ATTENTION_IMPLS)}.",
+  )
+  _require(
+    impl != "cudnn" or backend == "gpu",
+    f"model.attention_impl='cudnn' needs a GPU; use 'auto' or 'xla' on {backend}.",
+  )
+  _require(
+    impl != "cudnn" or dtype in ("bfloat16", "float16"),
+    f"model.attention_impl='cudnn' needs model.dtype bfloat16 or float16, not {dtype}.",
+  )
+  _require(
+    impl != "cudnn" or _gpu_capability() >= (9, 0),
+    "model.attention_impl='cudnn' takes packed documents as lengths and offsets, which cuDNN "
+    f"supports from Hopper (compute capability 9.0) on; this GPU is {_gpu_capability()}. "
+    "Use 'auto' or 'xla'.",
+  )
+  _require(
+    impl != "splash" or backend in ("tpu", "cpu"),
+    f"model.attention_impl='splash' is a TPU kernel; use 'auto' or 'xla' on {backend} (on CPU "
+    "it runs in Pallas interpret mode, for tests).",
+  )
+  for name in ("attention_block_q", "attention_block_kv"):
+    block = min(c.model[name], c.data.seq_len)
+    _require(
+      isinstance(c.model[name], int) and block > 0 and c.data.seq_len % block == 0,
+      f"model.{name}={c.model[name]!r} must be a positive block size dividing "
+      f"data.seq_len={c.data.seq_len} (values above seq_len mean one block); e.g. 512 or 128.",
+    )
+  _require(
+    isinstance(c.model.loss_chunk_len, int) and c.model.loss_chunk_len >= 0,
+    f"model.loss_chunk_len={c.model.loss_chunk_len!r} must be 0 (one chunk) or a positive "
+    "number of positions; set --config.model.loss_chunk_len=N.",
   )
 
 
@@ -377,8 +417,9 @@ def positions(c: ml_collections.ConfigDict) -> int:
   return c.model.max_positions or c.data.seq_len
 
 
-def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
-  """The frozen model description the model code takes (never the ConfigDict)."""
+def model_config(c: ml_collections.ConfigDict, platform: str | None = None) -> ModelConfig:
+  """The frozen model description the model code takes (never the ConfigDict), with 'auto'
+  fields resolved for `platform` ('cpu', 'gpu', 'tpu'; default: JAX's backend here)."""
   causal = c.objective == "causal_lm"
   return ModelConfig(
     objective=c.objective,
@@ -389,12 +430,15 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
     emb_dim=c.model.emb_dim,
     mlp_dim=c.model.mlp_dim,
     dropout_rate=float(c.model.dropout_rate),
-    dtype=c.model.dtype,
+    dtype=compute_dtype(c, platform),
     param_dtype=c.model.param_dtype,
     layer_norm_epsilon=1e-5 if causal else 1e-12,
     scan_layers=bool(c.model.scan_layers),
     remat_policy=c.model.remat_policy,
-    attention_impl=attention_impl(c),
+    attention_impl=attention_impl(c, platform),
+    attention_block_q=min(c.model.attention_block_q, c.data.seq_len),
+    attention_block_kv=min(c.model.attention_block_kv, c.data.seq_len),
+    loss_chunk_len=c.model.loss_chunk_len,
     max_segments=max(1, c.model.max_segments_per_row),
     real_vocab_size=c.data.vocab_size,
     gelu=gelu_form(c),
@@ -411,19 +455,39 @@ def gelu_form(c: ml_collections.ConfigDict) -> str:
   return "tanh" if c.objective == "causal_lm" else "erf"
 
 
-def attention_impl(c: ml_collections.ConfigDict) -> str:
-  """'auto' resolved for this backend: cuDNN flash attention where it applies, else XLA's."""
+def compute_dtype(c: ml_collections.ConfigDict, platform: str | None = None) -> str:
+  """model.dtype with 'auto' resolved: bfloat16 on TPU and GPU, float32 on CPU."""
+  if c.model.dtype != "auto":
+    return c.model.dtype
+  return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
+
+
+def attention_impl(c: ml_collections.ConfigDict, platform: str | None = None) -> str:
+  """'auto' resolved for `platform` (default: JAX's backend here): splash on TPU, cuDNN flash
+  attention on GPUs where it applies, else XLA's."""
   if c.model.attention_impl != "auto":
     return c.model.attention_impl
+  platform = platform or jax.default_backend()
+  if platform == "tpu":
+    return "splash"
   head_dim = c.model.emb_dim // c.model.num_heads
   cudnn_ok = (
-    jax.default_backend() == "gpu"
+    platform == "gpu"
     and _gpu_capability() >= (9, 0)
-    and c.model.dtype in ("bfloat16", "float16")
+    and compute_dtype(c, platform) in ("bfloat16", "float16")
     and head_dim <= 128
     and head_dim % 8 == 0
   )
   return "cudnn" if cudnn_ok else "xla"
+
+
+def resolved(c: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:
+  """A copy of `c` whose 'auto' dtype and attention are spelt out for `platform`: what a run
+  there would use (the plan compiles for a TPU from a CPU process)."""
+  out = c.copy_and_resolve_references()
+  out.model.dtype = compute_dtype(c, platform)
+  out.model.attention_impl = attention_impl(c, platform)
+  return out
 
 
 def _gpu_capability() -> tuple[int, ...]:

@@ -17,13 +17,19 @@ from flax.core import spmd as flax_spmd
 PADDING_LOGIT = -1e9
 
 
-def constrain(x, logical_names: tuple[str | None, ...]):
-  """Sharding constraint by logical names; a no-op outside a rules context."""
+def logical_spec(logical_names: tuple[str | None, ...]) -> jax.sharding.PartitionSpec | None:
+  """The PartitionSpec the rules in scope give these logical names; None outside a mesh and
+  rules context (a single device, or code run without sharding)."""
   rules = flax_spmd.get_logical_axis_rules()
   if not rules or jax.sharding.get_abstract_mesh().empty:
-    return x
-  spec = jax.sharding.PartitionSpec(*flax_spmd.from_sharding_rules(logical_names, rules))
-  return jax.lax.with_sharding_constraint(x, spec)
+    return None
+  return jax.sharding.PartitionSpec(*flax_spmd.from_sharding_rules(logical_names, rules))
+
+
+def constrain(x, logical_names: tuple[str | None, ...]):
+  """Sharding constraint by logical names; a no-op outside a rules context."""
+  spec = logical_spec(logical_names)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def dropout(x, rate: float, key):

@@ -51,7 +51,10 @@ class ModelConfig:
   init_std: float = 0.02
   scan_layers: bool = True
   remat_policy: str = "none"
-  attention_impl: str = "xla"  # 'xla' | 'cudnn' (config.attention_impl resolves 'auto')
+  attention_impl: str = "xla"  # 'xla' | 'cudnn' | 'splash' (config.attention_impl resolves 'auto')
+  attention_block_q: int = 512  # splash attention's blocks (config.py clamps them to seq_len)
+  attention_block_kv: int = 512
+  loss_chunk_len: int = 256  # positions per chunk of the output projection + loss; 0: one chunk
   # cuDNN's packed layout holds this many documents per row (config.py measures it on the data).
   max_segments: int = 1
   real_vocab_size: int = 0  # the tokenizer's ids; rows past it are padding, masked in logits

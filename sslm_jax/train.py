@@ -337,7 +337,7 @@ def _mfu_of_rate(config) -> Callable[[float], float | None]:
     model_cfg, None if model_cfg.causal else config_lib.num_predictions(config)
   )
   # A small GEMM on CPU (~0.1 s) is enough for a live MFU; the bench measures more carefully.
-  peak, source, units = flops.peak_and_units(config.model.dtype, gemm_size=1024)
+  peak, source, units = flops.peak_and_units(config_lib.compute_dtype(config), gemm_size=1024)
   logging.info("MFU peak: %s", source)
   return lambda rate: None if peak is None else rate * per_token / (peak * units)
 
