@@ -1,8 +1,10 @@
 """Self-attention over packed documents.
 
 Einsum letters as in model.py; M is the most segments (documents) a row holds. Packed rows
-reach the attention either as a dense [B, 1, T, S] segment mask (XLA) or as a `Packing` of
-segment lengths and offsets (cuDNN's flash attention); `attention_segments` picks one.
+reach the attention in the form its implementation takes, which `attention_segments` picks:
+a dense [B, 1, T, S] segment mask (XLA), a `Packing` of segment lengths and offsets (cuDNN's
+flash attention on GPU), or the [B, T] segment ids themselves (splash attention, the Pallas
+TPU kernel in splash.py). Only the XLA path ever builds a [T, S] mask.
 """
 
 from __future__ import annotations
@@ -42,11 +44,20 @@ class Attention(nnx.Module):
     q_BTNH = constrain(self.query(x_BTD), names)
     k_BSNH = constrain(self.key(x_BTD), names)
     v_BSNH = constrain(self.value(x_BTD), names)
-    if isinstance(segments, Packing):
-      out_BTNH = fused_packed_attention(q_BTNH, k_BSNH, v_BSNH, segments, causal=self.cfg.causal)
+    cfg = self.cfg
+    if cfg.attention_impl == "splash":
+      # Imported here: only TPU programs (and their CPU tests) load the Pallas TPU kernels.
+      from sslm_jax.splash import splash_attention
+
+      out_BTNH = splash_attention(
+        q_BTNH, k_BSNH, v_BSNH, segments, causal=cfg.causal,
+        block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
+      )  # fmt: skip
+    elif isinstance(segments, Packing):
+      out_BTNH = fused_packed_attention(q_BTNH, k_BSNH, v_BSNH, segments, causal=cfg.causal)
     else:
       out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BSNH, v_BSNH, mask=segments, is_causal=self.cfg.causal, implementation="xla"
+        q_BTNH, k_BSNH, v_BSNH, mask=segments, is_causal=cfg.causal, implementation="xla"
       )
     return self.out(out_BTNH)
 
@@ -88,9 +99,12 @@ def packing(segment_ids_BT, max_segments: int) -> Packing:
 
 
 def attention_segments(cfg: ModelConfig, segment_ids_BT):
-  """What each attention layer takes: a dense [B, 1, T, S] mask for XLA, a Packing for cuDNN."""
+  """What each attention layer takes: a dense [B, 1, T, S] mask for XLA, a Packing for cuDNN,
+  the [B, T] segment ids for splash."""
   if cfg.attention_impl == "cudnn":
     return packing(segment_ids_BT, max(2, cfg.max_segments))
+  if cfg.attention_impl == "splash":
+    return segment_ids_BT
   return segment_mask(segment_ids_BT)
 
 
