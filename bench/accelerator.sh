@@ -4,8 +4,11 @@
 #   bash bench/accelerator.sh            # runs both; one JSON line per model on stdout
 #   bash bench/accelerator.sh --dry-run  # prints the commands only
 #
-# Both models: seq 2048, vocab 50257, bf16 compute with fp32 parameters, synthetic batches (no
-# TensorFlow needed), data parallel over every device, 20 timed steps after 2 warmup steps.
+# Both models: seq 2048, vocab 50257, the shipped defaults for the accelerator (model.dtype=auto:
+# bf16 compute with fp32 parameters; attention_impl=auto: splash on TPU, cuDNN flash attention on
+# Hopper+ GPUs; the chunked cross-entropy that never stores [tokens, vocab] logits in fp32),
+# synthetic batches (no TensorFlow needed), data parallel over every device, 20 timed steps after
+# 2 warmup steps.
 # Global batch = per-device batch x devices (DEVICES=N overrides the count JAX reports).
 # Expect a few minutes in all; most of it is starting Python and compiling.
 #
@@ -19,9 +22,9 @@
 # `dots_no_batch` keeps the projection and MLP matmul outputs and recomputes attention: ~50-60 GB
 # for either model (sslm_jax.main --plan, compiled for CPU; the GPU figure differs somewhat).
 # On Hopper or later GPUs, model.attention_impl=auto runs cuDNN flash attention, fed the packed
-# documents as per-row lengths and offsets (never a T x S mask), so neither the forward nor the
-# backward pass stores the scores; older GPUs run XLA's attention. The JSON line's
-# attention_impl says which implementation ran.
+# documents as per-row lengths and offsets (never a T x S mask); on TPU it runs Pallas splash
+# attention with segment ids; neither stores the scores. Older GPUs run XLA's attention. The JSON
+# line's attention_impl and dtype say what ran.
 set -euo pipefail
 
 dry_run=false
@@ -51,7 +54,6 @@ common=(
   --data=synthetic
   --steps=20
   --warmup_steps=2
-  --config.model.dtype=bfloat16
   --config.model.param_dtype=float32
   --config.data.seq_len=2048
   --config.data.vocab_size=50257

@@ -120,8 +120,8 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.remat_policy = "none"  # none | full | dots | dots_no_batch
   # auto (splash on TPU, cudnn on Hopper+ GPUs for bf16/fp16, else xla) | xla | cudnn | splash
   s.attention_impl = "auto"
-  # Splash attention's query and key/value block sizes (each clamped to data.seq_len, which
-  # they must divide); the backward pass uses the same blocks.
+  # Splash attention's query and key/value blocks, multiples of 128; each becomes the largest
+  # multiple of 128 at most this size that divides data.seq_len. The backward pass uses the same.
   s.attention_block_q = 512
   s.attention_block_kv = 512
   # The output projection and cross-entropy run over chunks of this many sequence positions
@@ -324,12 +324,16 @@ def _validate_attention(c: ml_collections.ConfigDict) -> None:
     "it runs in Pallas interpret mode, for tests).",
   )
   for name in ("attention_block_q", "attention_block_kv"):
-    block = min(c.model[name], c.data.seq_len)
     _require(
-      isinstance(c.model[name], int) and block > 0 and c.data.seq_len % block == 0,
-      f"model.{name}={c.model[name]!r} must be a positive block size dividing "
-      f"data.seq_len={c.data.seq_len} (values above seq_len mean one block); e.g. 512 or 128.",
+      isinstance(c.model[name], int) and c.model[name] > 0 and c.model[name] % SPLASH_LANES == 0,
+      f"model.{name}={c.model[name]!r} must be a positive multiple of {SPLASH_LANES} (splash "
+      "attention's blocks); e.g. 512.",
     )
+  _require(
+    impl != "splash" or c.data.seq_len % SPLASH_LANES == 0,
+    f"model.attention_impl='splash' needs data.seq_len to be a multiple of {SPLASH_LANES} (its "
+    f"blocks are), not {c.data.seq_len}; change the length or use 'auto' or 'xla'.",
+  )
   _require(
     isinstance(c.model.loss_chunk_len, int) and c.model.loss_chunk_len >= 0,
     f"model.loss_chunk_len={c.model.loss_chunk_len!r} must be 0 (one chunk) or a positive "
@@ -436,8 +440,8 @@ def model_config(c: ml_collections.ConfigDict, platform: str | None = None) -> M
     scan_layers=bool(c.model.scan_layers),
     remat_policy=c.model.remat_policy,
     attention_impl=attention_impl(c, platform),
-    attention_block_q=min(c.model.attention_block_q, c.data.seq_len),
-    attention_block_kv=min(c.model.attention_block_kv, c.data.seq_len),
+    attention_block_q=splash_block(c.model.attention_block_q, c.data.seq_len),
+    attention_block_kv=splash_block(c.model.attention_block_kv, c.data.seq_len),
     loss_chunk_len=c.model.loss_chunk_len,
     max_segments=max(1, c.model.max_segments_per_row),
     real_vocab_size=c.data.vocab_size,
@@ -469,7 +473,7 @@ def attention_impl(c: ml_collections.ConfigDict, platform: str | None = None) ->
     return c.model.attention_impl
   platform = platform or jax.default_backend()
   if platform == "tpu":
-    return "splash"
+    return "splash" if c.data.seq_len % SPLASH_LANES == 0 else "xla"
   head_dim = c.model.emb_dim // c.model.num_heads
   cudnn_ok = (
     platform == "gpu"
@@ -479,6 +483,19 @@ def attention_impl(c: ml_collections.ConfigDict, platform: str | None = None) ->
     and head_dim % 8 == 0
   )
   return "cudnn" if cudnn_ok else "xla"
+
+
+SPLASH_LANES = 128  # splash attention's blocks are multiples of the TPU's 128 lanes
+
+
+def splash_block(asked: int, seq_len: int) -> int:
+  """The largest multiple of 128 that divides seq_len and is at most `asked` (at least 128); a
+  length that is no multiple of 128 (not for splash on TPU) gets min(asked, seq_len)."""
+  if seq_len % SPLASH_LANES:
+    return min(asked, seq_len)
+  lanes = seq_len // SPLASH_LANES
+  fits = [k for k in range(1, lanes + 1) if lanes % k == 0 and k * SPLASH_LANES <= asked]
+  return max(fits, default=1) * SPLASH_LANES
 
 
 def resolved(c: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:

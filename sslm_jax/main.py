@@ -140,6 +140,7 @@ OUR_ERRORS = (
   metrics.MetricsError,
   rendezvous.JoinError,
   topology_lib.TopologyError,
+  plan_lib.PlanError,
 )
 
 

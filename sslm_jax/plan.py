@@ -3,13 +3,14 @@ this machine's mesh or, with `--topology`, for a TPU slice described by name (no
 
 from __future__ import annotations
 
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 
 from sslm_jax import config as config_lib
-from sslm_jax import flops, optim, sharding, train, train_state
+from sslm_jax import flops, kernel_costs, optim, sharding, train, train_state
 from sslm_jax import topology as topology_lib
 
 
@@ -79,6 +80,20 @@ def memory_plan(config, mesh) -> dict:
   return plan
 
 
+class PlanError(RuntimeError):
+  """XLA's counts cannot be turned into a step cost; the message says why."""
+
+
+# XLA's TPU compiler turns matmuls whose operand is gathered or whose result is scattered over a
+# large fsdp axis into windowed-einsum `while` loops (seen at fsdp=32 on v5p-64), and its cost
+# analysis counts a loop body once. The cost copies are compiled without them: the same FLOPs,
+# and the same HBM traffic up to the overlap of collectives that the loops buy.
+LOOP_FREE_TPU_OPTIONS = {
+  "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+  "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
 def _xla_costs(compiled) -> tuple[float, float]:
   """(FLOPs, HBM bytes accessed) of one device's program, as XLA's cost analysis counts them."""
   costs = compiled.cost_analysis()
@@ -86,29 +101,55 @@ def _xla_costs(compiled) -> tuple[float, float]:
   return float(costs.get("flops", 0.0)), float(costs.get("bytes accessed", 0.0))
 
 
+def count_loops(compiled) -> int:
+  """`while` instructions in a compiled program's HLO: 0 means XLA counted every op."""
+  return len(re.findall(r"\bwhile\(", compiled.as_text()))
+
+
 def step_costs(config, mesh, compiled) -> tuple[float, float, int]:
-  """(FLOPs, HBM bytes) per device of one whole step, and how many extra compiles that took.
+  """(FLOPs, HBM bytes) per device of one whole step as XLA counts them, and how many extra
+  compiles that took. Pallas kernels are not in these counts (see kernel_costs.py).
 
-  XLA's cost analysis counts the body of a loop once at most, so a step whose layers run under a
-  scan (or whose microbatches do) under-reports. Two loop-free copies of the step, with 1 and 2
-  unrolled layers, measure the cost outside the layers and of one layer; the step costs the
-  first plus (layers - 1) times the difference. Without scan or accumulation, the step's own
-  counts are exact.
+  XLA's cost analysis counts the body of a loop once, so a step with loops (scanned layers,
+  microbatches, windowed einsums) under-reports. Then two loop-free copies of the step, with 1
+  and 2 unrolled layers and no accumulation, are compiled: the step costs the first plus
+  (layers - 1) times the difference. A copy that still has a loop, or a layer that costs
+  nothing, stops the plan rather than print a count known to be wrong.
   """
-  layers = config.model.num_layers
-  accumulates = config.opt.grad_accum_steps > 1
-  if not accumulates and (layers == 1 or not config.model.scan_layers):
+  if not count_loops(compiled):
     return (*_xla_costs(compiled), 0)
+  layers = config.model.num_layers
+  on_tpu = mesh.devices.flat[0].platform == "tpu"
 
-  def unrolled(num_layers):
+  def loop_free(num_layers):
     copy = config.copy_and_resolve_references()
     copy.model.num_layers, copy.model.scan_layers = num_layers, False
     copy.opt.grad_accum_steps = 1
-    return _xla_costs(_lower(copy, mesh)[1].compile())
+    program = _lower(copy, mesh)[1].compile(
+      compiler_options=LOOP_FREE_TPU_OPTIONS if on_tpu else None
+    )
+    loops = count_loops(program)
+    if loops:
+      raise PlanError(
+        f"the {num_layers}-layer cost copy of the step still has {loops} `while` loop(s) in "
+        "its compiled HLO, whose bodies XLA's cost analysis counts once: the step's FLOPs and "
+        "bytes cannot be counted for this mesh. Plan with --plan alone (memory) or on a mesh "
+        "with a smaller fsdp axis."
+      )
+    return _xla_costs(program)
 
-  one, two = unrolled(1), unrolled(2)
-  # A second layer never costs less than nothing, whatever XLA's count of the copies says.
-  flops_, bytes_ = (a + (layers - 1) * max(b - a, 0.0) for a, b in zip(one, two, strict=True))
+  one = loop_free(1)
+  if layers == 1:
+    return (*one, 1)
+  two = loop_free(2)
+  layer = [b - a for a, b in zip(one, two, strict=True)]
+  if min(layer) <= 0:
+    raise PlanError(
+      f"XLA counts a second layer as {layer[0]:.3e} FLOPs and {layer[1]:.3e} bytes (1 layer: "
+      f"{one[0]:.3e}, {one[1]:.3e}; 2 layers: {two[0]:.3e}, {two[1]:.3e}): a layer cannot cost "
+      "nothing, so these counts are wrong and no step time is printed."
+    )
+  flops_, bytes_ = (a + (layers - 1) * d for a, d in zip(one, layer, strict=True))
   return flops_, bytes_, 2
 
 
@@ -138,7 +179,11 @@ def _topology_mesh(config, topology, devices) -> jax.sharding.Mesh:
 
 
 def topology_plan(config, topology: topology_lib.Topology, costs: bool = True) -> dict:
-  """Memory and (with `costs`) a roofline step time per chip, compiled for named TPU slice(s)."""
+  """Memory and (with `costs`) a roofline step time per chip, compiled for named TPU slice(s).
+
+  'auto' fields are resolved as a run on the slice would resolve them (bf16, splash attention).
+  """
+  config = config_lib.resolved(config, "tpu")
   devices = topology_lib.devices(topology)
   mesh = _topology_mesh(config, topology, devices)
   start = time.perf_counter()
@@ -149,6 +194,8 @@ def topology_plan(config, topology: topology_lib.Topology, costs: bool = True) -
     opt_state_bytes=train_state.bytes_per_device(spec.abstract.opt_state),
     topology=topology.name,
     generation=topology.chip.generation,
+    dtype=config.model.dtype,
+    attention_impl=config.model.attention_impl,
     libtpu_name=topology.libtpu_name,
     num_slices=topology.num_slices,
     num_chips=len(devices),
@@ -172,14 +219,19 @@ def topology_plan(config, topology: topology_lib.Topology, costs: bool = True) -
     return plan
   flops_per_chip, bytes_per_chip, extra = step_costs(config, mesh, compiled)
   peak, peak_source = flops.table_peak(devices[0].device_kind, config.model.dtype)
-  model_cfg = config_lib.model_config(config)
+  model_cfg = config_lib.model_config(config, platform="tpu")
   num_predictions = None if model_cfg.causal else config_lib.num_predictions(config)
+  kernels = {"flops": 0.0, "bytes": 0.0}
+  if model_cfg.attention_impl == "splash":
+    kernels = kernel_costs.splash_step_costs(model_cfg, config.batch_size, config.data.seq_len)
   plan.update(
     hbm_bytes_per_s=topology.chip.hbm_bytes_per_s,
     peak_flops=peak,
     peak_source=peak_source,
     xla_flops=flops_per_chip,
     xla_bytes=bytes_per_chip,
+    kernel_flops=kernels["flops"] / len(devices),
+    kernel_bytes=kernels["bytes"] / len(devices),
     model_flops=flops.step_flops(
       model_cfg, config.batch_size, config.data.seq_len, num_predictions
     ),
@@ -208,6 +260,8 @@ def format_plan(plan: dict) -> str:
       f"{plan['num_hosts']} host{'s' if plan['num_hosts'] > 1 else ''} ({slices}libtpu "
       f"topology {plan['libtpu_name']}), "
       "compiled ahead of time",
+      f"computing in {plan['dtype']} (float32 parameters and optimizer state), attention: "
+      f"{plan['attention_impl']}",
       f"memory plan per chip on mesh {plan['mesh']}:",
     ]
   else:
@@ -239,15 +293,17 @@ def _step_line(plan: dict) -> str:
 def roofline(plan: dict) -> dict:
   """Seconds per step if a chip ran at its peak FLOP/s or its HBM bandwidth, whichever binds.
 
-  The FLOPs are XLA's count or the model's share per chip (flops.py), whichever is larger: XLA's
-  TPU cost analysis counts less than the model's matmuls for some layouts (seen with fsdp=32).
+  FLOPs and bytes are XLA's counts plus the Pallas kernels' (kernel_costs.py). The FLOPs are
+  that or the model's share per chip (flops.py), whichever is larger. A ceiling, not a
+  measurement: communication and imperfect overlap only slow a real step.
   """
-  counted = max(plan["xla_flops"], plan["model_flops"] / plan["num_chips"])
+  counted = max(plan["xla_flops"] + plan["kernel_flops"], plan["model_flops"] / plan["num_chips"])
   compute = counted / plan["peak_flops"]
-  memory = plan["xla_bytes"] / plan["hbm_bytes_per_s"]
+  memory = (plan["xla_bytes"] + plan["kernel_bytes"]) / plan["hbm_bytes_per_s"]
   seconds = max(compute, memory)
   return {
     "compute_flops": counted,
+    "hbm_bytes": plan["xla_bytes"] + plan["kernel_bytes"],
     "compute_seconds": compute,
     "memory_seconds": memory,
     "step_seconds": seconds,
@@ -264,18 +320,25 @@ def _roofline_lines(plan: dict) -> list[str]:
     if plan["cost_compiles"]
     else "every layer counted"
   )
+  kernels = ""
+  if plan["kernel_flops"]:
+    kernels = (
+      f" + Pallas kernels {plan['kernel_flops']:.3e} (from their formulas: XLA does not see them)"
+    )
   return [
     f"step time per chip, roofline lower bound from XLA's cost analysis ({counted}):",
     f"  compute  {r['compute_flops']:.3e} FLOP  at {plan['peak_flops'] / 1e12:.0f} TFLOP/s"
     f" ({plan['peak_source']})  -> {r['compute_seconds'] * 1e3:8.2f} ms",
-    f"           (XLA counts {plan['xla_flops']:.3e}, the model"
+    f"           (XLA counts {plan['xla_flops']:.3e}{kernels}; the model"
     f" {plan['model_flops'] / plan['num_chips']:.3e} per chip; the larger is used)",
-    f"  memory   {plan['xla_bytes']:.3e} bytes at {plan['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM"
-    f"  -> {r['memory_seconds'] * 1e3:8.2f} ms",
+    f"  memory   {r['hbm_bytes']:.3e} bytes at {plan['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM"
+    f"  -> {r['memory_seconds'] * 1e3:8.2f} ms"
+    + (f" (Pallas kernels {plan['kernel_bytes']:.3e} of them)" if plan["kernel_bytes"] else ""),
     f"  bound    {r['step_seconds'] * 1e3:.2f} ms/step ({r['bound']}): at most"
     f" {r['tokens_per_second']:,.0f} tokens/s; model FLOPs {plan['model_flops']:.3e} per step"
-    f" -> MFU at most {r['mfu']:.0%}",
-    "  (ICI/DCN communication and imperfect overlap only add to this: a real step is slower)",
+    f" -> MFU ceiling {r['mfu']:.0%}",
+    "  (a ceiling from XLA's counts, not a measured MFU: ICI/DCN communication and imperfect"
+    " overlap only add to the step time)",
     f"compiled in {plan['compile_seconds']:.1f} s"
     + (
       f", plus {plan['cost_compile_seconds']:.1f} s for the cost copies"
