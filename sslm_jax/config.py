@@ -120,13 +120,14 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.remat_policy = "none"  # none | full | dots | dots_no_batch
   # auto (splash on TPU, cudnn on Hopper+ GPUs for bf16/fp16, else xla) | xla | cudnn | splash
   s.attention_impl = "auto"
-  # Splash attention's query and key/value blocks, multiples of 128; each becomes the largest
-  # multiple of 128 at most this size that divides data.seq_len. The backward pass uses the same.
+  # Splash attention's query and key/value blocks, multiples of 128: each runs as the largest
+  # multiple of 128 at most this size that divides the sequence length. The backward pass too.
   s.attention_block_q = 512
   s.attention_block_kv = 512
-  # The output projection and cross-entropy run over chunks of this many sequence positions
-  # (masked_lm: gathered predictions), so [tokens, vocab] logits never exist whole; 0: one chunk.
-  s.loss_chunk_len = 256
+  # The output projection and cross-entropy (vocab_loss.py) run over chunks of this many sequence
+  # positions (masked_lm: gathered predictions). 0, one chunk, moves the fewest HBM bytes; chunks
+  # hold less memory at once (for a large vocabulary), and each re-reads the embedding.
+  s.loss_chunk_len = 0
   s.gelu = "auto"  # auto (tanh for causal_lm like GPT-2, erf for masked_lm like BERT) | tanh | erf
   # Documents per row that cuDNN's packed layout holds; 0: measured on the data at start.
   s.max_segments_per_row = 0
@@ -440,8 +441,8 @@ def model_config(c: ml_collections.ConfigDict, platform: str | None = None) -> M
     scan_layers=bool(c.model.scan_layers),
     remat_policy=c.model.remat_policy,
     attention_impl=attention_impl(c, platform),
-    attention_block_q=splash_block(c.model.attention_block_q, c.data.seq_len),
-    attention_block_kv=splash_block(c.model.attention_block_kv, c.data.seq_len),
+    attention_block_q=c.model.attention_block_q,
+    attention_block_kv=c.model.attention_block_kv,
     loss_chunk_len=c.model.loss_chunk_len,
     max_segments=max(1, c.model.max_segments_per_row),
     real_vocab_size=c.data.vocab_size,
@@ -485,17 +486,7 @@ def attention_impl(c: ml_collections.ConfigDict, platform: str | None = None) ->
   return "cudnn" if cudnn_ok else "xla"
 
 
-SPLASH_LANES = 128  # splash attention's blocks are multiples of the TPU's 128 lanes
-
-
-def splash_block(asked: int, seq_len: int) -> int:
-  """The largest multiple of 128 that divides seq_len and is at most `asked` (at least 128); a
-  length that is no multiple of 128 (not for splash on TPU) gets min(asked, seq_len)."""
-  if seq_len % SPLASH_LANES:
-    return min(asked, seq_len)
-  lanes = seq_len // SPLASH_LANES
-  fits = [k for k in range(1, lanes + 1) if lanes % k == 0 and k * SPLASH_LANES <= asked]
-  return max(fits, default=1) * SPLASH_LANES
+SPLASH_LANES = 128  # splash attention's blocks are multiples of the TPU's 128 lanes (splash.py)
 
 
 def resolved(c: ml_collections.ConfigDict, platform: str) -> ml_collections.ConfigDict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from sslm_jax.model import ModelConfig
+from sslm_jax.splash import fit_block
 
 _MATMULS_FORWARD = 2
 _MATMULS_BACKWARD = 4 + 3  # the dK/dV kernel, the dQ kernel
@@ -38,7 +39,7 @@ def splash_step_costs(cfg: ModelConfig, batch_size: int, seq_len: int) -> dict[s
   """{"flops", "bytes"} of every splash call of one training step (all layers, forward and
   backward), summed over the whole batch: divide by the chips for a per-chip figure."""
   h, e = cfg.head_dim, jnp.dtype(cfg.dtype).itemsize
-  bq, bkv = min(cfg.attention_block_q, seq_len), min(cfg.attention_block_kv, seq_len)
+  bq, bkv = fit_block(cfg.attention_block_q, seq_len), fit_block(cfg.attention_block_kv, seq_len)
   pairs = computed_blocks(seq_len, bq, bkv, cfg.causal)
   per_block_matmul = 2 * bq * bkv * h
   flops = (_MATMULS_FORWARD + _MATMULS_BACKWARD) * pairs * per_block_matmul

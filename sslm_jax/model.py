@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -52,9 +52,9 @@ class ModelConfig:
   scan_layers: bool = True
   remat_policy: str = "none"
   attention_impl: str = "xla"  # 'xla' | 'cudnn' | 'splash' (config.attention_impl resolves 'auto')
-  attention_block_q: int = 512  # splash attention's blocks (config.py clamps them to seq_len)
+  attention_block_q: int = 512  # splash attention's largest blocks (splash.fit_block)
   attention_block_kv: int = 512
-  loss_chunk_len: int = 256  # positions per chunk of the output projection + loss; 0: one chunk
+  loss_chunk_len: int = 0  # positions per chunk of the output projection + loss; 0: one chunk
   # cuDNN's packed layout holds this many documents per row (config.py measures it on the data).
   max_segments: int = 1
   real_vocab_size: int = 0  # the tokenizer's ids; rows past it are padding, masked in logits
@@ -164,6 +164,15 @@ class Stack(nnx.Module):
     return run(self.blocks, x_BTD, keys_L)
 
 
+class HeadInputs(NamedTuple):
+  """The output projection's inputs: logits = x_BxD @ embedding_VD.T (+ bias_V), padding ids
+  masked. vocab_loss.py takes them so that the [tokens, V] logits never exist whole."""
+
+  x_BxD: jax.Array  # final hidden states, in the compute dtype
+  embedding_VD: jax.Array  # the tied input embedding, in the param dtype
+  bias_V: jax.Array | None  # BERT's decoder bias; None for GPT
+
+
 def _tied_logits(x_BxD, embedding_VD, dtype):
   """Output projection onto the input embedding, in float32 for the softmax."""
   return jnp.einsum(
@@ -201,10 +210,15 @@ class GPT(nnx.Module):
     x_BTD = self.stack(x_BTD, attention_segments(cfg, segment_ids_BT), k_stack)
     return self.final_norm(x_BTD)
 
+  def head_inputs(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None):
+    """What the output projection takes (see HeadInputs); GPT's has no bias."""
+    x_BTD = self.hidden(inputs_BT, positions_BT, segment_ids_BT, dropout_key)
+    return HeadInputs(x_BTD.astype(self.cfg.dtype), self.token_embed.embedding[...], None)
+
   def __call__(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None):
     """Next-token logits [B, T, V] in float32."""
-    x_BTD = self.hidden(inputs_BT, positions_BT, segment_ids_BT, dropout_key)
-    logits_BTV = _tied_logits(x_BTD, self.token_embed.embedding[...], self.cfg.dtype)
+    x_BTD, embedding_VD, _ = self.head_inputs(inputs_BT, positions_BT, segment_ids_BT, dropout_key)
+    logits_BTV = _tied_logits(x_BTD, embedding_VD, self.cfg.dtype)
     logits_BTV = mask_padding_ids(logits_BTV, self.cfg)
     return constrain(logits_BTV, ("act_batch", "act_len", "act_vocab"))
 
@@ -223,8 +237,12 @@ class MlmHead(nnx.Module):
       jnp.zeros((cfg.vocab_size,), cfg.param_dtype), out_sharding=("vocab",)
     )
 
-  def __call__(self, x_BPD, embedding_VD, dtype):
-    h_BPD = self.norm(gelu(self.transform(x_BPD), self.cfg.gelu))
+  def hidden(self, x_BPD):
+    """The transform before the tied decoder: dense + GELU + LayerNorm (float32)."""
+    return self.norm(gelu(self.transform(x_BPD), self.cfg.gelu))
+
+  def logits(self, h_BPD, embedding_VD, dtype):
+    """The tied decoder plus bias on the transformed states: [B, P, V] in float32."""
     logits_BPV = _tied_logits(h_BPD, embedding_VD, dtype) + self.decoder_bias[...].astype(
       jnp.float32
     )
@@ -272,9 +290,26 @@ class BERT(nnx.Module):
 
     `token_types_BT` tells the sentences of a pair apart (0 first, 1 second); zeros if None.
     """
+    h_BPD, embedding_VD, _ = self.head_inputs(
+      inputs_BT, positions_BT, segment_ids_BT, masked_positions_BP, dropout_key, token_types_BT
+    )
+    return self.mlm_head.logits(h_BPD, embedding_VD, self.cfg.dtype)
+
+  def head_inputs(
+    self,
+    inputs_BT,
+    positions_BT,
+    segment_ids_BT,
+    masked_positions_BP,
+    dropout_key=None,
+    token_types_BT=None,
+  ):
+    """What the tied decoder takes at the P masked positions (see HeadInputs): the MLM head's
+    transformed states, the embedding and the decoder bias."""
     x_BTD = self.hidden(inputs_BT, positions_BT, segment_ids_BT, dropout_key, token_types_BT)
     x_BPD = jnp.take_along_axis(x_BTD, masked_positions_BP[..., None], axis=1)
-    return self.mlm_head(x_BPD, self.token_embed.embedding[...], self.cfg.dtype)
+    h_BPD = self.mlm_head.hidden(x_BPD).astype(self.cfg.dtype)
+    return HeadInputs(h_BPD, self.token_embed.embedding[...], self.mlm_head.decoder_bias[...])
 
 
 def build(cfg: ModelConfig, seed: int) -> GPT | BERT:

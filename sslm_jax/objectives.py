@@ -1,21 +1,29 @@
-"""Losses and metrics for both objectives, as (sum, count) pairs reduced by the caller."""
+"""Losses and metrics for both objectives, as (sum, count) pairs reduced by the caller.
+
+The output projection and the cross-entropy run together in vocab_loss.py, chunk by chunk, so
+the [tokens, vocab] float32 logits are never stored whole.
+"""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
-import optax
+
+from sslm_jax import vocab_loss
 
 
-def _token_sums(logits_BxV, targets_Bx, weights_Bx) -> tuple[dict, jnp.ndarray]:
+def _token_sums(model, head_inputs, targets_Bx, weights_Bx) -> tuple[dict, jnp.ndarray]:
   """(loss/accuracy sums, the per-token negative log-likelihood)."""
-  nll_Bx = optax.softmax_cross_entropy_with_integer_labels(logits_BxV, targets_Bx)
-  correct_Bx = (jnp.argmax(logits_BxV, axis=-1) == targets_Bx).astype(jnp.float32)
-  sums = {
-    "loss_sum": jnp.sum(nll_Bx * weights_Bx),
-    "correct_sum": jnp.sum(correct_Bx * weights_Bx),
-    "count": jnp.sum(weights_Bx),
-  }
-  return sums, nll_Bx
+  cfg = model.cfg
+  sums = vocab_loss.cross_entropy_sums(
+    *head_inputs,
+    targets_Bx,
+    weights_Bx,
+    num_ids=cfg.num_ids,
+    dtype=cfg.dtype,
+    chunk_len=cfg.loss_chunk_len,
+  )
+  out = {"loss_sum": sums.loss_sum, "correct_sum": sums.correct_sum, "count": jnp.sum(weights_Bx)}
+  return out, sums.nll_BX
 
 
 def metric_sums(model, batch: dict, dropout_key=None) -> dict:
@@ -25,8 +33,8 @@ def metric_sums(model, batch: dict, dropout_key=None) -> dict:
   masked positions (the MLM head never runs on the others).
   """
   if model.cfg.causal:
-    logits_BTV = model(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
-    sums, nll_BT = _token_sums(logits_BTV, batch["targets"], batch["weights"])
+    head = model.head_inputs(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
+    sums, nll_BT = _token_sums(model, head, batch["targets"], batch["weights"])
     if "target_bytes" in batch:  # eval: bits per byte of the text the targets stand for
       bytes_BT = batch["target_bytes"].astype(jnp.float32)
       # EOS (and other byteless targets) cost nats but stand for no text: left out of both sides.
@@ -34,14 +42,14 @@ def metric_sums(model, batch: dict, dropout_key=None) -> dict:
       sums["byte_sum"] = jnp.sum(bytes_BT * text_BT)
       sums["byte_loss_sum"] = jnp.sum(nll_BT * text_BT)
     return sums
-  logits_BPV = model(
+  head = model.head_inputs(
     batch["inputs"],
     batch["positions"],
     batch["segment_ids"],
     batch["masked_positions"],
     dropout_key,
   )
-  return _token_sums(logits_BPV, batch["masked_targets"], batch["masked_weights"])[0]
+  return _token_sums(model, head, batch["masked_targets"], batch["masked_weights"])[0]
 
 
 def mean_loss(sums: dict):

@@ -111,8 +111,9 @@ def step_costs(config, mesh, compiled) -> tuple[float, float, int]:
   compiles that took. Pallas kernels are not in these counts (see kernel_costs.py).
 
   XLA's cost analysis counts the body of a loop once, so a step with loops (scanned layers,
-  microbatches, windowed einsums) under-reports. Then two loop-free copies of the step, with 1
-  and 2 unrolled layers and no accumulation, are compiled: the step costs the first plus
+  microbatches, windowed einsums, a chunked loss) under-reports. Then two loop-free copies of the
+  step, with 1 and 2 unrolled layers, no accumulation and the loss in one chunk (the same
+  FLOPs, a little fewer bytes than several chunks), are compiled: the step costs the first plus
   (layers - 1) times the difference. A copy that still has a loop, or a layer that costs
   nothing, stops the plan rather than print a count known to be wrong.
   """
@@ -125,6 +126,7 @@ def step_costs(config, mesh, compiled) -> tuple[float, float, int]:
     copy = config.copy_and_resolve_references()
     copy.model.num_layers, copy.model.scan_layers = num_layers, False
     copy.opt.grad_accum_steps = 1
+    copy.model.loss_chunk_len = 0  # the same FLOPs; chunks add ~2 embedding reads each
     program = _lower(copy, mesh)[1].compile(
       compiler_options=LOOP_FREE_TPU_OPTIONS if on_tpu else None
     )

@@ -34,12 +34,13 @@ def splash_attention(q_BTNH, k_BSNH, v_BSNH, segment_ids_BT, *, causal, block_q,
   as `act_batch` is, heads as `act_heads` is, each shard's kernel built for its own heads.
   """
   t, h = q_BTNH.shape[1], q_BTNH.shape[-1]
-  if any(b % BLOCK_MULTIPLE or t % b for b in (block_q, block_kv)):
+  if t % BLOCK_MULTIPLE or any(b < BLOCK_MULTIPLE for b in (block_q, block_kv)):
     raise ValueError(
-      f"splash attention blocks (block_q={block_q}, block_kv={block_kv}) must be multiples of "
-      f"{BLOCK_MULTIPLE} dividing the sequence length {t}; set model.attention_block_q and "
-      "attention_block_kv, or use model.attention_impl='xla'."
+      f"splash attention runs blocks of multiples of {BLOCK_MULTIPLE} positions: the sequence "
+      f"length ({t}) must be one and model.attention_block_q / attention_block_kv ({block_q}, "
+      f"{block_kv}) at least {BLOCK_MULTIPLE}; or use model.attention_impl='xla'."
     )
+  block_q, block_kv = fit_block(block_q, t), fit_block(block_kv, t)
   # The kernel does not scale the logits; scaling q is the cheapest place to do it.
   q_BTNH = q_BTNH * (1.0 / math.sqrt(h))  # a Python float keeps q's dtype
   local = functools.partial(
@@ -63,6 +64,14 @@ def splash_attention(q_BTNH, k_BSNH, v_BSNH, segment_ids_BT, *, causal, block_q,
     check_vma=False,
   )
   return sharded(q_BTNH, k_BSNH, v_BSNH, segment_ids_BT)
+
+
+def fit_block(asked: int, seq_len: int) -> int:
+  """The block splash runs for a length: the largest multiple of 128 that divides `seq_len`
+  and is at most `asked` (at least 128)."""
+  lanes = seq_len // BLOCK_MULTIPLE
+  fits = [k for k in range(1, lanes + 1) if lanes % k == 0 and k * BLOCK_MULTIPLE <= asked]
+  return max(fits, default=1) * BLOCK_MULTIPLE
 
 
 def compiling_for_tpu() -> bool:
