@@ -154,3 +154,24 @@ def test_closest_field_suggestion():
 
 def test_jax_sees_eight_devices():
   assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_configs_compute_in_bf16_on_accelerators_and_fp32_on_cpu(path):
+  config = _load(path)
+  for platform, dtype in (("tpu", "bfloat16"), ("gpu", "bfloat16"), ("cpu", "float32")):
+    cfg = config_lib.model_config(config, platform=platform)
+    assert (cfg.dtype, cfg.param_dtype) == (dtype, "float32"), (platform, path)
+    assert config_lib.resolved(config, platform).model.dtype == dtype
+  # Here (a CPU backend) a run resolves to float32; an explicit field wins everywhere.
+  assert config_lib.model_config(config).dtype == "float32"
+  config.model.dtype = "float32"
+  assert config_lib.model_config(config, platform="tpu").dtype == "float32"
+
+
+@pytest.mark.parametrize("seq_len, impl", [(1024, "splash"), (512, "splash"), (100, "xla")])
+def test_auto_attention_is_splash_on_tpu_where_its_blocks_fit(seq_len, impl):
+  config = config_lib.defaults()
+  config.data.seq_len = seq_len
+  assert config_lib.attention_impl(config, "tpu") == impl
+  assert config_lib.attention_impl(config, "cpu") == "xla"

@@ -18,7 +18,7 @@ def _compiled(config):
 
 def test_a_scanned_step_is_counted_from_loop_free_copies():
   config = tiny_config()
-  config.model.num_layers = 3
+  config.model.num_layers = 5
   mesh, scanned = _compiled(config)
   assert plan.count_loops(scanned) >= 1  # the layer scan
   flops, bytes_, compiles = plan.step_costs(config, mesh, scanned)
@@ -43,8 +43,9 @@ def test_a_copy_that_keeps_a_loop_stops_the_plan(monkeypatch):
 
 def test_a_layer_that_costs_nothing_stops_the_plan(monkeypatch):
   config = tiny_config()
+  config.model.num_layers = 4
   mesh, scanned = _compiled(config)
-  counts = iter([(5e9, 2e8), (4e9, 3e8)])  # the 2-layer copy counts fewer FLOPs than 1 layer
+  counts = iter([(5e9, 2e8), (4e9, 3e8)])  # the 3-layer copy counts fewer FLOPs than 2 layers
   monkeypatch.setattr(plan, "_xla_costs", lambda compiled: next(counts))
   with pytest.raises(plan.PlanError, match="cannot cost nothing"):
     plan.step_costs(config, mesh, scanned)
