@@ -1,7 +1,7 @@
 """Losses and metrics for both objectives, as (sum, count) pairs reduced by the caller.
 
-The output projection and the cross-entropy run together in vocab_loss.py, chunk by chunk, so
-the [tokens, vocab] float32 logits are never stored whole.
+The output projection and the cross-entropy run together in vocab_loss.py: logits stored in the
+compute dtype (never whole [tokens, vocab] float32 ones in bf16 runs), optionally in chunks.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Cross-entropy over the tied output embedding, chunk by chunk: the [tokens, vocab] logits are
-never stored whole in float32.
+"""Cross-entropy over the tied output embedding, in chunks of positions: with bf16 compute the
+[tokens, vocab] logits are never stored in float32.
 
 Computed whole by `jnp.einsum` + optax, gpt_base's f32[8, 1024, 50304] logits are 1.65 GB per
 chip, written and re-read ~4 times a step. Here each chunk's logits are computed in float32 and
