@@ -17,10 +17,12 @@
 # import something, install the rest of the pure-Python dependencies:
 #   pip install ml-collections absl-py etils tensorboardX tqdm
 #
-# Remat: XLA's attention keeps a batch x heads x 2048 x 2048 score tensor per layer for the
-# backward pass; without rematerialisation the 355M step at batch 16 plans ~300 GB per device.
-# `dots_no_batch` keeps the projection and MLP matmul outputs and recomputes attention: ~50-60 GB
-# for either model (sslm_jax.main --plan, compiled for CPU; the GPU figure differs somewhat).
+# Remat: even with flash attention (no stored scores), activations at seq 2048 are large. Planned
+# for TPU v5p (`--plan --topology=v5p-8`, splash attention, bf16): the 355M step at 16 sequences
+# per chip takes 79 GiB without remat and 26 GiB with `dots_no_batch` (which keeps the projection
+# and MLP matmul outputs and recomputes the rest); 1.3B at 8 per chip 74 vs 23 GiB. An 80 GB GPU
+# needs the remat; the GPU figures differ somewhat.
+#
 # On Hopper or later GPUs, model.attention_impl=auto runs cuDNN flash attention, fed the packed
 # documents as per-row lengths and offsets (never a T x S mask); on TPU it runs Pallas splash
 # attention with segment ids; neither stores the scores. Older GPUs run XLA's attention. The JSON
