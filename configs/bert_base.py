@@ -10,6 +10,9 @@ and pass --config.data.tfds_data_dir=DIR.
 Hyperparameters follow BERT (AdamW lr 1e-4, b2 0.999, eps 1e-6, weight decay 0.01, 10k warmup,
 linear decay, dropout 0.1, 15% masking with 80/10/10) without next-sentence prediction.
 Sized for accelerators: expect eval_mlm_accuracy above 0.5 after ~50k steps of batch 256.
+On TPU and GPU it computes in bfloat16 with float32 parameters and optimizer state
+(model.dtype='auto'; float32 on CPU) and runs flash attention (splash on TPU, cuDNN on Hopper
+GPUs); --config.model.dtype=float32 or --config.model.attention_impl=xla override them.
 """
 
 from sslm_jax.config import defaults

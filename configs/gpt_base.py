@@ -6,6 +6,9 @@
 Hyperparameters follow GPT-2 / nanoGPT (AdamW b2=0.95, lr 6e-4 cosine to 10%, 2k warmup,
 weight decay 0.1, ~0.25M tokens per step). Sized for accelerators: on one 8-device host expect
 eval_loss to fall below ~3.5 on lm1b within the first 10k steps. Use mesh.* to shard it.
+On TPU and GPU it computes in bfloat16 with float32 parameters and optimizer state
+(model.dtype='auto'; float32 on CPU) and runs flash attention (splash on TPU, cuDNN on Hopper
+GPUs); --config.model.dtype=float32 or --config.model.attention_impl=xla override them.
 """
 
 from sslm_jax.config import defaults
