@@ -45,6 +45,8 @@ def load(workdir: str, step: int | str | None = None):
   default at its best eval (step='best' asks for it explicitly); a pretraining workdir a
   LanguageModel.
   """
+  if isinstance(step, str) and step.strip().isdigit():  # a step typed as text: "100"
+    step = int(step)
   if restore.read_config(workdir).finetune.task:
     from sslm_jax import task_model
 
@@ -214,6 +216,8 @@ class LanguageModel:
     encode(text)[t] (the last row, what follows the text); BERT: the MLM logits at every
     position. Only the tokenizer's ids, never padding rows of the embedding."""
     rows = [self._fit(self.encode(t), t) for t in _as_list(texts)]
+    if not rows:
+      return np.zeros((0, self.model_cfg.emb_dim), np.float32)
     out = []
     for chunk in _chunks(rows):
       batch = _padded(chunk, self.model_cfg.max_len)
@@ -388,6 +392,8 @@ class LanguageModel:
         "pooling='cls' is BERT's; a GPT's first position has read only BOS. Use 'last' or 'mean'."
       )
     rows = [self._fit(self.encode(t), t) for t in _as_list(texts)]
+    if not rows:
+      return np.zeros((0, self.model_cfg.emb_dim), np.float32)
     out = []
     for chunk in _chunks(rows):
       hidden_BTD = np.asarray(_hidden(self.model, *_padded(chunk, self.model_cfg.max_len)))

@@ -404,6 +404,17 @@ def test_embed_shapes_and_pooling(gpt, bert):
   np.testing.assert_allclose(bert.embed(texts)[0], bert.embed(texts[:1])[0], atol=1e-5)
   cls = bert.embed(texts, pooling="cls")
   assert np.abs(cls - bert.embed(texts)).max() > 1e-4
+  for lm in (gpt, bert):  # no texts, no vectors: an empty batch, not a NumPy error
+    empty = lm.embed([])
+    assert empty.shape == (0, lm.model_cfg.emb_dim) and empty.dtype == np.float32
+
+
+def test_a_step_given_as_text_is_the_step(gpt_workdir, gpt):
+  import sslm_jax.api as api
+
+  assert api.load(gpt_workdir, step=str(gpt.step)).step == gpt.step
+  with pytest.raises(api.UsageError, match="no checkpoint at step 99999"):
+    api.load(gpt_workdir, step="99999")
 
 
 def test_generate_continues_each_prompt(gpt):
