@@ -167,6 +167,8 @@ def save(tok, out_dir, *, objective: str, max_len: int | None = None) -> None:
   (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False))
   if proto is not None:
     (out / "tokenizer.model").write_bytes(proto)
+  elif (out / "tokenizer.model").exists():  # an earlier export's, which this tokenizer is not
+    (out / "tokenizer.model").unlink()
 
 
 # ----------------------------------------------------------------------------- loading

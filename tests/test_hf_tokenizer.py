@@ -278,6 +278,17 @@ def bert(data, tmp_path_factory):
   return tokenizer_lib.load(path)
 
 
+def test_saving_a_hugging_face_tokenizer_over_an_export_leaves_no_sentencepiece_model(
+  data, gpt2, tmp_path
+):
+  hf_tokenizer.save(data[0], tmp_path, objective="causal_lm")
+  assert (tmp_path / "tokenizer.model").exists()
+  hf_tokenizer.save(gpt2, tmp_path, objective="causal_lm")  # export --overwrite does this
+  assert not (tmp_path / "tokenizer.model").exists()
+  with open(gpt2.path, "rb") as f:
+    assert (tmp_path / "tokenizer.json").read_bytes() == f.read()
+
+
 def test_gpt2_style_tokenizer(gpt2):
   assert isinstance(gpt2, hf_tokenizer.HFTokenizer)
   end = gpt2.vocab_size - 1
