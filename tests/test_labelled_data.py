@@ -138,6 +138,19 @@ def test_vocab_orders_integer_labels_numerically():
   assert LabelVocab.from_examples(mixed, "classification").labels == ("0", "1", "10", "2", "x")
 
 
+def test_one_number_spelt_two_ways_is_refused_naming_the_spellings(tmp_path):
+  path = tmp_path / "train.jsonl"
+  rows = [{"text": "a", "label": 1}, {"text": "b", "label": 1.0}, {"text": "c", "label": "0"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  examples = read_examples(str(path), "classification")
+  with pytest.raises(LabelledDataError, match="'1' and '1.0'") as raised:
+    LabelVocab.from_examples(examples, "classification")
+  assert "\n" not in str(raised.value) and "fix:" in str(raised.value)
+  # Distinct numbers and words stay distinct classes.
+  ok = [Example("t", None, label) for label in ("1", "2", "1.5", "x")]
+  assert len(LabelVocab.from_examples(ok, "classification")) == 4
+
+
 def test_tagging_vocab_takes_every_word_label(tmp_path):
   path = _write(tmp_path, "t.jsonl", _jsonl({"text": "a b c", "label": ["O", "B-X", "O"]}))
   examples = read_examples(path, "tagging")

@@ -292,6 +292,26 @@ def read_examples(patterns: str, task: str, labelled: bool = True) -> list[Examp
   return [e for path in matching_paths(patterns) for e in _read_file(path, task, labelled)]
 
 
+def _check_one_spelling(labels: Iterable[str]) -> None:
+  """Labels are compared as text, so 1 and 1.0 would be two classes: refuse a number spelt two
+  ways, naming the spellings."""
+  by_value: dict[float, list[str]] = {}
+  for label in labels:
+    try:
+      value = float(label)
+    except ValueError:
+      continue
+    if math.isfinite(value):
+      by_value.setdefault(value, []).append(label)
+  clashes = [sorted(spellings) for spellings in by_value.values() if len(spellings) > 1]
+  if clashes:
+    spelt = "; ".join(" and ".join(repr(s) for s in c) for c in sorted(clashes))
+    raise LabelledDataError(
+      f"the training files spell one label several ways ({spelt}), which would make them "
+      "different classes; fix: write each label one way in every file (e.g. 1, not 1.0)."
+    )
+
+
 def _label_order(labels: Iterable[str]):
   """Integers in numeric order when every label is one (so label "3" gets id 3), else text order."""
   if all(re.fullmatch(r"[+-]?\d+", label) for label in labels):
@@ -317,6 +337,7 @@ class LabelVocab:
     found = set()
     for e in examples:
       found.update(e.label if task == "tagging" else (e.label,))
+    _check_one_spelling(found)
     if len(found) < 2:
       raise LabelledDataError(
         f"the training files have {len(found)} distinct label(s) {sorted(found)}; fix: a "
