@@ -88,9 +88,10 @@ def main(argv):
   else:
     predictions = model.classify([e.text for e in examples], [e.text_pair for e in examples])
   rows = [_row(e, p) for e, p in zip(examples, predictions, strict=True)]
-  output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
   gold = [(e, p) for e, p in zip(examples, predictions, strict=True) if e.label is not None]
+  # Before writing: a gold label the model does not know stops here, leaving no output behind.
   metrics = model.metrics(*map(list, zip(*gold, strict=True))) if gold else {}
+  output.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
   summary = {
     "rows": len(rows),
     "output": FLAGS.output,

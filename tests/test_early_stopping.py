@@ -169,12 +169,15 @@ def test_predict_refuses_bad_input_in_one_line(stopped, task_dir, tmp_path):  # 
   (pretraining / "config.json").write_text(json.dumps(tiny_config().to_dict()))
   empty = tmp_path / "empty.jsonl"
   empty.write_text("\n")
+  unseen = tmp_path / "unseen.jsonl"  # a gold label the model was never trained on
+  unseen.write_text(json.dumps({"text": "violet river stone", "label": "maybe"}) + "\n")
   good = f"--input={task_dir / 'eval.jsonl'}"
   cases = [
     ([f"--workdir={pretraining}", good], "is a pretraining run"),
     ([f"--workdir={workdir}", f"--input={tmp_path / 'none.jsonl'}"], "matches no files"),
     ([f"--workdir={workdir}", f"--input={empty}"], "has no examples"),
     ([f"--workdir={workdir}", good, "--step=5"], "no checkpoint at step 5; available steps"),
+    ([f"--workdir={workdir}", f"--input={unseen}"], "maybe"),
   ]
   for args, fragment in cases:
     out = f"--output={tmp_path / 'out.jsonl'}"
