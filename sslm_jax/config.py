@@ -352,6 +352,11 @@ def _validate_compiler_and_init(c: ml_collections.ConfigDict) -> None:
     isinstance(c.init_from_hf, str),
     f"init_from_hf={c.init_from_hf!r} must be a directory path (or '' for random init).",
   )
+  # Before the directory is read: a mismatch with it would hide that one source is too many.
+  _require(
+    not (c.finetune.task and c.finetune.init_from and c.init_from_hf),
+    "finetune.init_from and init_from_hf both name starting weights; set only one of them.",
+  )
   if c.init_from_hf and os.path.isdir(c.init_from_hf):
     from sslm_jax import hf  # imports this module; a missing directory is reported at step 0
 

@@ -56,10 +56,6 @@ def validate(c: ml_collections.ConfigDict, require: Callable[[bool, str], None])
   if not f.task:
     return
   require(
-    not (f.init_from and c.init_from_hf),
-    "finetune.init_from and init_from_hf both name starting weights; set only one of them.",
-  )
-  require(
     not f.init_from or os.path.isdir(f.init_from) or "://" in f.init_from,
     f"finetune.init_from={f.init_from!r} is not a directory; pass the --workdir of a pretraining "
     "run.",

@@ -175,3 +175,15 @@ def test_auto_attention_is_splash_on_tpu_where_its_blocks_fit(seq_len, impl):
   config.data.seq_len = seq_len
   assert config_lib.attention_impl(config, "tpu") == impl
   assert config_lib.attention_impl(config, "cpu") == "xla"
+
+
+def test_two_sources_of_starting_weights_are_named_before_either_is_read(tmp_path):
+  hf_dir = tmp_path / "hf"  # a Hugging Face directory that does not match the config at all
+  hf_dir.mkdir()
+  (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 7}))
+  config = config_lib.defaults()
+  config.finetune.task, config.finetune.init_from = "classification", str(tmp_path)
+  config.finetune.train_files = str(tmp_path / "train.jsonl")
+  config.init_from_hf = str(hf_dir)
+  with pytest.raises(config_lib.ConfigError, match="both name starting weights"):
+    config_lib.validate(config)
