@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import orbax.checkpoint as ocp
 from absl import logging
@@ -182,10 +183,19 @@ def check_fingerprint(
   return sorted(set(current) - set(saved))
 
 
-def _excerpt(error: Exception) -> str:
-  """One line of an error from deep inside Orbax or TensorStore."""
-  text = " ".join(str(error).split())
-  return f"{type(error).__name__}: {text[:300]}"
+def _excerpt(error: Exception, limit: int = 300) -> str:
+  """One line of an error from deep inside Orbax or TensorStore, without object reprs."""
+  text = re.sub(r"<bound method [^>]*>|<[\w.]+ object at 0x[0-9a-f]+>", "", str(error))
+  text = " ".join(text.split())
+  return f"{type(error).__name__}: {text[:limit]}"
+
+
+def _read_failure(error: Exception) -> str:
+  """The cause of a failed restore in a few words."""
+  text = str(error)
+  if isinstance(error, FileNotFoundError) or "NOT_FOUND" in text or "No such file" in text:
+    return "files of it are missing"
+  return "its files are damaged or unreadable"
 
 
 def _on_gcs(path) -> bool:
@@ -294,8 +304,9 @@ class Checkpointer:
       fallback = f"resume from step {max(others)}" if others else "start from scratch"
       path = self.directory / str(step)
       raise CheckpointError(
-        f"checkpoint {path} cannot be read ({_excerpt(e)}). Move it aside "
-        f"({move_command(path, f'{path}.broken')}) and rerun to {fallback}."
+        f"the checkpoint at step {step} cannot be read: {_read_failure(e)}. Move it aside "
+        f"first, `{move_command(path, f'{path}.broken')}`, then rerun to {fallback}. "
+        f"(Detail: {_excerpt(e, 160)})"
       ) from e
     return restored["state"]
 

@@ -175,8 +175,14 @@ def test_damaged_checkpoint_names_the_recovery_and_loses_nothing(tmp_path):
     for f in files:
       os.remove(os.path.join(root, f))
   config.num_train_steps = 10
-  with pytest.raises(checkpoint.CheckpointError, match="Move it aside .* resume from step 4"):
+  with pytest.raises(checkpoint.CheckpointError, match="Move it aside .* resume from step 4") as e:
     _run(config, tmp_path)
+  message = str(e.value)
+  # The step, the cause and the command first; the library's own words last, short, no reprs.
+  assert message.startswith("the checkpoint at step 8 cannot be read: ")
+  assert "are damaged" in message or "are missing" in message
+  assert message.index(f"mv {newest} {newest}.broken") < message.index("(Detail:")
+  assert "<bound method" not in message and len(message) < 500 and "\n" not in message
   assert (tmp_path / "checkpoints" / "4").exists()
   os.rename(newest, str(newest) + ".broken")
   _run(config, tmp_path)
