@@ -33,8 +33,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
       f"{workdir} has no config.json, so it is not the workdir of a sslm_jax run; pass the "
       "--workdir a `python -m sslm_jax.main` run trained in."
     )
+  written = json.loads(path.read_text())
+  if "objective" not in written and ("model_type" in written or "architectures" in written):
+    raise UsageError(
+      f"{workdir} is a Hugging Face model directory (its config.json has model_type "
+      f"{written.get('model_type')!r}), not the workdir of a sslm_jax run: start a run from it "
+      f"with --config.init_from_hf={workdir} (pretraining or fine-tuning), then pass that run's "
+      "--workdir."
+    )
   config = config_lib.defaults()  # fields added since the run started keep their defaults
-  config.update(json.loads(path.read_text()))
+  config.update(written)
   return config
 
 

@@ -429,3 +429,16 @@ def test_generate_continues_each_prompt(gpt):
   too_long = " ".join(["data"] * (gpt.model_cfg.max_len + 5))
   with pytest.raises(ValueError, match="positions"):
     gpt.generate(too_long)
+
+
+def test_a_hugging_face_directory_is_named_as_one(tmp_path):
+  import sslm_jax.api as api
+
+  config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  with pytest.raises(api.UsageError) as raised:
+    api.load(str(tmp_path))
+  message = str(raised.value)
+  assert "is a Hugging Face model directory" in message and "'gpt2'" in message
+  assert f"--config.init_from_hf={tmp_path}" in message and "no checkpoints" not in message
