@@ -216,8 +216,6 @@ class LanguageModel:
     encode(text)[t] (the last row, what follows the text); BERT: the MLM logits at every
     position. Only the tokenizer's ids, never padding rows of the embedding."""
     rows = [self._fit(self.encode(t), t) for t in _as_list(texts)]
-    if not rows:
-      return np.zeros((0, self.model_cfg.emb_dim), np.float32)
     out = []
     for chunk in _chunks(rows):
       batch = _padded(chunk, self.model_cfg.max_len)

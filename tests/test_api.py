@@ -407,6 +407,7 @@ def test_embed_shapes_and_pooling(gpt, bert):
   for lm in (gpt, bert):  # no texts, no vectors: an empty batch, not a NumPy error
     empty = lm.embed([])
     assert empty.shape == (0, lm.model_cfg.emb_dim) and empty.dtype == np.float32
+    assert lm.logits([]) == []
 
 
 def test_a_step_given_as_text_is_the_step(gpt_workdir, gpt):
