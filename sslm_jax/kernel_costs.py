@@ -1,7 +1,7 @@
 """FLOPs and HBM bytes of the Pallas kernels a train step runs, which XLA's cost analysis does
 not see (it reports ~0 FLOPs for a Pallas call). The plan adds these to XLA's counts.
 
-Splash attention (attention.py) is flash attention over blocks of `bq` queries and `bkv` keys:
+Splash attention (splash.py) is flash attention over blocks of `bq` queries and `bkv` keys:
 a block whose static mask is all False (causal: above the diagonal) is skipped, every other
 block is computed whole; packed documents (segment ids) are masked inside computed blocks, not
 skipped. Per example and head, with `pairs` computed blocks out of (T/bq) * (S/bkv):

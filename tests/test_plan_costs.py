@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_config
 
 from sslm_jax import config as config_lib
-from sslm_jax import kernel_costs, plan, sharding
+from sslm_jax import kernel_costs, plan, sharding, splash
 
 
 def _compiled(config):
@@ -79,3 +79,11 @@ def test_splash_flops_exceed_the_models_attention_count_by_the_skipped_blocks_ru
   )
   assert full["flops"] == pytest.approx(costs["flops"] * 4 / 3)
   assert full["bytes"] > costs["bytes"] > 0
+
+
+@pytest.mark.parametrize(
+  "asked, seq_len, block",
+  [(512, 1024, 512), (512, 768, 384), (512, 384, 384), (512, 128, 128), (256, 640, 128)],
+)
+def test_splash_runs_the_largest_block_of_128s_that_divides_the_length(asked, seq_len, block):
+  assert splash.fit_block(asked, seq_len) == block
