@@ -156,6 +156,55 @@ def load(path: str):
   return tok
 
 
+# A workdir's own tokenizer copy: SentencePiece as tokenizer.model, Hugging Face as tokenizer.json.
+WORKDIR_NAMES = ("tokenizer.model", "tokenizer.json")
+
+
+def workdir_name(source: str) -> str:
+  """The name a copy of tokenizer file `source` has in a workdir."""
+  return "tokenizer.json" if str(source).endswith(".json") else "tokenizer.model"
+
+
+def workdir_file(workdir: str) -> str | None:
+  """The workdir's own tokenizer copy (tokenizer.model or tokenizer.json), or None."""
+  found = [
+    str(epath.Path(workdir) / n) for n in WORKDIR_NAMES if (epath.Path(workdir) / n).exists()
+  ]
+  if len(found) > 1:
+    raise TokenizerError(
+      f"{workdir} holds both tokenizer.model and tokenizer.json, so which one its run used is "
+      "unclear; remove the one the run was not trained with."
+    )
+  return found[0] if found else None
+
+
+def adopt(source: str, workdir: str) -> str:
+  """Copy tokenizer file `source` into `workdir` (as `workdir_name(source)`) unless an identical
+  copy is there; refuse where the workdir already holds a different tokenizer. Returns the
+  workdir's path of the copy."""
+  src = epath.Path(source)
+  if not src.exists():
+    raise TokenizerError(f"tokenizer file {source} does not exist; fix data.tokenizer_path.")
+  data = src.read_bytes()
+  target = epath.Path(workdir) / workdir_name(source)
+  existing = workdir_file(workdir)
+  if existing is not None:
+    same = existing == str(target) and _sha256(epath.Path(existing).read_bytes()) == _sha256(data)
+    if not same:
+      raise TokenizerError(
+        f"{workdir} already holds a different tokenizer ({existing}) than {source}; use a new "
+        "--workdir for a run with another tokenizer, or point data.tokenizer_path at the "
+        f"workdir's own {os.path.basename(existing)}."
+      )
+    return existing
+  _write_atomically(target, data)
+  return str(target)
+
+
+def _sha256(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
+
+
 def _chunks(texts: Iterable[str]) -> Iterator[str]:
   """Groups of whole lines, so newlines and indentation can become pieces.
 
