@@ -53,19 +53,31 @@ def _snippets(text: str) -> Iterator[tuple[str, str]]:
 
 
 def builtin_examples(split: str, per_class: int) -> list[Example]:
-  """`per_class` examples of each label for split 'train' or 'eval', in a fixed order."""
+  """`per_class` examples of each label for split 'train' or 'eval', in a fixed order.
+
+  A first pass takes at most two snippets of each label per file; when the split's files run
+  short of `per_class` (the eval files do), later passes take two more per file, so the count
+  asked for is the count served while the corpus has the snippets."""
+  files = [
+    (key, path)
+    for key, path in _stdlib_files()
+    if (zlib.crc32(key.encode()) % 10000 < _EVAL_PER_10000) == (split == "eval")
+  ]
   out: dict[str, list[Example]] = {label: [] for label in BUILTIN_LABELS}
-  for key, path in _stdlib_files():
-    is_eval = zlib.crc32(key.encode()) % 10000 < _EVAL_PER_10000
-    if is_eval != (split == "eval"):
-      continue
-    taken = dict.fromkeys(BUILTIN_LABELS, 0)
-    for text, label in _snippets(path.read_bytes().decode("utf-8", errors="replace")):
-      if taken[label] < _PER_FILE and len(out[label]) < per_class:
-        taken[label] += 1
-        out[label].append(Example(text, None, label, f"{key} snippet"))
-    if all(len(v) >= per_class for v in out.values()):
-      break
+  low = 0
+  while any(len(v) < per_class for v in out.values()):
+    before = sum(map(len, out.values()))
+    for key, path in files:
+      seen = dict.fromkeys(BUILTIN_LABELS, 0)
+      for text, label in _snippets(path.read_bytes().decode("utf-8", errors="replace")):
+        seen[label] += 1
+        if low < seen[label] <= low + _PER_FILE and len(out[label]) < per_class:
+          out[label].append(Example(text, None, label, f"{key} snippet"))
+      if all(len(v) >= per_class for v in out.values()):
+        break
+    if sum(map(len, out.values())) == before:
+      break  # the corpus has no more snippets of the missing label
+    low += _PER_FILE
   return [e for pair in zip(*out.values(), strict=False) for e in pair]
 
 
