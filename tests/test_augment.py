@@ -89,7 +89,14 @@ def test_synonym_keeps_punctuation_capitals_and_whitespace(tmp_path):
   path = _thesaurus(tmp_path, ["# a comment", "quick\tfast", "fox\tred_fox"])
   augmenter = augment_lib.Augmenter([{"name": "synonym", "alpha": 1.0, "thesaurus": path}])
   (out,), _ = augmenter("  (Quick, the\n\nFOX!) runs \n", 0)
-  assert out == "  (Fast, the\n\nRed fox!) runs \n"
+  assert out == "  (Fast, the\n\nRED FOX!) runs \n"
+
+
+def test_synonym_keeps_the_case_pattern_of_the_word_it_replaces(tmp_path):
+  path = _thesaurus(tmp_path, ["king\tmonarch"])
+  augmenter = augment_lib.Augmenter([{"name": "synonym", "alpha": 1.0, "thesaurus": path}])
+  (out,), _ = augmenter("KING King king I", 0)
+  assert out == "MONARCH Monarch monarch I"
 
 
 def test_insert_adds_synonyms_of_words_in_the_text(tmp_path):

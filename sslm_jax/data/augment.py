@@ -28,8 +28,9 @@ Words are whitespace-separated tokens, and the whitespace between them is kept (
 survive). Punctuation stays attached: a token splits into leading punctuation, a core and
 trailing punctuation ("(Quick," -> "(", "Quick", ","); the core is looked up lowercased with no
 lemmatisation ("dogs" does not find "dog"), the synonym replaces only the core and takes the
-core's capitalised first letter. Sentences end at a token ending in . ! or ? (optionally followed
-by closing quotes or brackets) or at a newline, so "Mr." ends one: a heuristic, good enough to cut.
+core's case pattern: all capitals ("KING" -> "MONARCH"), a capital first letter ("King" ->
+"Monarch") or lower case. Sentences end at a token ending in . ! or ? (optionally followed by
+closing quotes or brackets) or at a newline, so "Mr." ends one: a heuristic, good enough to cut.
 
 Determinism: every random draw comes from numpy.random.default_rng([seed, example_index, copy,
 stable_hash(transform name)]): the output is a pure function of the text and those four, whatever
@@ -118,6 +119,15 @@ def _pick(rng: np.random.Generator, items: Sequence):
   return items[int(rng.integers(len(items)))]
 
 
+def match_case(word: str, source: str) -> str:
+  """`word` in the case pattern of `source`: "KING" -> "MONARCH", "King" -> "Monarch"."""
+  if len(source) > 1 and source.isupper():
+    return word.upper()
+  if source[:1].isupper():
+    return word[:1].upper() + word[1:]
+  return word
+
+
 def _synonym(words, gaps, rng, alpha, thesaurus) -> None:
   candidates = [i for i, w in enumerate(words) if _synonyms(w, thesaurus)[1]]
   if not candidates:
@@ -126,9 +136,7 @@ def _synonym(words, gaps, rng, alpha, thesaurus) -> None:
   for i in rng.choice(candidates, size=k, replace=False):
     lead, synonyms, core, trail = _synonyms(words[i], thesaurus)
     synonym = _pick(rng, synonyms)
-    if core[:1].isupper():
-      synonym = synonym[:1].upper() + synonym[1:]
-    words[i] = lead + synonym + trail
+    words[i] = lead + match_case(synonym, core) + trail
 
 
 def _insert(words, gaps, rng, alpha, thesaurus) -> None:
