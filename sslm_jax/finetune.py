@@ -226,8 +226,10 @@ def _examples(config) -> tuple[list, list]:
       tasks.builtin_examples("train", BUILTIN_TRAIN_PER_CLASS),
       tasks.builtin_examples("eval", BUILTIN_EVAL_PER_CLASS),
     )
-  task = "classification" if f.task == "pair_classification" else f.task
-  return labelled.read_examples(f.train_files, task), labelled.read_examples(f.eval_files, task)
+  return (
+    labelled.read_examples(f.train_files, f.task),
+    labelled.read_examples(f.eval_files, f.task),
+  )
 
 
 def _label_vocab(config, train_examples) -> labelled.LabelVocab | None:
