@@ -166,11 +166,14 @@ class LanguageModel:
 
   def _text_ids(self, text: str, masks: bool) -> list[int]:
     """Ids of `text`; with `masks`, each literal [MASK] becomes MASK_ID standing for one piece
-    (with the space before it, as a masked '▁word' piece had in training)."""
+    (with the space before it, as a masked '▁word' piece had in training). A [MASK] that opens
+    the text takes the document's leading space; after a lone space (" [MASK]") that leading
+    space stays, as the piece '▁' before a masked '▁word'."""
     if not masks or MASK_TEXT not in text:
       return self.tokenizer.encode(text)
     parts = text.split(MASK_TEXT)
-    ids = self.tokenizer.encode(parts[0].removesuffix(" ")) if parts[0].strip(" ") else []
+    head = parts[0].removesuffix(" ")
+    ids = self.tokenizer.encode(head) if head else self._encode_continuation(parts[0])
     for i, part in enumerate(parts[1:], start=1):
       part = part.removesuffix(" ") if i < len(parts) - 1 else part
       ids += [self.tokenizer.mask_id] + self._encode_continuation(part)

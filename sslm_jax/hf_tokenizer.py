@@ -12,7 +12,11 @@ transformers is not needed to write the files.
 Two deliberate differences from SentencePiece, both about text that spells a special piece:
 - A literal "[MASK]", "<s>", ... in the text is one special id here (what Hugging Face pipelines
   such as fill-mask rely on) and plain text in SentencePiece. Load with
-  `split_special_tokens=True` to encode it as text, as SentencePiece does.
+  `split_special_tokens=True` to encode it as text, as SentencePiece does. In a masked_lm
+  export "[MASK]" stands for one piece together with the space before it, as a masked '▁word'
+  piece did in training and as `api.LanguageModel.fill_mask` reads it: "an [MASK] of" is
+  '▁an', [MASK], '▁of', and the text after a [MASK] gets no second dummy-prefix space. Read as
+  text, a "[MASK]" that follows no space is therefore encoded with one before it.
 - Byte-fallback and special pieces get a score no segmentation prefers, so a literal "<0x41>" in
   the text stays text. Characters outside the vocabulary take the same byte pieces in every
   segmentation, so the lower unknown-piece score this implies changes no choice.
@@ -104,9 +108,16 @@ def _build(proto: bytes, path: str, objective: str) -> tokenizers.Tokenizer:
     for p in m.pieces
   ]
   hf = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=tokenizer_lib.UNK_ID, byte_fallback=True))
-  hf.normalizer = normalizers.Sequence(
-    [normalizers.Prepend(_SPACE), normalizers.Replace(" ", _SPACE)]
-  )
+  steps = [normalizers.Prepend(_SPACE), normalizers.Replace(" ", _SPACE)]
+  if objective == "masked_lm":
+    mask = m.pieces[tokenizer_lib.MASK_ID].piece
+    # The whole text is normalized at once (the mask token is matched after normalization), so
+    # only its start gets the dummy prefix, and the mask token, itself normalized to
+    # '▁[MASK]', takes the space before it; one that follows no space is given one.
+    steps.append(
+      normalizers.Replace(tokenizers.Regex(f"{_SPACE}?{re.escape(mask)}"), _SPACE + mask)
+    )
+  hf.normalizer = normalizers.Sequence(steps)
   # Fuse before Strip: Strip works on each token, and only the text's first space is the prefix.
   hf.decoder = decoders.Sequence(
     [
@@ -117,7 +128,10 @@ def _build(proto: bytes, path: str, objective: str) -> tokenizers.Tokenizer:
     ]
   )
   specials = [m.pieces[i].piece for i in range(tokenizer_lib.NUM_SPECIAL)]
-  hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+  normalized = {tokenizer_lib.MASK_ID} if objective == "masked_lm" else set()
+  hf.add_special_tokens(
+    [AddedToken(s, special=True, normalized=i in normalized) for i, s in enumerate(specials)]
+  )
   hf.post_processor = _post_processor(objective)
   return hf
 
@@ -144,12 +158,16 @@ def save(tok, out_dir, *, objective: str, max_len: int | None = None) -> None:
   else:
     proto = _model_proto(tok)
     tokenizer_json = _build(proto, tok.path, objective).to_str(pretty=True).encode("utf-8")
+  # As tokenizer.json matches each one: transformers re-adds the tokens listed here.
+  normalized = {
+    t["id"] for t in json.loads(tokenizer_json).get("added_tokens", []) if t.get("normalized")
+  }
   specials = _special_tokens(tok, objective)
   added = {
     str(i): {
       "content": tok.id_to_piece(i),
       "lstrip": False,
-      "normalized": False,
+      "normalized": i in normalized,
       "rstrip": False,
       "single_word": False,
       "special": True,

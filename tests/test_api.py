@@ -355,14 +355,19 @@ def test_fill_mask_recovers_the_memorised_word(trained_bert_workdir, bert):
   assert bert.fill_mask(masked)[0][0][0] != " application"
 
 
-def test_a_mask_stands_for_one_piece_with_its_space(bert):
-  ids = bert.encode(SENTENCE)  # [CLS] ... [SEP]
+@pytest.mark.parametrize("text", [SENTENCE, "   the data model", " the data of a batch"])
+def test_a_mask_stands_for_one_piece_with_its_space(bert, text):
+  """Each word piece masked in turn, the first one and those after leading spaces included,
+  reads as the training data did with that piece masked."""
+  ids = bert.encode(text)  # [CLS] ... [SEP]
   pieces = [bert.token_text(i) for i in ids]
-  assert "".join(pieces[1:-1]) == " " + SENTENCE  # the pieces spell the text
-  for i in range(2, len(ids) - 2):
-    if pieces[i].startswith(" ") and len(pieces[i]) > 1:  # a word piece in the middle
-      masked = "".join(pieces[1:i])[1:] + " [MASK]" + "".join(pieces[i + 1 : -1])
-      assert bert.encode(masked) == ids[:i] + [4] + ids[i + 1 :], (masked, pieces)
+  assert "".join(pieces[1:-1]) == " " + text  # the pieces spell the text after the dummy prefix
+  words = [i for i in range(1, len(ids) - 1) if pieces[i].startswith(" ") and len(pieces[i]) > 1]
+  assert len(words) >= 2
+  for i in words:
+    # The piece's text, its space included, replaced by " [MASK]"; less the dummy prefix.
+    masked = ("".join(pieces[1:i]) + " [MASK]" + "".join(pieces[i + 1 : -1]))[1:]
+    assert bert.encode(masked) == ids[:i] + [4] + ids[i + 1 :], (masked, pieces)
 
 
 def test_fill_mask_answers_every_mask_with_ordinary_tokens(bert):
