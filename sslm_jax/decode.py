@@ -1,9 +1,10 @@
 """Text generation for the GPT model with a KV cache: prefill, then one token per step.
 
 The whole loop (prefill, sampling, decode steps, early exit when every row has ended) is one
-jitted function of static shapes: it compiles once per (rows, prompt bucket, cache bucket,
-greedy or not) and never per token. Prompts of different lengths are left-padded into one
-batch so that they all end at the same cache slot.
+jitted function of static shapes: it compiles once per (rows bucket, prompt bucket, cache
+bucket, greedy or not) and never per token. Prompts of different lengths are left-padded into
+one batch so that they all end at the same cache slot, and the batch is padded with rows that
+end at once up to a power of two (`rows_bucket`), so 3 and 4 prompts share one compile.
 
 Under `sharding.activate(mesh, rules)` with parameters placed as train_state.create places them,
 the cache's heads follow the `act_heads` rule, so tensor-parallel decoding works unchanged.
@@ -29,6 +30,13 @@ def bucket(n: int) -> int:
   """A static length >= n: powers of two up to 64 (at least 8), then multiples of 64."""
   if n <= 64:
     return max(8, 1 << (n - 1).bit_length())
+  return -(-n // 64) * 64
+
+
+def rows_bucket(n: int) -> int:
+  """A static batch size >= n: powers of two up to 64, then multiples of 64."""
+  if n <= 64:
+    return 1 << (n - 1).bit_length()
   return -(-n // 64) * 64
 
 
@@ -147,9 +155,15 @@ def generate(
       f"a prompt of {lengths.max()} tokens leaves no room for a new token within the model's "
       f"{cfg.max_len} positions; shorten it to at most {cfg.max_len - 1} tokens."
     )
-  limit_B = np.minimum(max_new_tokens, cfg.max_len - lengths)
   p = bucket(int(lengths.max()))
-  prompt_BP = np.zeros((len(prompts), p), np.int32)
+  # Padding rows go last and stop at once: one-token prompts allowed one new token. Real rows
+  # keep their draws because threefry is partitionable (a row's random bits depend on its index
+  # alone, not on the batch size); where it is not, the batch is not padded.
+  b = rows_bucket(len(prompts)) if jax.config.jax_threefry_partitionable else len(prompts)
+  lengths = np.concatenate([lengths, np.ones(b - len(prompts), np.int32)])
+  limit_B = np.minimum(max_new_tokens, cfg.max_len - lengths)
+  limit_B[len(prompts) :] = 1
+  prompt_BP = np.zeros((b, p), np.int32)
   for row, ids in enumerate(prompts):
     prompt_BP[row, p - len(ids) :] = ids
   allowed_V = np.arange(cfg.vocab_size) < cfg.num_ids
@@ -172,5 +186,6 @@ def generate(
 
 
 def cache_size() -> int:
-  """Compiled variants of the generation loop so far (one per batch, bucket and mode)."""
+  """Compiled variants of the generation loop so far (one per rows bucket, prompt and cache
+  bucket, and mode)."""
   return _generate._cache_size()

@@ -138,16 +138,33 @@ def test_top_k_1_equals_greedy(gpt):
 
 
 def test_generation_compiles_once_per_bucket(gpt):
+  greedy = dict(temperature=0, eos_id=-1)
+  # 9 and 12 rows share the rows bucket of 16 (no other test uses it), prompts 5 and 7 long the
+  # bucket of 8, and 8 + 10 and 8 + 20 the cache bucket of 32.
   before = decode.cache_size()
-  # 5 rows: a batch size no other test uses. Prompts 5 and 7 long share the bucket of 8, and
-  # 8 + 10 and 8 + 20 share the cache bucket of 32.
-  a = decode.generate(gpt, [[2, 4, 5, 6, 7]] * 5, max_new_tokens=10, temperature=0, eos_id=-1)
-  b = decode.generate(gpt, [[2, 9, 8, 7, 6, 5, 4]] * 5, max_new_tokens=20, temperature=0, eos_id=-1)
+  a = decode.generate(gpt, [[2, 4, 5, 6, 7]] * 9, max_new_tokens=10, **greedy)
+  b = decode.generate(gpt, [[2, 9, 8, 7, 6, 5, 4]] * 12, max_new_tokens=20, **greedy)
   assert decode.cache_size() == before + 1
-  assert [len(r) for r in a] == [10] * 5 and [len(r) for r in b] == [20] * 5
+  assert [len(r) for r in a] == [10] * 9 and [len(r) for r in b] == [20] * 12
   # A new cache bucket does compile.
-  decode.generate(gpt, [[2, 4, 5, 6, 7]] * 5, max_new_tokens=40, temperature=0, eos_id=-1)
+  decode.generate(gpt, [[2, 4, 5, 6, 7]] * 9, max_new_tokens=40, **greedy)
   assert decode.cache_size() == before + 2
+  # 3 prompts (or 3 prompts x 1 sample) and 4 prompts: one compile.
+  decode.generate(gpt, [[2, 5]] * 3, max_new_tokens=6, seed=1, eos_id=-1)
+  after_three = decode.cache_size()
+  decode.generate(gpt, [[2, 5]] * 4, max_new_tokens=6, seed=1, eos_id=-1)
+  decode.generate(gpt, [[2, 5]] * 2, max_new_tokens=6, seed=1, eos_id=-1, num_samples=2)
+  assert decode.cache_size() == after_three
+
+
+def test_padding_rows_leave_the_real_rows_samples_unchanged(gpt):
+  prompts = [[2, 5, 6], [2, 9], [2, 30, 31, 32]]
+  kwargs = dict(max_new_tokens=12, seed=4, eos_id=-1, top_p=0.95)
+  three = decode.generate(gpt, prompts, **kwargs)  # padded to 4 rows
+  four = decode.generate(gpt, prompts + [[2, 7, 7]], **kwargs)  # no padding
+  five = decode.generate(gpt, prompts + [[2, 7, 7], [2, 8]], **kwargs)  # padded to 8 rows
+  assert three == four[:3] == five[:3]
+  assert len(three) == 3 and len({tuple(r) for r in three}) == 3
 
 
 def test_same_seed_same_output_other_seed_differs(gpt):
