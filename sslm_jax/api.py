@@ -24,10 +24,15 @@ import sentencepiece as spm
 from etils import epath
 from flax import nnx
 
-from sslm_jax import restore
+from sslm_jax import cluster, restore
 from sslm_jax import tokenizer as tok
 from sslm_jax.restore import UsageError
 from sslm_jax.sp_model import ModelProto
+
+# As the commands do: on a host without TPU chips, keep JAX from starting libtpu (installed with
+# jax[tpu]), which would log its failure to find a TPU at the first use of a device. Nothing
+# changes where JAX_PLATFORMS (or jax_platforms) is set.
+cluster.skip_tpu_without_chips()
 
 MASK_TEXT = "[MASK]"
 POOLINGS = ("mean", "cls", "last")
