@@ -3,7 +3,8 @@
   python -m sslm_jax.export --workdir=runs/gpt_tiny --out=exports/gpt_tiny [--step=N]
 
 writes config.json and model.safetensors (GPT2LMHeadModel for causal_lm, BertForMaskedLM for
-masked_lm, at the tokenizer's vocabulary size) and the tokenizer files, so that
+masked_lm, at the tokenizer's vocabulary size), for causal_lm generation_config.json, and the
+tokenizer files, all with the special ids of the run's tokenizer, so that
 `transformers.AutoModelForCausalLM.from_pretrained(out)` (or AutoModelForMaskedLM) and
 `AutoTokenizer.from_pretrained(out)` load it. Writing needs no torch.
 """
@@ -46,11 +47,11 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
   if lm.tokenizer.vocab_size != cfg.num_ids:
     raise UsageError(
       f"the tokenizer has {lm.tokenizer.vocab_size} ids but the model {cfg.num_ids}; "
-      "restore the run's tokenizer.model."
+      "restore the run's tokenizer file."
     )
   params = nnx.to_pure_dict(nnx.state(lm.model, nnx.Param))
   os.makedirs(out, exist_ok=True)
-  hf.save(out, params, cfg)
+  hf.save(out, params, cfg, lm.tokenizer)
   hf_tokenizer.save(lm.tokenizer, out, objective=cfg.objective, max_len=cfg.max_len)
   architecture = hf.hf_config(cfg)["architectures"][0]
   count = sum(v.size for v in hf.to_hf(params, cfg).values())

@@ -22,6 +22,7 @@ import os
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from sslm_jax import config as config_lib
@@ -151,10 +152,13 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
 def _canonical(name: str) -> str:
   """A tensor name as GPT2LMHeadModel / BertForMaskedLM spell it today.
 
-  Accepts GPT2Model checkpoints (no 'transformer.' prefix) and old BERT ones (gamma/beta).
+  Accepts GPT2Model and BertModel checkpoints (no 'transformer.' or 'bert.' prefix) and old
+  BERT ones (gamma/beta).
   """
   if name.startswith(("h.", "wte.", "wpe.", "ln_f.")):
     name = "transformer." + name
+  if name.startswith(("embeddings.", "encoder.", "pooler.")):
+    name = "bert." + name
   if name.endswith(".gamma"):
     name = name[: -len("gamma")] + "weight"
   if name.endswith(".beta"):
@@ -177,27 +181,38 @@ def _expected_shape(paths, layout, shapes, cfg: ModelConfig) -> tuple[int, ...]:
   return tuple(joined[::-1] if layout == "linear" else joined)
 
 
-def from_hf(tensors: dict, cfg: ModelConfig, where: str = "the Hugging Face weights") -> dict:
+def from_hf(
+  tensors: dict, cfg: ModelConfig, where: str = "the Hugging Face weights", seed: int = 0
+) -> dict:
   """A Hugging Face state dict as our parameters (a pure dict of NumPy arrays).
 
-  The vocabulary is padded to cfg.vocab_size with zero rows; a position table of another length
-  than cfg.max_len is cut or extended (model.fit_positions). Raises HFError naming every
-  missing, misshapen or unknown tensor.
+  The vocabulary is padded to cfg.vocab_size with zero rows; rows past the tokenizer's ids
+  (cfg.num_ids) in a padded Hugging Face vocabulary are padding and are not read. A position
+  table of another length than cfg.max_len is cut or extended (model.fit_positions). A BERT
+  checkpoint without the MLM head (a saved BertModel) gets a new head, initialised from `seed`.
+  Raises HFError naming the missing, misshapen or unknown tensors.
   """
   model = nnx.eval_shape(lambda: model_lib.build(cfg, 0))
   abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
   tensors = {_canonical(k): v for k, v in tensors.items()}
+  headless = not cfg.causal and not any(k.startswith("cls.predictions.") for k in tensors)
+  if headless:
+    params["mlm_head"] = _fresh_head(cfg, seed, where)
   problems = []
   for name, paths, layout, layer in _entries(cfg):
     shapes = [_get(abstract, p).shape[0 if layer is None else 1 :] for p in paths]
     expected = _expected_shape(paths, layout, shapes, cfg)
+    if headless and name.startswith("cls.predictions."):
+      continue
     if name not in tensors:
       problems.append(f"{name} is missing from {where}")
       continue
     value = np.asarray(tensors[name])
     if layout == "positions":
       value = model_lib.fit_positions(value, cfg.max_len, where)
+    if layout == "vocab" and value.shape[1:] == expected[1:] and len(value) > expected[0]:
+      value = value[: expected[0]]  # padding rows of a padded vocabulary (check_dir allowed it)
     if value.shape != expected:
       problems.append(f"{name} has shape {list(value.shape)} in {where}, expected {list(expected)}")
       continue
@@ -216,15 +231,33 @@ def from_hf(tensors: dict, cfg: ModelConfig, where: str = "the Hugging Face weig
   if not problems:
     problems += _untied(tensors, _get(params, "token_embed/embedding")[: cfg.num_ids], where)
   if problems:
-    raise HFError("the Hugging Face weights do not fit the model: " + "; ".join(problems))
+    more = f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
+    raise HFError(
+      f"the Hugging Face weights do not fit the model ({len(problems)} problems): "
+      + "; ".join(problems[:_SHOWN])
+      + more
+    )
   return params
+
+
+_SHOWN = 4  # problems named in one error line
+
+
+def _fresh_head(cfg: ModelConfig, seed: int, where: str) -> dict:
+  """A newly initialised MLM head, for BERT weights saved without one."""
+  logging.info(
+    "%s has no MLM head (cls.predictions.*, e.g. a saved BertModel): starting a new one", where
+  )
+  model = model_lib.build(cfg, seed)
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model.mlm_head, nnx.Param)))
 
 
 def _untied(tensors: dict, token_vd: np.ndarray, where: str) -> list[str]:
   """Our output embedding is the input one: a stored output matrix that differs cannot load."""
   for name in ("lm_head.weight", "cls.predictions.decoder.weight"):
     stored = tensors.get(name)
-    if stored is not None and not np.array_equal(np.asarray(stored, token_vd.dtype), token_vd):
+    stored = None if stored is None else np.asarray(stored, token_vd.dtype)[: len(token_vd)]
+    if stored is not None and not np.array_equal(stored, token_vd):
       return [f"{name} in {where} differs from the input embedding; sslm_jax ties them"]
   return []
 
@@ -232,14 +265,25 @@ def _untied(tensors: dict, token_vd: np.ndarray, where: str) -> list[str]:
 # ---- config.json -----------------------------------------------------------------------------
 
 
-def hf_config(cfg: ModelConfig) -> dict:
-  """The config.json of Hugging Face's GPT2LMHeadModel or BertForMaskedLM for our model."""
+def special_ids(cfg: ModelConfig, tok=None) -> dict:
+  """The token ids a Hugging Face config names, from the run's tokenizer `tok` (our
+  SentencePiece ids when None): pad, and bos/eos for a causal model."""
+  tok = tokenizer_lib.Tokenizer if tok is None else tok
+  ids = {"pad_token_id": tok.pad_id}
+  if cfg.causal:
+    ids.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+  return ids
+
+
+def hf_config(cfg: ModelConfig, tok=None) -> dict:
+  """The config.json of Hugging Face's GPT2LMHeadModel or BertForMaskedLM for our model, with
+  the special ids of the run's tokenizer `tok` (see `special_ids`)."""
   common = {
     "architectures": [_ARCHITECTURE[cfg.objective]],
     "model_type": _MODEL_TYPE[cfg.objective],
     "vocab_size": cfg.num_ids,
     "tie_word_embeddings": True,
-    "pad_token_id": tokenizer_lib.PAD_ID,
+    **special_ids(cfg, tok),
     "dtype": cfg.param_dtype,
     "initializer_range": cfg.init_std,
   }
@@ -253,8 +297,6 @@ def hf_config(cfg: ModelConfig) -> dict:
       "n_inner": cfg.mlp_dim,
       "activation_function": HF_ACTIVATION[cfg.gelu],
       "layer_norm_epsilon": cfg.layer_norm_epsilon,
-      "bos_token_id": tokenizer_lib.BOS_ID,
-      "eos_token_id": tokenizer_lib.EOS_ID,
       "resid_pdrop": cfg.dropout_rate,
       "embd_pdrop": cfg.dropout_rate,
       "attn_pdrop": 0.0,
@@ -346,6 +388,8 @@ def mismatches(hf: dict, config: ml_collections.ConfigDict, where: str) -> list[
       )
     elif name == "model.max_positions":
       continue  # any table fits: model.fit_positions cuts or extends it
+    elif name == "data.vocab_size":
+      problems += _vocab_mismatch(value, config, where)
     elif ours[name] != value:
       problems.append(
         f"{keys[name]}={theirs!r} in {where} but {name}={ours[name]!r} in the "
@@ -353,6 +397,39 @@ def mismatches(hf: dict, config: ml_collections.ConfigDict, where: str) -> list[
       )
   problems += _unsupported(hf, where)
   return problems
+
+
+def _vocab_mismatch(rows: int, config: ml_collections.ConfigDict, where: str) -> list[str]:
+  """data.vocab_size is the tokenizer's number of ids; an embedding may have padding rows past
+  them (a vocabulary padded to a round number), never fewer rows."""
+  ours = config.data.vocab_size
+  if rows is None or ours <= rows:
+    return []
+  path = config.data.tokenizer_path or (
+    os.path.join(config.init_from_hf, "tokenizer.json") if config.init_from_hf else ""
+  )
+  size = _tokenizer_size(path) if path else None
+  if size is None:
+    fix = (
+      f"pass --config.data.vocab_size={rows} (or the number of ids of the tokenizer saved with "
+      "these weights, where the embedding has padding rows past them)"
+    )
+  elif size <= rows:
+    fix = f"pass --config.data.vocab_size={size} (the ids of {path}; rows past them are padding)"
+  else:
+    fix = (
+      f"the tokenizer {path} has {size} ids, more than the embedding has rows, so it is not the "
+      "tokenizer of these weights; pass theirs as --config.data.tokenizer_path"
+    )
+  return [f"vocab_size={rows} in {where} but data.vocab_size={ours} in the config; {fix}"]
+
+
+def _tokenizer_size(path: str) -> int | None:
+  """The number of ids of the tokenizer file at `path`, None where there is none to read."""
+  try:
+    return tokenizer_lib.load(path).vocab_size
+  except (tokenizer_lib.TokenizerError, OSError):
+    return None
 
 
 def _unsupported(hf: dict, where: str) -> list[str]:
@@ -380,36 +457,49 @@ def _unsupported(hf: dict, where: str) -> list[str]:
 # ---- directories -----------------------------------------------------------------------------
 
 
-def save(out_dir: str, params: dict, cfg: ModelConfig) -> None:
-  """Write config.json and model.safetensors (real vocabulary, tied weights once) to out_dir."""
+def save(out_dir: str, params: dict, cfg: ModelConfig, tok=None) -> None:
+  """Write config.json and model.safetensors (real vocabulary, tied weights once) to out_dir,
+  and for a causal model generation_config.json; special ids from the run's tokenizer `tok`."""
   from safetensors.numpy import save_file
 
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config(cfg), f, indent=2, sort_keys=True)
+    json.dump(hf_config(cfg, tok), f, indent=2, sort_keys=True)
+  if cfg.causal:  # what transformers' generate stops at and pads with
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+      json.dump(special_ids(cfg, tok), f, indent=2, sort_keys=True)
   save_file(to_hf(params, cfg), os.path.join(out_dir, "model.safetensors"), {"format": "pt"})
 
 
 def read_config(hf_dir: str) -> dict:
   path = os.path.join(hf_dir, "config.json")
+  if not os.path.isdir(hf_dir):
+    raise HFError(
+      f"init_from_hf={hf_dir} does not exist; pass a Hugging Face model directory (config.json "
+      "and model.safetensors)."
+    )
   if not os.path.isfile(path):
     raise HFError(f"{path} does not exist; init_from_hf takes a Hugging Face model directory.")
   with open(path) as f:
     return json.load(f)
 
 
-def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
-  """All tensors of model.safetensors, or of the shards its index file lists."""
-  from safetensors.numpy import load_file
+def check_readable(hf_dir: str) -> None:
+  """HFError unless hf_dir holds a config.json and weights sslm_jax reads (reads no tensor)."""
+  read_config(hf_dir)
+  _weight_files(hf_dir)
 
+
+def _weight_files(hf_dir: str) -> list[str]:
+  """model.safetensors, or the shards its index file lists; HFError naming what is there."""
   single = os.path.join(hf_dir, "model.safetensors")
   index = single + ".index.json"
   if os.path.isfile(single):
-    return load_file(single)
+    return [single]
   if os.path.isfile(index):
     with open(index) as f:
       shards = sorted(set(json.load(f)["weight_map"].values()))
-    return {k: v for shard in shards for k, v in load_file(os.path.join(hf_dir, shard)).items()}
+    return [os.path.join(hf_dir, shard) for shard in shards]
   found = sorted(os.listdir(hf_dir))
   torch_only = any(name.startswith("pytorch_model") for name in found)
   hint = (
@@ -419,6 +509,13 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
     else f" It holds: {', '.join(found) or 'nothing'}."
   )
   raise HFError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json.{hint}")
+
+
+def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
+  """All tensors of model.safetensors, or of the shards its index file lists."""
+  from safetensors.numpy import load_file
+
+  return {k: v for path in _weight_files(hf_dir) for k, v in load_file(path).items()}
 
 
 def check_dir(hf_dir: str, config: ml_collections.ConfigDict) -> dict:
@@ -435,4 +532,4 @@ def load_params(hf_dir: str, config: ml_collections.ConfigDict) -> dict:
   """Our parameters (pure dict of NumPy arrays, padded vocabulary) from a Hugging Face directory."""
   check_dir(hf_dir, config)
   cfg = config_lib.model_config(config)
-  return from_hf(read_tensors(hf_dir), cfg, where=hf_dir)
+  return from_hf(read_tensors(hf_dir), cfg, where=hf_dir, seed=config.seed)

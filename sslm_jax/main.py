@@ -23,7 +23,7 @@ from jax._src import compilation_cache
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from sslm_jax import checkpoint, cluster, metrics, rendezvous, sharding, train
+from sslm_jax import checkpoint, cluster, hf, metrics, rendezvous, sharding, train
 from sslm_jax import config as config_lib
 from sslm_jax import lease as lease_lib
 from sslm_jax import plan as plan_lib
@@ -247,8 +247,20 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
       print(report, flush=True)
     return {}
+  _check_init_from_hf(config, workdir)  # before the lease creates the workdir
   with _workdir_lease(workdir):
     return _train(config, workdir, mesh)
+
+
+def _check_init_from_hf(config, workdir: str) -> None:
+  """A run that will start from init_from_hf (no checkpoint to resume) can read it: checked
+  before anything is written. A resumed run never reads the directory."""
+  if not config.init_from_hf:
+    return
+  directory = epath.Path(workdir) / "checkpoints"
+  if directory.exists() and any(p.name.isdigit() for p in directory.iterdir()):
+    return
+  hf.check_readable(config.init_from_hf)
 
 
 def _train(config, workdir: str, mesh) -> dict:

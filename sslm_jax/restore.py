@@ -96,6 +96,27 @@ def restore_params(tree_dir: epath.Path, build):
   return nnx.merge(graphdef, restored["params"])
 
 
+def tokenizer_file(workdir: str, config: ml_collections.ConfigDict) -> str:
+  """The workdir's own tokenizer copy; for a workdir written before runs kept one, the
+  data.tokenizer_path its config.json names, where that file still exists."""
+  own = tok.workdir_file(workdir)
+  if own is not None:
+    return own
+  named = config.data.tokenizer_path
+  if not named:
+    raise UsageError(
+      f"{workdir} has no tokenizer.model or tokenizer.json; restore the tokenizer its run was "
+      "trained with into it."
+    )
+  if not epath.Path(named).exists():
+    raise UsageError(
+      f"{workdir} has no copy of its tokenizer and data.tokenizer_path={named} (from its "
+      "config.json) does not exist here; copy the tokenizer file the run was trained with to "
+      f"{workdir}/{tok.workdir_name(named)}."
+    )
+  return named
+
+
 class Restored(NamedTuple):
   """A workdir's checkpoint, as `api.load` builds a LanguageModel from it."""
 
@@ -113,14 +134,14 @@ def from_workdir(workdir: str, step: int | None = None) -> Restored:
   directory = checkpoint_dir(workdir)
   steps = ocp.step.checkpoint_steps(directory) if directory.exists() else []
   step = _choose_step(workdir, steps, step)
-  tokenizer = tok.load(config.data.tokenizer_path or f"{workdir}/tokenizer.model")
+  tokenizer = tok.load(tokenizer_file(workdir, config))
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
     meta = checkpointer.restore(directory / str(step) / "meta")
   recorded = dict(meta or {}).get("fingerprint", {}).get("tokenizer_sha256")
   if recorded and recorded != tokenizer.sha256:
     raise UsageError(
       f"{tokenizer.path} is not the tokenizer the checkpoint at step {step} was trained with "
-      "(its SHA-256 differs); restore the run's tokenizer.model."
+      f"(its SHA-256 differs); restore the run's {os.path.basename(tokenizer.path)}."
     )
   model_cfg = config_lib.model_config(config)
   try:

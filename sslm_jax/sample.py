@@ -1,4 +1,8 @@
-"""End-of-run samples: GPT continues a prompt, BERT fills a [MASK]."""
+"""End-of-run samples: GPT continues a prompt, BERT fills a [MASK].
+
+Special ids come from the tokenizer object (ours or a Hugging Face tokenizer.json), never from
+SentencePiece's fixed ids.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ import numpy as np
 from sslm_jax import decode, decoder
 from sslm_jax import tokenizer as tok
 
-# Never sampled: every special id but EOS, which ends a sample.
-BANNED_IDS = (tok.PAD_ID, tok.UNK_ID, tok.BOS_ID, tok.MASK_ID, tok.CLS_ID, tok.SEP_ID)
+
+def banned_ids(tokenizer) -> list[int]:
+  """Never sampled: every special id of `tokenizer` but EOS, which ends a sample."""
+  return sorted(set(tokenizer.special_ids) - {tokenizer.eos_id})
 
 
 def fit_prompt(prompt_ids: list[int], max_len: int, max_new_tokens: int) -> tuple[list[int], int]:
@@ -49,21 +55,21 @@ def show(model, tokenizer: tok.Tokenizer, texts: list[str]) -> list[str]:
       continue
     if model.cfg.causal:
       prompt, room = fit_prompt(
-        [tok.BOS_ID] + ids[: min(len(ids) // 2, 24)], model.cfg.max_len, max_new_tokens=32
+        [tokenizer.bos_id] + ids[: min(len(ids) // 2, 24)], model.cfg.max_len, max_new_tokens=32
       )
       (new,) = decode.generate(
-        decoding, [prompt], max_new_tokens=room, temperature=0.8, top_k=40, eos_id=tok.EOS_ID,
-        banned_ids=BANNED_IDS,
+        decoding, [prompt], max_new_tokens=room, temperature=0.8, top_k=40,
+        eos_id=tokenizer.eos_id, banned_ids=banned_ids(tokenizer),
       )  # fmt: skip
-      new = new[:-1] if new and new[-1] == tok.EOS_ID else new
+      new = new[:-1] if new and new[-1] == tokenizer.eos_id else new
       # Decode together so the first new piece keeps its leading space.
       shown = tokenizer.decode(prompt)
       continuation = tokenizer.decode(prompt + new)[len(shown) :]
       lines.append(f"prompt: {shown!r}\n  continuation: {continuation!r}")
       continue
-    ids = [tok.CLS_ID] + ids[: model.cfg.max_len - 2] + [tok.SEP_ID]
+    ids = [tokenizer.cls_id] + ids[: model.cfg.max_len - 2] + [tokenizer.sep_id]
     position = len(ids) // 2
-    original, ids[position] = ids[position], tok.MASK_ID
+    original, ids[position] = ids[position], tokenizer.mask_id
     shown = (
       tokenizer.decode(ids[1:position]) + " [MASK] " + tokenizer.decode(ids[position + 1 : -1])
     )

@@ -178,26 +178,36 @@ def workdir_file(workdir: str) -> str | None:
   return found[0] if found else None
 
 
+def check_adoptable(source: str, workdir: str) -> str | None:
+  """The workdir's copy of `source` (None where it has no tokenizer yet); TokenizerError where it
+  holds a different tokenizer. Reads only."""
+  existing = workdir_file(workdir)
+  if existing is None:
+    return None
+  target = str(epath.Path(workdir) / workdir_name(source))
+  same = existing == target and _sha256(epath.Path(existing).read_bytes()) == _sha256(
+    epath.Path(source).read_bytes()
+  )
+  if not same:
+    raise TokenizerError(
+      f"{workdir} already holds a different tokenizer ({existing}) than {source}; use a new "
+      "--workdir for a run with another tokenizer, or point data.tokenizer_path at the "
+      f"workdir's own {os.path.basename(existing)}."
+    )
+  return existing
+
+
 def adopt(source: str, workdir: str) -> str:
   """Copy tokenizer file `source` into `workdir` (as `workdir_name(source)`) unless an identical
   copy is there; refuse where the workdir already holds a different tokenizer. Returns the
   workdir's path of the copy."""
-  src = epath.Path(source)
-  if not src.exists():
+  if not epath.Path(source).exists():
     raise TokenizerError(f"tokenizer file {source} does not exist; fix data.tokenizer_path.")
-  data = src.read_bytes()
-  target = epath.Path(workdir) / workdir_name(source)
-  existing = workdir_file(workdir)
+  existing = check_adoptable(source, workdir)
   if existing is not None:
-    same = existing == str(target) and _sha256(epath.Path(existing).read_bytes()) == _sha256(data)
-    if not same:
-      raise TokenizerError(
-        f"{workdir} already holds a different tokenizer ({existing}) than {source}; use a new "
-        "--workdir for a run with another tokenizer, or point data.tokenizer_path at the "
-        f"workdir's own {os.path.basename(existing)}."
-      )
     return existing
-  _write_atomically(target, data)
+  target = epath.Path(workdir) / workdir_name(source)
+  _write_atomically(target, epath.Path(source).read_bytes())
   return str(target)
 
 

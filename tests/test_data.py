@@ -406,8 +406,9 @@ def test_given_tokenizer_is_used_and_checked(prepared, text_files, tmp_path):
   _, workdir = prepared
   c = make_config(text_files, tokenizer_path=f"{workdir}/tokenizer.model")
   pipeline.prepare(c, str(tmp_path))
-  assert not (tmp_path / "tokenizer.model").exists()
-  assert pipeline.build(c, str(tmp_path)).tokenizer.path == c.data.tokenizer_path
+  copy = tmp_path / "tokenizer.model"  # the workdir keeps the file it trained with
+  assert copy.read_bytes() == open(f"{workdir}/tokenizer.model", "rb").read()
+  assert pipeline.build(c, str(tmp_path)).tokenizer.path == str(copy)
   c.data.vocab_size = 512
   with pytest.raises(DataError, match="has 320 pieces.*--config.data.vocab_size=320"):
     pipeline.prepare(c, str(tmp_path))

@@ -264,8 +264,11 @@ def test_unreadable_directories_say_why(tmp_path):
   os.rename(f"{directory}/model.safetensors", f"{directory}/pytorch_model.bin")
   with pytest.raises(hf.HFError, match="pytorch_model.bin.*does not read"):
     hf.load_params(directory, config)
-  with pytest.raises(hf.HFError, match="config.json does not exist"):
+  with pytest.raises(hf.HFError, match="nowhere does not exist; pass a Hugging Face model dir"):
     hf.load_params(str(tmp_path / "nowhere"), config)
+  os.remove(f"{directory}/config.json")
+  with pytest.raises(hf.HFError, match="config.json does not exist"):
+    hf.load_params(directory, config)
   tensors = hf.to_hf(_randomized_params(config), config_lib.model_config(config))
   del tensors["transformer.h.1.mlp.c_fc.bias"]
   tensors["transformer.h.0.ln_1.weight"] = np.ones(WIDTH + 1, np.float32)
@@ -426,3 +429,120 @@ def test_export_command_end_to_end(tmp_path, objective):
   (empty / "config.json").write_text(json.dumps(_config(objective).to_dict()))
   none = _export(f"--workdir={empty}", f"--out={tmp_path / 'o3'}")
   assert none.returncode == 2 and "no checkpoints" in none.stderr
+
+
+def test_export_names_the_special_ids_of_the_runs_tokenizer(tmp_path, objective):
+  """A GPT-2 byte-level BPE run: ids 2 and 3 are '"' and '#', <|endoftext|> is its last id."""
+  from test_hf_tokenizer import bert_style_json, gpt2_style_json
+
+  make = gpt2_style_json if objective == "causal_lm" else bert_style_json
+  tok = tokenizer_lib.load(make(tmp_path / "tokenizer.json", _corpus(100), vocab_size=VOCAB))
+  config = _config(objective)
+  config.data.vocab_size = tok.vocab_size
+  cfg = config_lib.model_config(config)
+  hf.save(str(tmp_path / "out"), _randomized_params(config), cfg, tok)
+  written = json.loads((tmp_path / "out" / "config.json").read_text())
+  assert written["pad_token_id"] == tok.pad_id
+  if objective == "causal_lm":
+    end = tok.vocab_size - 1
+    assert tok.id_to_piece(end) == "<|endoftext|>"
+    wanted = {"bos_token_id": end, "eos_token_id": end, "pad_token_id": end}
+    assert {k: written[k] for k in wanted} == wanted
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation == wanted
+    loaded = transformers.GenerationConfig.from_pretrained(str(tmp_path / "out"))
+    assert (loaded.eos_token_id, loaded.bos_token_id) == (end, end)
+  else:
+    assert written["pad_token_id"] == 0 and tok.id_to_piece(0) == "[PAD]"
+    assert not (tmp_path / "out" / "generation_config.json").exists()
+
+
+def test_a_padded_hugging_face_vocabulary_loads_with_the_tokenizers_size(tmp_path, objective):
+  """Embedding rows past the tokenizer's ids (320 rows, 300 ids) are padding: the config takes
+  the tokenizer's size, the extra rows are not read, and the logits match on the real ids."""
+  rows = VOCAB + 20
+  torch.manual_seed(0)
+  model = _hf_model(objective)
+  model.resize_token_embeddings(rows)
+  with torch.no_grad():
+    model.get_input_embeddings().weight[VOCAB:] = 0.15 * torch.randn(20, WIDTH)
+  directory = str(tmp_path / "padded")
+  model.save_pretrained(directory)
+  config = _config(objective)
+  config.init_from_hf = directory
+  config_lib.validate(config)  # data.vocab_size=300 < 320 rows: accepted
+  params = hf.load_params(directory, config)
+  tokens, token_types, masked = _inputs(objective)
+  ours = _our_logits(_our_model(config, params), objective, tokens, token_types, masked)
+  theirs = _hf_logits(model.eval(), objective, tokens, token_types, masked)[..., :VOCAB]
+  assert _max_diff(ours, theirs) < TOLERANCE
+  # More ids than rows: one fix, the same one the tokenizer check gives.
+  config.data.vocab_size = rows + 1
+  with pytest.raises(hf.HFError) as error:
+    config_lib.validate(config)
+  assert f"vocab_size={rows} in {directory}/config.json" in str(error.value)
+  assert f"--config.data.vocab_size={rows}" in str(error.value)
+
+
+def test_a_bert_model_without_its_mlm_head_starts_a_new_head(tmp_path, caplog):
+  """transformers' BertModel saves no cls.predictions.*: the encoder loads exactly, the head is
+  initialised as ours is (with an INFO line)."""
+  hf_model = _hf_model("masked_lm")
+  directory = str(tmp_path / "bert_model")
+  hf_model.bert.save_pretrained(directory)  # a BertModel, with its pooler
+  config = _config("masked_lm")
+  with caplog.at_level(logging.INFO):
+    params = hf.load_params(directory, config)
+  assert "has no MLM head" in caplog.text
+  full = hf.from_hf(
+    {k: v.numpy() for k, v in hf_model.state_dict().items()}, config_lib.model_config(config)
+  )
+  for key in ("token_embed", "stack", "embed_norm"):
+    jax.tree.map(np.testing.assert_array_equal, params[key], full[key])
+  head = params["mlm_head"]
+  assert np.all(head["norm"]["scale"] == 1) and np.std(head["transform"]["kernel"]) > 0
+  # Missing encoder tensors still fail, in a short line.
+  tensors = {k: v.numpy() for k, v in hf_model.bert.state_dict().items() if ".layer.1." not in k}
+  with pytest.raises(hf.HFError) as error:
+    hf.from_hf(tensors, config_lib.model_config(config))
+  assert "bert.encoder.layer.1." in str(error.value) and len(str(error.value)) < 600
+
+
+def _main(workdir, hf_dir) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  flags = [
+    "--config=configs/gpt_tiny.py",
+    f"--workdir={workdir}",
+    f"--config.init_from_hf={hf_dir}",
+    f"--config.data.vocab_size={VOCAB}",
+    f"--config.data.seq_len={POSITIONS}",
+    f"--config.model.num_layers={LAYERS}",
+    f"--config.model.num_heads={HEADS}",
+    f"--config.model.emb_dim={WIDTH}",
+    f"--config.model.mlp_dim={MLP}",
+    "--config.mesh.data=1",
+  ]
+  return subprocess.run(
+    [sys.executable, "-m", "sslm_jax.main", *flags],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_an_unreadable_init_from_hf_is_refused_before_the_workdir_is_written(tmp_path):
+  directory, _ = _saved_hf(tmp_path, "causal_lm")
+  os.rename(f"{directory}/model.safetensors", f"{directory}/pytorch_model.bin")
+  missing = _main(tmp_path / "run", tmp_path / "nowhere")
+  assert missing.returncode == 2, missing.stderr[-2000:]
+  assert missing.stderr.splitlines()[-1] == (
+    f"sslm_jax: error: init_from_hf={tmp_path / 'nowhere'} does not exist; pass a Hugging Face "
+    "model directory (config.json and model.safetensors)."
+  )
+  torch_only = _main(tmp_path / "run", directory)
+  assert torch_only.returncode == 2, torch_only.stderr[-2000:]
+  assert "pytorch_model.bin" in torch_only.stderr.splitlines()[-1]
+  assert not (tmp_path / "run").exists()

@@ -15,7 +15,9 @@ pipeline here (and other test modules collected before this one) do.
 import importlib.util
 import json
 import os
+import pathlib
 import random
+import shutil
 import subprocess
 import sys
 
@@ -94,6 +96,27 @@ def _hf_loss(objective: str, directory: str, batch_file: str) -> float:
   return nll_sum / count
 
 
+def _hf_generate(directory: str, prompts_file: str) -> list[str]:
+  """Greedy continuations by transformers' generate, each prompt opened by the tokenizer's BOS
+  as ours are, its special ids from the exported generation_config.json."""
+  import torch
+  import transformers
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+  tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  out = []
+  for prompt in json.loads(open(prompts_file).read()):
+    ids = [model.generation_config.bos_token_id] + tok(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+      full = model.eval().generate(
+        torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+        max_new_tokens=GENERATED, do_sample=False,
+      )[0].tolist()  # fmt: skip
+    shown = tok.decode(ids, skip_special_tokens=True)
+    out.append(tok.decode(full, skip_special_tokens=True)[len(shown) :])
+  return out
+
+
 def _torch_side(*args: str) -> str:
   """Run this file as a script (see the module notes); its stdout."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
@@ -145,7 +168,7 @@ def hf_dir(request, tmp_path_factory):
 
 def _flags(objective, text_file, directory, vocab_size, workdir) -> list[str]:
   return [
-    f"--config={CONFIG_FILE[objective]}",
+    f"--config={os.path.join(ROOT, CONFIG_FILE[objective])}",
     f"--workdir={workdir}",
     "--config.num_train_steps=2",
     "--config.batch_size=4",
@@ -169,12 +192,12 @@ def _flags(objective, text_file, directory, vocab_size, workdir) -> list[str]:
   ]
 
 
-def _main(*args, timeout=300):
+def _main(*args, timeout=300, cwd=ROOT):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   return subprocess.run(
     [sys.executable, "-m", "sslm_jax.main", *args],
-    cwd=ROOT,
+    cwd=cwd,
     env=env,
     capture_output=True,
     text=True,
@@ -197,9 +220,15 @@ def _save_eval_batch(workdir: str, out: str) -> dict:
 
 @pytest.mark.slow
 def test_pretraining_from_hf_files_starts_at_hf_loss(hf_dir, tmp_path):
+  """Also: the GPT run names no tokenizer (init_from_hf's tokenizer.json is the one), and the
+  BERT run names it by a relative path; both workdirs keep a copy (checked below)."""
   objective, text_file, directory, vocab_size = hf_dir
   workdir = str(tmp_path / "run")
-  result = _main(*_flags(objective, text_file, directory, vocab_size, workdir))
+  shutil.copytree(directory, tmp_path / "hf")  # a copy to delete after training
+  flags = _flags(objective, text_file, "hf", vocab_size, workdir)
+  if objective == "causal_lm":
+    flags = [f for f in flags if not f.startswith("--config.data.tokenizer_path=")]
+  result = _main(*flags, cwd=tmp_path)  # relative paths, as typed in tmp_path
   assert result.returncode == 0, result.stderr[-3000:]
   assert "Starting from the Hugging Face weights" in result.stderr
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -214,6 +243,51 @@ def test_pretraining_from_hf_files_starts_at_hf_loss(hf_dir, tmp_path):
   assert abs(ours - theirs) <= 1e-4 * abs(theirs)
   assert abs(ours - np.log(vocab_size)) > 0.2  # a random init gives ln(vocab) within ~0.05
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+  _check_self_contained(objective, workdir, tmp_path)
+
+
+GENERATED = 6
+
+
+def _check_self_contained(objective: str, workdir: str, tmp_path) -> None:
+  """With the Hugging Face directory gone, from another working directory: the workdir loads,
+  generates (GPT) or fills masks (BERT), and exports; transformers' greedy generate on the
+  export continues each prompt as ours does, stopping at the tokenizer's own EOS."""
+  shutil.rmtree(tmp_path / "hf")
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  prompts = [" ".join(p.split()[:4]) for p in _paragraphs(3)]
+  (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+  out = str(tmp_path / "export")
+  code = (
+    "import json, sys; import sslm_jax; from sslm_jax import export\n"
+    "lm = sslm_jax.load(sys.argv[1]); prompts = json.load(open(sys.argv[3]))\n"
+    "if lm.model_cfg.causal:\n"
+    f"  got = [s for (s,) in lm.generate(prompts, max_new_tokens={GENERATED}, temperature=0)]\n"
+    "else:\n"
+    "  got = lm.fill_mask(prompts[0] + ' [MASK]')\n"
+    "print(export.export(sys.argv[1], sys.argv[2])); print(json.dumps(got))\n"
+  )
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  done = subprocess.run(
+    [sys.executable, "-c", code, workdir, out, str(tmp_path / "prompts.json")],
+    cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+  )  # fmt: skip
+  assert done.returncode == 0, done.stderr[-3000:]
+  ours = json.loads(done.stdout.splitlines()[-1])
+  assert sorted(f for f in os.listdir(workdir) if f.startswith("tokenizer")) == ["tokenizer.json"]
+  with open(os.path.join(out, "config.json")) as f:
+    exported = json.load(f)
+  tok = json.loads((pathlib.Path(workdir) / "tokenizer.json").read_text())
+  specials = {t["content"]: t["id"] for t in tok["added_tokens"]}
+  if objective == "masked_lm":
+    assert exported["pad_token_id"] == specials["[PAD]"] and len(ours) == 1
+    return
+  end = specials["<|endoftext|>"]
+  assert (exported["bos_token_id"], exported["eos_token_id"]) == (end, end)
+  theirs = json.loads(_torch_side("generate", objective, out, str(tmp_path / "prompts.json")))
+  print(f"\nours {ours}\ntransformers {theirs}")
+  assert ours == theirs and any(ours)
 
 
 def test_shape_mismatch_exits_2_before_writing_checkpoints(hf_dir, tmp_path):
@@ -289,5 +363,7 @@ if __name__ == "__main__":  # the torch side, in an interpreter without TensorFl
   mode, objective, *rest = sys.argv[1:]
   if mode == "save":
     _save_hf_model(objective, int(rest[0]), int(rest[1]), rest[2])
+  elif mode == "generate":
+    print(json.dumps(_hf_generate(*rest)))
   else:
     print(repr(_hf_loss(objective, *rest)))

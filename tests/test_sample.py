@@ -17,7 +17,7 @@ def _generate(model, prompt, max_new_tokens):
   """Sampled as sample.show samples."""
   (new,) = decode.generate(
     model, [prompt], max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
-    eos_id=tokenizer_lib.EOS_ID, banned_ids=sample.BANNED_IDS,
+    eos_id=tokenizer_lib.EOS_ID, banned_ids=sample.banned_ids(tokenizer_lib.Tokenizer),
   )  # fmt: skip
   return new
 
@@ -100,3 +100,46 @@ def test_samples_never_return_vocabulary_padding_ids(tok):
   text = " ".join(corpus_texts(2, seed=3)).replace("\n", " ")
   (line,) = sample.show(bert, tok, [text])  # used to raise "piece id is out of range"
   assert "top-5:" in line
+
+
+def test_samples_use_the_special_ids_of_a_hugging_face_tokenizer(tmp_path, monkeypatch):
+  """GPT-2's <|endoftext|> opens the prompt and ends a sample (ids 2 and 3 are '"' and '#' in its
+  vocabulary, ordinary text that must stay sampleable); BERT's [CLS]/[SEP]/[MASK] frame the
+  fill-mask sample."""
+  from test_hf_tokenizer import bert_style_json, gpt2_style_json
+
+  texts = [" ".join(corpus_texts(2, seed=s)).replace("\n", " ") for s in range(4)]
+  gpt2 = tokenizer_lib.load(gpt2_style_json(tmp_path / "gpt2.json", texts, vocab_size=300))
+  end = gpt2.eos_id
+  assert end == gpt2.bos_id and end not in (2, 3)
+  calls = []
+
+  def fake_generate(decoding, prompts, **kwargs):
+    calls.append((prompts[0], kwargs))
+    return [[50, 60, end]]
+
+  monkeypatch.setattr(sample.decode, "generate", fake_generate)
+  config = tiny_config("causal_lm")
+  config.data.seq_len, config.data.vocab_size = 32, gpt2.vocab_size
+  gpt = model_lib.build(config_lib.model_config(config), seed=0)
+  (line,) = sample.show(gpt, gpt2, [texts[0]])
+  ((prompt, kwargs),) = calls
+  assert prompt[0] == end and kwargs["eos_id"] == end
+  assert kwargs["banned_ids"] == sorted(gpt2.special_ids - {end}) and 2 not in kwargs["banned_ids"]
+  assert line.startswith("prompt: " + repr(gpt2.decode(prompt[1:])))
+  assert line.endswith(
+    f"continuation: {gpt2.decode(prompt + [50, 60])[len(gpt2.decode(prompt)) :]!r}"
+  )
+
+  bert_tok = tokenizer_lib.load(bert_style_json(tmp_path / "bert.json", texts, vocab_size=200))
+  seen = []
+  monkeypatch.setattr(
+    sample, "fill_mask", lambda model, ids, position, **kw: seen.append((ids, position)) or []
+  )
+  config = tiny_config("masked_lm")
+  config.data.seq_len, config.data.vocab_size = 32, bert_tok.vocab_size
+  bert = model_lib.build(config_lib.model_config(config), seed=0)
+  (line,) = sample.show(bert, bert_tok, [texts[1]])
+  ((ids, position),) = seen
+  assert (ids[0], ids[-1], ids[position]) == (bert_tok.cls_id, bert_tok.sep_id, bert_tok.mask_id)
+  assert "!" not in line and '"' not in line.split("original")[0]

@@ -141,9 +141,56 @@ def check_sizes(c: ml_collections.ConfigDict, meta: dict) -> None:
     )
 
 
+def tokenizer_source(c: ml_collections.ConfigDict) -> str:
+  """The tokenizer file the config names: data.tokenizer_path, else init_from_hf's
+  tokenizer.json (pretrained embeddings need their own tokenizer); '' where a new one is trained."""
+  if c.data.tokenizer_path:
+    return c.data.tokenizer_path
+  if c.init_from_hf:
+    return os.path.join(c.init_from_hf, "tokenizer.json")
+  return ""
+
+
+def _missing_source(c: ml_collections.ConfigDict, source: str) -> tokenizer_lib.TokenizerError:
+  if not c.data.tokenizer_path:
+    return tokenizer_lib.TokenizerError(
+      f"init_from_hf={c.init_from_hf} has no tokenizer.json; pass the tokenizer its weights "
+      "were trained with as --config.data.tokenizer_path=FILE."
+    )
+  fix = "leave it empty to train one"
+  if c.init_from_hf:
+    fix = "pass the tokenizer the init_from_hf weights were trained with"
+  return tokenizer_lib.TokenizerError(
+    f"tokenizer file {source} does not exist; fix data.tokenizer_path or {fix}."
+  )
+
+
+def _resolve(c: ml_collections.ConfigDict, workdir: str) -> tuple[str | None, bool]:
+  """(the tokenizer file to read, whether it is the workdir's own copy); (None, False) where a
+  new one is to be trained. Reads only.
+
+  The workdir's copy is what the run trained with: a config naming another file is refused, and
+  one naming a file that has moved since the copy was made reads the copy.
+  """
+  own, source = tokenizer_lib.workdir_file(workdir), tokenizer_source(c)
+  if not source:
+    return own, own is not None
+  if not gfile.exists(source):
+    if own is None:
+      raise _missing_source(c, source)
+    logging.info("tokenizer %s not found; reading the workdir's copy %s", source, own)
+    return own, True
+  if own is not None:
+    tokenizer_lib.check_adoptable(source, workdir)
+    return own, True
+  return source, False
+
+
 def tokenizer_file(c: ml_collections.ConfigDict, workdir: str) -> str:
-  """data.tokenizer_path, else the workdir's own tokenizer.model."""
-  return c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+  """The workdir's own tokenizer copy, else the file the config names, else where a new
+  tokenizer.model is trained."""
+  path, _ = _resolve(c, workdir)
+  return path or os.path.join(workdir, "tokenizer.model")
 
 
 def _tokenizer_sample(c: ml_collections.ConfigDict) -> list[str]:
@@ -177,33 +224,38 @@ def _train_tokenizer(c: ml_collections.ConfigDict, path: str) -> tokenizer_lib.T
 def tokenizer(
   c: ml_collections.ConfigDict, workdir: str, may_train: bool
 ) -> tokenizer_lib.Tokenizer:
-  """data.tokenizer_path if set, else the workdir's own tokenizer, trained on first use."""
-  if c.data.tokenizer_path:
-    tok, origin = tokenizer_lib.load(c.data.tokenizer_path), "data.tokenizer_path"
+  """The workdir's tokenizer: its own copy (tokenizer.model or tokenizer.json), else the file the
+  config names (data.tokenizer_path, or init_from_hf's tokenizer.json), copied into the workdir
+  when `may_train`, else a new SentencePiece model trained on first use."""
+  path, own = _resolve(c, workdir)
+  origin = "data.tokenizer_path" if c.data.tokenizer_path else path
+  if path is None:
+    path = origin = os.path.join(workdir, "tokenizer.model")
+    if not may_train:
+      raise DataError(f"{path} does not exist; run prepare(config, workdir) before build().")
+    tok, own = _train_tokenizer(c, path), True
   else:
-    origin = os.path.join(workdir, "tokenizer.model")
-    if gfile.exists(origin):
-      tok = tokenizer_lib.load(origin)
-    elif may_train:
-      tok = _train_tokenizer(c, origin)
-    else:
-      raise DataError(f"{origin} does not exist; run prepare(config, workdir) before build().")
+    tok = tokenizer_lib.load(path)
+  _check_size(c, tok, origin)
+  _check_specials(c, tok)
+  if may_train and not own:  # checked first: a refused tokenizer is never copied
+    tok = tokenizer_lib.load(tokenizer_lib.adopt(path, workdir))
+  return tok
+
+
+def _check_size(c: ml_collections.ConfigDict, tok, origin: str) -> None:
   if tok.vocab_size != c.data.vocab_size:
     raise DataError(
       f"the tokenizer {origin} has {tok.vocab_size} pieces but data.vocab_size="
-      f"{c.data.vocab_size}; set --config.data.vocab_size={tok.vocab_size}, or use a new "
-      "--workdir to train a tokenizer of the new size."
+      f"{c.data.vocab_size}; set --config.data.vocab_size={tok.vocab_size}"
+      + ("." if tokenizer_source(c) else ", or use a new --workdir to train one of the new size.")
     )
-  _check_specials(c, tok)
-  return tok
 
 
 def _existing_tokenizer(c: ml_collections.ConfigDict, workdir: str):
   """The tokenizer prepare() would use, or None where it would train a new one (reads only)."""
-  path = tokenizer_file(c, workdir)
-  if c.data.tokenizer_path or gfile.exists(path):
-    return tokenizer_lib.load(path)
-  return None
+  path, _ = _resolve(c, workdir)
+  return tokenizer_lib.load(path) if path else None
 
 
 def resume_record(c: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -123,10 +123,14 @@ def _cut(data: bytes, limit: int) -> int:
   return cut
 
 
-def _bounded_lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
-  """Lines of a binary file, read in chunks; a line over MAX_DOC_BYTES comes out in pieces."""
-  rest = b""
-  while block := f.read(chunk):
+def _bounded_lines(f, start: int = 0, end: int | None = None, chunk: int = 1 << 20):
+  """Lines of a binary file from byte `start` to `end`, read in chunks aligned to the file (so a
+  line over MAX_DOC_BYTES is cut into the same pieces whatever `start` is)."""
+  rest, pos = b"", start
+  while block := f.read(
+    chunk - pos % chunk if end is None else min(chunk - pos % chunk, end - pos)
+  ):
+    pos += len(block)
     *lines, rest = (rest + block).split(b"\n")
     yield from (line + b"\n" for line in lines)
     while len(rest) > MAX_DOC_BYTES:
@@ -137,26 +141,49 @@ def _bounded_lines(f, chunk: int = 1 << 20) -> Iterator[bytes]:
     yield rest
 
 
-def _paragraphs(path: str, name: str) -> Iterator[tuple[str, str, bool]]:
-  """(key, text, had bad bytes) of each blank-line-separated paragraph of a text file."""
-  index, lines, size = 0, [], 0
-  with gfile.GFile(path, "rb") as f:
-    for line in itertools.chain(_bounded_lines(f), [b""]):  # "" flushes the last paragraph
+def _open_at(path: str, start: int):
+  f = gfile.GFile(path, "rb")
+  if start:
+    f.seek(start)
+  return f
+
+
+def _paragraphs(
+  path: str, name: str, start: int = 0, end: int | None = None
+) -> Iterator[tuple[str, str, bool]]:
+  """(key, text, had bad bytes) of each blank-line-separated paragraph of a text file, or of
+  its bytes [start, end) when they begin at a paragraph (units.py cuts files there). The key
+  is name@offset of the paragraph's first byte: the same however the file is cut."""
+  first, lines, size, pos = 0, [], 0, start
+  with _open_at(path, start) as f:
+    for line in itertools.chain(_bounded_lines(f, start, end), [b""]):  # "" flushes the last
       if line.strip():
+        if not lines:
+          first = pos
         lines.append(line)
         size += len(line)
+        pos += len(line)
         if size < MAX_DOC_BYTES:
           continue
+      else:
+        pos += len(line)
       if lines:
         text, bad = _decode(b"".join(lines))
-        yield f"{name}#{index}", text.strip(), bad
-        index, lines, size = index + 1, [], 0
+        yield f"{name}@{first}", text.strip(), bad
+        lines, size = [], 0
 
 
-def _jsonl_records(path: str, name: str, text_key: str) -> Iterator[tuple[str, str, bool]]:
-  """(key, text, had bad bytes) of each .jsonl record's `text_key` field."""
-  with gfile.GFile(path, "rb") as f:
+def _jsonl_records(
+  path: str, name: str, text_key: str, start: int = 0, end: int | None = None
+) -> Iterator[tuple[str, str, bool]]:
+  """(key, text, had bad bytes) of each .jsonl record's `text_key` field, from the line at byte
+  `start` to byte `end`; the key is name@offset of the record's line."""
+  pos = start
+  with _open_at(path, start) as f:
     for number, line in enumerate(f, start=1):
+      if end is not None and pos >= end:
+        break
+      offset, pos = pos, pos + len(line)
       if not line.strip():
         continue
       raw, bad = _decode(line)
@@ -164,24 +191,52 @@ def _jsonl_records(path: str, name: str, text_key: str) -> Iterator[tuple[str, s
         record = json.loads(raw)
         text = record[text_key]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
+        where = f"{path}:{number}" if start == 0 else f"{path} (the line at byte {offset})"
         raise DataError(
-          f"{path}:{number} is not a JSON object with a {text_key!r} field ({e}); fix the file "
+          f"{where} is not a JSON object with a {text_key!r} field ({e}); fix the file "
           "or set --config.data.text_key to the field that holds the text."
         ) from e
-      yield f"{name}#{number}", str(text), bad
+      yield f"{name}@{offset}", str(text), bad
+
+
+def unit_cut(path: str, target: int) -> int | None:
+  """The first place at or after byte `target` where a unit of `path` may begin, or None: the
+  start of a line (.jsonl), or the end of a blank line (other text files), which the reader
+  leaves with no paragraph open. A pure function of the file's bytes and `target`."""
+  pos, line_started = target, False
+  with _open_at(path, max(target - 1, 0)) as f:
+    if target and f.read(1) == b"\n":
+      line_started = True  # the item at `target` is a whole line
+      if path.endswith(".jsonl"):
+        return target
+    if path.endswith(".jsonl"):
+      for line in _bounded_lines(f, target):
+        pos += len(line)
+        if line.endswith(b"\n"):
+          return pos
+      return None
+    for line in _bounded_lines(f, target):
+      pos += len(line)
+      complete = line_started and line.endswith(b"\n")
+      if complete and not line.strip():
+        return pos
+      line_started = line.endswith(b"\n")  # the next item starts a line
+  return None
 
 
 def file_records(
-  source: str, name: str, path: str, text_key: str
+  source: str, name: str, path: str, text_key: str, byte_range: tuple[int, int] | None = None
 ) -> Iterator[tuple[str, str, bool]]:
   """(key, text, had bad bytes) of each document of a built-in or text file: a whole built-in
-  file, a .jsonl record's `text_key` field, or a paragraph of any other text file."""
+  file, a .jsonl record's `text_key` field, or a paragraph of any other text file; of a text
+  file's bytes [start, end) when `byte_range` is given (a unit_cut to a unit_cut or the end)."""
   if source == "builtin":
     text, bad = _decode(pathlib.Path(path).read_bytes())
     return iter([(name, text, bad)])
+  start, end = byte_range or (0, None)
   if path.endswith(".jsonl"):
-    return _jsonl_records(path, name, text_key)
-  return _paragraphs(path, name)
+    return _jsonl_records(path, name, text_key, start, end)
+  return _paragraphs(path, name, start, end)
 
 
 def tfds_builder(name: str, data_dir: str, name_field: str = "data.tfds_name"):

@@ -86,9 +86,10 @@ class Packer:
       self._last_log = time.monotonic()
 
   def close(self) -> None:
-    """Tokenize what is left; the stream's remainder, too short for a row, is dropped."""
+    """Tokenize what is left; the stream's remainder, too short for a row, is dropped (kept as
+    `remainder` for data/joining.py)."""
     self._flush()
-    self._carry = np.empty(0, np.int64)
+    self.remainder, self._carry = self._carry.astype(self.dtype), np.empty(0, np.int64)
 
 
 @dataclasses.dataclass

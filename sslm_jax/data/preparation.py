@@ -25,7 +25,7 @@ from collections.abc import Callable
 import ml_collections
 from absl import logging
 
-from sslm_jax.data import augment_data, cache, corpus, gfile, packing, shards, units
+from sslm_jax.data import augment_data, cache, corpus, gfile, joining, packing, shards, units
 from sslm_jax.data.corpus import DataError
 
 UNITS_DIR = "units"
@@ -92,12 +92,13 @@ def prepare_unit(c_dict: dict, workdir: str, unit: units.Unit, digest: str, shar
     )
   train_docs = 0
   try:
-    for split, text in units.documents(c, unit, stats):
+    for split, text, key in units.keyed_documents(c, unit, stats):
       packers[split].add(text)
       if split == "eval" and len(samples) < corpus.NUM_SAMPLE_TEXTS:
         samples.append(corpus.snippet(text))
       if split == "train" and augmentation is not None:
-        example = unit.index * _AUGMENT_INDEX_STRIDE + train_docs
+        example = units.augment_index(unit, key)
+        example = unit.index * _AUGMENT_INDEX_STRIDE + train_docs if example is None else example
         for _, changed, texts in augmentation.document_copies(text, example):
           for piece in texts if changed else ():
             packers[split].add(piece)
@@ -118,6 +119,7 @@ def prepare_unit(c_dict: dict, workdir: str, unit: units.Unit, digest: str, shar
         "rows": packers[split].num_rows,
         "shards": [list(s) for s in writers[split].close()],
       }
+      | ({joining.CARRY: packers[split].remainder.tolist()} if unit.byte_range else {})
       for split in unit.splits
     },
     "samples": samples,
@@ -265,6 +267,10 @@ def finish(c, workdir: str, request: dict, all_units: list[units.Unit], tok) -> 
   missing = [u.name for u, r in zip(all_units, records, strict=True) if r is None]
   if missing:
     raise DataError(f"units {missing[:5]} were not prepared by any process; rerun prepare.")
+  shard_rows = c.data.shard_rows or shards.rows_per_shard(cache.row_len(c), packing.row_dtype(tok))
+  joining.join_ranges(
+    paths["dir"], all_units, records, cache.row_len(c), packing.row_dtype(tok), shard_rows
+  )
   meta = _manifest(c, request, records, cache.row_len(c), packing.row_dtype(tok).name)
   if meta["undecodable"]["docs"]:
     logging.warning(
@@ -293,8 +299,11 @@ def prepare(
   process_count: int = 1,
   num_workers: int = 1,
   barrier: Callable[[str], None] = lambda name: None,
+  source: bool = False,
 ) -> float | None:
-  """Build workdir/tokenizer.model and workdir/data/ unless they already match the config.
+  """Build the workdir's tokenizer (trained, or a copy of the file the config names) and
+  workdir/data/ unless they already match the config. A mixture `source` reads the run's
+  tokenizer and keeps no copy.
 
   Every process of a run calls it (`barrier` waits for all of them); each prepares its share
   of the units on `num_workers` worker processes. A killed or failed prepare leaves no
@@ -302,17 +311,17 @@ def prepare(
   largest worker process's peak memory in MiB (None when no worker process ran).
   """
   paths = cache.paths(workdir)
-  if process_index == 0:
-    cache.tokenizer(c, workdir, may_train=True)  # trains one on first use
+  if process_index == 0 and not source:
+    cache.tokenizer(c, workdir, may_train=True)  # trains or copies one on first use
   barrier("tokenizer ready")
   if c.data.mixture:  # each source's own cache, with the run's tokenizer
     peaks = []
-    for name, source, source_workdir in cache.mixture_sources(c, workdir):
+    for name, source_config, source_workdir in cache.mixture_sources(c, workdir):
       logging.info("preparing mixture source %r", name)
       try:
         peak = prepare(
-          source, source_workdir, process_index=process_index, process_count=process_count,
-          num_workers=num_workers, barrier=barrier,
+          source_config, source_workdir, process_index=process_index, process_count=process_count,
+          num_workers=num_workers, barrier=barrier, source=True,
         )  # fmt: skip
       except DataError as e:
         raise DataError(
