@@ -17,7 +17,9 @@ applied, default 0.1) and the transform's own fields:
                    the caller replicates it.
   paraphrase       replace the whole text by a paraphrase      paraphrases=FILE or
                    callable='module:function', called as fn(texts: list[str], seed: int) and
-                   returning one paraphrase per text (back-translation models plug in here)
+                   returning one paraphrase per text (back-translation models plug in here);
+                   with batch=N, fn(texts, seeds: list[int]) on up to N examples' texts at
+                   once (see sslm_jax.data.augment_callable)
   contextual       replace alpha of the words by a trained BERT's fill-mask guesses
                    workdir=W (ours, masked_lm), step (default newest), top_k (default 10);
                    see sslm_jax.data.augment_contextual
@@ -48,6 +50,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from sslm_jax.data import augment_callable
 from sslm_jax.data.augment_sources import (
   WORDNET_FILES,
   AugmentError,
@@ -65,7 +68,7 @@ _FIELDS = {
   "swap": (),
   "delete": (),
   "split_sentences": ("max_words",),
-  "paraphrase": ("paraphrases", "callable"),
+  "paraphrase": ("paraphrases", "callable", "batch"),
   "contextual": ("workdir", "step", "top_k"),
 }
 DEFAULT_ALPHA = 0.1
@@ -235,18 +238,6 @@ def _paraphrase_file(table: dict[str, tuple[str, ...]]) -> Apply:
   return apply
 
 
-def _paraphrase_callable(fn: Callable, ref: str) -> Apply:
-  def apply(texts, rng):
-    out = fn(list(texts), int(rng.integers(2**31)))
-    if not isinstance(out, list | tuple) or len(out) != len(texts):
-      raise AugmentError(f"paraphrase callable {ref} must return a list of {len(texts)} texts.")
-    if not all(isinstance(t, str) for t in out):
-      raise AugmentError(f"paraphrase callable {ref} returned a non-string; return list[str].")
-    return list(out)
-
-  return apply
-
-
 # --- Specs and the augmenter -------------------------------------------------------------------
 
 
@@ -268,6 +259,7 @@ class Transform:
   name: str
   p: float
   apply: Apply
+  apply_batch: Callable | None = None  # [(texts, rng)] -> outputs: many examples in one call
 
 
 def fraction(spec: dict, key: str, default: float) -> float:
@@ -341,7 +333,12 @@ class Augmenter:
     hint = "paraphrases=<original<TAB>paraphrase file> or callable='module:function'"
     kind, ref = _one_of(spec, ("paraphrases", "callable"), hint)
     if kind == "callable":
-      return _paraphrase_callable(self._source(kind, ref, load_callable), ref)
+      batch = spec.get("batch")
+      if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
+        raise AugmentError(f"augment paraphrase: batch={batch!r}; use an int >= 1.")
+      return augment_callable.Paraphraser(self._source(kind, ref, load_callable), ref, batch)
+    if "batch" in spec:
+      raise AugmentError("augment paraphrase: batch=N goes with callable=, not paraphrases=.")
     if not pathlib.Path(ref).is_file():
       raise AugmentError(f"augment paraphrase: paraphrases file {ref} does not exist; fix it.")
     return _paraphrase_file(self._source(kind, ref, load_paraphrases))
@@ -366,23 +363,50 @@ class Augmenter:
 
       apply = augment_contextual.build(spec, alpha)
     else:
-      apply = self._paraphrase(spec)
+      paraphrase = self._paraphrase(spec)
+      if isinstance(paraphrase, augment_callable.Paraphraser):
+        batched = paraphrase.apply_batch if paraphrase.batch else None
+        return Transform(name, p, paraphrase.apply, batched)
+      apply = paraphrase
     return Transform(name, p, apply)
 
   def __call__(self, text: str, example_index: int, copy: int = 0) -> tuple[list[str], list[str]]:
     """(output texts, names of the transforms that changed them) for one example and copy."""
-    if min(example_index, copy) < 0:
-      raise AugmentError(f"example_index={example_index}, copy={copy}: both must be >= 0.")
-    texts, changed = [text], []
+    return self.many([(text, example_index, copy)])[0]
+
+  def many(self, items: Sequence[tuple[str, int, int]]) -> list[tuple[list[str], list[str]]]:
+    """__call__ of each (text, example_index, copy), the same outputs; a batched paraphrase
+    callable gets the texts of all of them in calls of up to its batch size."""
+    if any(min(i, copy) < 0 for _, i, copy in items):
+      raise AugmentError(f"example_index and copy must be >= 0 (got {list(items)[:3]}).")
+    texts = [[text] for text, _, _ in items]
+    changed: list[list[str]] = [[] for _ in items]
     for t in self.transforms:
-      rng = rng_for(self.seed, example_index, copy, t.name)
-      if rng.random() >= t.p:  # the first draw decides, so p does not shift the transform's draws
-        continue
-      out = t.apply(texts, rng)
-      if out != texts:
-        changed.append(t.name)
-        self.stats.changed[t.name] += 1
-        texts = out
-    self.stats.examples += 1
-    self.stats.outputs += len(texts)
-    return texts, changed
+      jobs = []
+      for k, (_, i, copy) in enumerate(items):
+        rng = rng_for(self.seed, i, copy, t.name)
+        if rng.random() < t.p:  # the first draw decides, so p does not shift the transform's draws
+          jobs.append((k, rng))
+      if t.apply_batch is not None:
+        try:
+          outs = t.apply_batch([(texts[k], rng) for k, rng in jobs])
+        except augment_callable.CallableFailed as e:
+          k = jobs[e.job][0]
+          raise augment_callable.on_example(e, items[k], e.batch_size, k) from e
+      else:
+        outs = [self._apply(t, texts[k], rng, items[k], k) for k, rng in jobs]
+      for (k, _), out in zip(jobs, outs, strict=True):
+        if out != texts[k]:
+          changed[k].append(t.name)
+          self.stats.changed[t.name] += 1
+          texts[k] = out
+    self.stats.examples += len(items)
+    self.stats.outputs += sum(map(len, texts))
+    return list(zip(texts, changed, strict=True))
+
+  @staticmethod
+  def _apply(t: Transform, texts: list[str], rng, item: tuple, position: int) -> list[str]:
+    try:
+      return t.apply(texts, rng)
+    except augment_callable.CallableFailed as e:
+      raise augment_callable.on_example(e, item, 1, position) from e

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -30,6 +31,14 @@ from sslm_jax.data import augment, augment_spec
 from sslm_jax.data.augment_sources import WORDNET_FILES, AugmentError
 
 STATS_FILE = "augment.json"
+CHUNK = 256  # examples augmented per Augmenter.many call
+
+
+def _where(examples: list, owners: list[int], err: AugmentError) -> str:
+  """'FILE row N: ' of the example whose text an augmenter error names, or ''."""
+  position = getattr(err, "position", None)
+  where = examples[owners[position]].where if position is not None else ""
+  return f"{where}: " if where else ""
 
 
 @dataclasses.dataclass
@@ -84,54 +93,96 @@ class Augmentation:
 
   def document_copies(self, text: str, i: int) -> list[tuple[int, list[str], list[str]]]:
     """(copy, transforms that changed it, texts) for each copy of document i; counted."""
-    self.counts.examples += 1
-    out = []
-    for copy in range(self.copies):
-      texts, changed = self.augmenter(text, i, copy)
-      self.counts.add(changed, len(texts))
-      out.append((copy, changed, texts))
-    return out
+    return self._document_chunk([text], [i])[0]
+
+  def _document_chunk(self, texts: list[str], indices: list[int]) -> list[list[tuple]]:
+    """document_copies of documents `indices` in one Augmenter.many call (so a batched
+    paraphrase callable sees all their copies at once)."""
+    self.counts.examples += len(texts)
+    items = [
+      (t, i, copy) for t, i in zip(texts, indices, strict=True) for copy in range(self.copies)
+    ]
+    outs = iter(self.augmenter.many(items))
+    per_doc = []
+    for _ in texts:
+      copies = []
+      for copy in range(self.copies):
+        out, changed = next(outs)
+        self.counts.add(changed, len(out))
+        copies.append((copy, changed, out))
+      per_doc.append(copies)
+    return per_doc
 
   def documents(self, texts: Iterable[str]) -> Iterator[str]:
     """Each document, then its changed copies (pieces of a split copy one after another)."""
-    for i, text in enumerate(texts):
-      yield text
-      for _, changed, out in self.document_copies(text, i):
-        if changed:
-          yield from out
+    texts, first = iter(texts), 0
+    while chunk := list(itertools.islice(texts, CHUNK)):
+      yield from self.with_copies(chunk, list(range(first, first + len(chunk))))
+      first += len(chunk)
+
+  def with_copies(self, texts: list[str], indices: list[int]) -> list[str]:
+    """Each document (of example number `indices[n]`), then its changed copies."""
+    out = []
+    for text, copies in zip(texts, self._document_chunk(texts, indices), strict=True):
+      out.append(text)
+      for _, changed, pieces in copies:
+        out += pieces if changed else []
+    return out
 
   def example_copies(self, e, i: int) -> list[tuple[int, list[str], list]]:
     """(copy, transforms that changed it, examples) for each copy of example i; counted."""
-    if isinstance(e.label, tuple):
-      raise AugmentError(
-        f"{e.where}: per-word (tagging) labels cannot follow data.augment's word changes; "
-        "set --config.data.augment='' for this data."
-      )
-    self.counts.examples += 1
-    out = []
-    for copy in range(self.copies):
-      new, changed = self._example(e, i, copy)
-      self.counts.add(changed, len(new))
-      out.append((copy, changed, new))
-    return out
+    return self._example_chunk([e], i)[0]
+
+  def _example_chunk(self, examples: list, first: int) -> list[list[tuple]]:
+    """example_copies of examples first, first + 1, ... in one Augmenter.many call. A text
+    pair's `text` is example 2i and its `text_pair` example 2i + 1 (the same copy)."""
+    items, owners = [], []
+    for n, e in enumerate(examples):
+      if isinstance(e.label, tuple):
+        raise AugmentError(
+          f"{e.where}: per-word (tagging) labels cannot follow data.augment's word changes; "
+          "set --config.data.augment='' for this data."
+        )
+      i = first + n
+      for copy in range(self.copies):
+        if e.text_pair is None:
+          items.append((e.text, i, copy))
+        else:
+          items += [(e.text, 2 * i, copy), (e.text_pair, 2 * i + 1, copy)]
+      owners += [n] * (len(items) - len(owners))
+    try:
+      outs = iter(self.augmenter.many(items))
+    except AugmentError as err:
+      raise AugmentError(f"{_where(examples, owners, err)}{err}") from err
+    per_example = []
+    for e in examples:
+      self.counts.examples += 1
+      copies = []
+      for copy in range(self.copies):
+        new, changed = self._example(e, copy, outs)
+        self.counts.add(changed, len(new))
+        copies.append((copy, changed, new))
+      per_example.append(copies)
+    return per_example
 
   def examples(self, examples: list) -> list:
     """Fine-tuning examples (labelled.Example), each followed by its changed copies."""
     out = []
-    for i, e in enumerate(examples):
-      out.append(e)
-      for _, changed, new in self.example_copies(e, i):
-        if changed:
-          out += new
+    for first in range(0, len(examples), CHUNK):
+      chunk = examples[first : first + CHUNK]
+      for e, copies in zip(chunk, self._example_chunk(chunk, first), strict=True):
+        out.append(e)
+        for _, changed, new in copies:
+          if changed:
+            out += new
     return out
 
-  def _example(self, e, i: int, copy: int) -> tuple[list, list[str]]:
+  def _example(self, e, copy: int, outs) -> tuple[list, list[str]]:
     where = f"{e.where} (augmented copy {copy})".strip()
+    texts, a = next(outs)
     if e.text_pair is None:
-      texts, changed = self.augmenter(e.text, i, copy)
-      return [dataclasses.replace(e, text=t, where=where) for t in texts], changed
-    texts, a = self.augmenter(e.text, 2 * i, copy)
-    pairs, b = self.augmenter(e.text_pair, 2 * i + 1, copy)
+      return [dataclasses.replace(e, text=t, where=where) for t in texts], a
+    pairs, b = next(outs)
     if len(texts) != 1 or len(pairs) != 1:
       raise AugmentError(
         f"{e.where}: a transform cut a text pair into pieces; remove split_sentences from "

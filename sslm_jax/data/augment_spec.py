@@ -20,7 +20,7 @@ from sslm_jax.data import augment
 from sslm_jax.data.augment_sources import AugmentError
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_INT_FIELDS = ("max_words", "top_k", "step")
+_INT_FIELDS = ("max_words", "top_k", "step", "batch")
 # Transforms that cut one text into several: a text pair cannot follow them.
 SPLITTING = ("split_sentences",)
 

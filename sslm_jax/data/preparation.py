@@ -65,6 +65,13 @@ def finished(data_dir: str, unit: units.Unit, digest: str) -> dict | None:
   return record
 
 
+def _add_augmented(packer: packing.Packer, augmentation, pending: list) -> None:
+  """The pending train documents, each followed by its changed copies; empties `pending`."""
+  for text in augmentation.with_copies([t for t, _ in pending], [i for _, i in pending]):
+    packer.add(text)
+  pending.clear()
+
+
 def prepare_unit(c_dict: dict, workdir: str, unit: units.Unit, digest: str, shard_rows: int):
   """Read, augment, tokenize and pack one unit into shards; returns (and writes) its record.
 
@@ -92,17 +99,21 @@ def prepare_unit(c_dict: dict, workdir: str, unit: units.Unit, digest: str, shar
     )
   train_docs = 0
   try:
+    pending: list[tuple[str, int]] = []  # train documents to augment, CHUNK at a time
     for split, text, key in units.keyed_documents(c, unit, stats):
-      packers[split].add(text)
-      if split == "eval" and len(samples) < corpus.NUM_SAMPLE_TEXTS:
-        samples.append(corpus.snippet(text))
       if split == "train" and augmentation is not None:
         example = units.augment_index(unit, key)
         example = unit.index * _AUGMENT_INDEX_STRIDE + train_docs if example is None else example
-        for _, changed, texts in augmentation.document_copies(text, example):
-          for piece in texts if changed else ():
-            packers[split].add(piece)
+        pending.append((text, example))
         train_docs += 1
+        if len(pending) >= augment_data.CHUNK:
+          _add_augmented(packers[split], augmentation, pending)
+        continue
+      packers[split].add(text)
+      if split == "eval" and len(samples) < corpus.NUM_SAMPLE_TEXTS:
+        samples.append(corpus.snippet(text))
+    if pending:
+      _add_augmented(packers["train"], augmentation, pending)
     for packer in packers.values():
       packer.close()
   except BaseException:
