@@ -32,6 +32,7 @@ def get_config():
   c.model.emb_dim = 768
   c.model.mlp_dim = 3072
   c.model.dropout_rate = 0.0
+  c.model.attention_dropout = 0.0
 
   c.opt.learning_rate = 6e-4
   c.opt.warmup_steps = 2000

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sslm_jax.layers import constrain, dense
+from sslm_jax.layers import PADDING_LOGIT, constrain, dense, dropout
 
 if TYPE_CHECKING:  # model.py imports this module
   from sslm_jax.model import ModelConfig
@@ -26,6 +26,8 @@ class Attention(nnx.Module):
   """Multi-head self-attention within packed segments (see `attention_segments`); causal for GPT."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if cfg.attention_dropout and cfg.attention_impl != "xla":  # config.py says so to users
+      raise ValueError(f"attention_dropout needs the XLA attention, not {cfg.attention_impl}")
     self.cfg = cfg
     d, n, h = cfg.emb_dim, cfg.num_heads, cfg.head_dim
     qkv = dict(names=("embed", "heads", "kv"), bias_names=("heads", "kv"), std=cfg.init_std)
@@ -39,7 +41,7 @@ class Attention(nnx.Module):
       std=out_std, rngs=rngs,
     )  # fmt: skip
 
-  def __call__(self, x_BTD, segments):
+  def __call__(self, x_BTD, segments, dropout_key=None):
     names = ("act_batch", "act_len", "act_heads", None)
     q_BTNH = constrain(self.query(x_BTD), names)
     k_BSNH = constrain(self.key(x_BTD), names)
@@ -55,11 +57,34 @@ class Attention(nnx.Module):
       )  # fmt: skip
     elif isinstance(segments, Packing):
       out_BTNH = fused_packed_attention(q_BTNH, k_BSNH, v_BSNH, segments, causal=cfg.causal)
+    elif dropout_key is not None and cfg.attention_dropout > 0:
+      out_BTNH = dropout_attention(
+        q_BTNH, k_BSNH, v_BSNH, segments, causal=cfg.causal, rate=cfg.attention_dropout,
+        key=dropout_key,
+      )  # fmt: skip
     else:
       out_BTNH = jax.nn.dot_product_attention(
         q_BTNH, k_BSNH, v_BSNH, mask=segments, is_causal=cfg.causal, implementation="xla"
       )
     return self.out(out_BTNH)
+
+
+def dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, *, causal: bool, rate: float, key):
+  """XLA attention with dropout on its probabilities (BERT's attention_probs_dropout_prob).
+
+  jax.nn.dot_product_attention has no dropout: this is its XLA path written out (float32 logits
+  and softmax, the same mask), with inverted dropout between the softmax and the values. The
+  bits come from `key` alone (threefry is partitionable), so no mesh changes them.
+  """
+  t, s = q_BTNH.shape[1], k_BSNH.shape[1]
+  scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+  logits_BNTS = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSNH, preferred_element_type=jnp.float32)
+  keep_B1TS = mask_B1TS & jnp.tril(jnp.ones((t, s), bool)) if causal else mask_B1TS
+  logits_BNTS = jnp.where(keep_B1TS, logits_BNTS * scale, PADDING_LOGIT)
+  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1)
+  probs_BNTS = constrain(probs_BNTS, ("act_batch", "act_heads", None, None))
+  probs_BNTS = dropout(probs_BNTS, rate, key).astype(v_BSNH.dtype)
+  return jnp.einsum("BNTS,BSNH->BTNH", probs_BNTS, v_BSNH)
 
 
 def segment_mask(segment_ids_BT):

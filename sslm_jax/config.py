@@ -106,6 +106,7 @@ def _model_defaults() -> ml_collections.ConfigDict:
   s.emb_dim = 128
   s.mlp_dim = 512
   s.dropout_rate = 0.0
+  s.attention_dropout = 0.0  # on attention probabilities (BERT's); XLA attention only, not fused
   # Compute dtype. 'auto' (the default): bfloat16 on TPU and GPU, float32 on CPU (whose bf16 matmuls
   # run no faster). Parameters and optimizer state stay model.param_dtype (float32); LayerNorm,
   # softmax, the logsumexp of the loss and its reductions run in float32 whatever this says.
@@ -288,6 +289,13 @@ def _validate_model(c: ml_collections.ConfigDict) -> None:
     "and GPU, float32 on CPU).",
   )
   _validate_attention(c)
+  drop, impl = c.model.attention_dropout, c.model.attention_impl
+  _require(0.0 <= drop < 1.0, f"model.attention_dropout={drop} must lie in [0, 1).")
+  _require(
+    not drop or impl not in ("splash", "cudnn"),
+    f"model.attention_dropout={drop} needs the XLA attention (a fused kernel cannot drop "
+    f"probabilities), not model.attention_impl={impl!r}; use 'auto' or 'xla'.",
+  )
   _require(
     c.model.gelu in GELU_FORMS,
     f"model.gelu={c.model.gelu!r}: use one of {', '.join(GELU_FORMS)}.",
@@ -440,6 +448,7 @@ def model_config(c: ml_collections.ConfigDict, platform: str | None = None) -> M
     emb_dim=c.model.emb_dim,
     mlp_dim=c.model.mlp_dim,
     dropout_rate=float(c.model.dropout_rate),
+    attention_dropout=float(c.model.attention_dropout),
     dtype=compute_dtype(c, platform),
     param_dtype=c.model.param_dtype,
     layer_norm_epsilon=1e-5 if causal else 1e-12,
@@ -474,9 +483,11 @@ def compute_dtype(c: ml_collections.ConfigDict, platform: str | None = None) -> 
 
 def attention_impl(c: ml_collections.ConfigDict, platform: str | None = None) -> str:
   """'auto' resolved for `platform` (default: JAX's backend here): splash on TPU, cuDNN flash
-  attention on GPUs where it applies, else XLA's."""
+  attention on GPUs where it applies, else XLA's (always XLA's with model.attention_dropout)."""
   if c.model.attention_impl != "auto":
     return c.model.attention_impl
+  if c.model.attention_dropout:  # neither fused kernel can drop attention probabilities
+    return "xla"
   platform = platform or jax.default_backend()
   if platform == "tpu":
     return "splash" if c.data.seq_len % SPLASH_LANES == 0 else "xla"

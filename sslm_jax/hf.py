@@ -299,7 +299,7 @@ def hf_config(cfg: ModelConfig, tok=None) -> dict:
       "layer_norm_epsilon": cfg.layer_norm_epsilon,
       "resid_pdrop": cfg.dropout_rate,
       "embd_pdrop": cfg.dropout_rate,
-      "attn_pdrop": 0.0,
+      "attn_pdrop": cfg.attention_dropout,
       "scale_attn_weights": True,
       "scale_attn_by_inverse_layer_idx": False,
     }
@@ -314,7 +314,7 @@ def hf_config(cfg: ModelConfig, tok=None) -> dict:
     "layer_norm_eps": cfg.layer_norm_epsilon,
     "hidden_act": HF_ACTIVATION[cfg.gelu],
     "hidden_dropout_prob": cfg.dropout_rate,
-    "attention_probs_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": cfg.attention_dropout,
     "position_embedding_type": "absolute",
   }
 

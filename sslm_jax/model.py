@@ -44,6 +44,7 @@ class ModelConfig:
   emb_dim: int
   mlp_dim: int
   dropout_rate: float = 0.0
+  attention_dropout: float = 0.0  # on attention probabilities; XLA attention only (config.py)
   dtype: str = "float32"
   param_dtype: str = "float32"
   layer_norm_epsilon: float = 1e-5
@@ -103,14 +104,16 @@ class Block(nnx.Module):
 
   def __call__(self, x_BTD, segments, dropout_key=None):
     rate, dt = self.cfg.dropout_rate, x_BTD.dtype
-    k_attn, k_mlp = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    # A 3-way split keeps the first two keys of a 2-way one: residual dropout bits are unchanged.
+    keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
+    k_attn, k_mlp, k_probs = keys
     if self.cfg.causal:
-      h = self.attention(self.attention_norm(x_BTD).astype(dt), segments)
+      h = self.attention(self.attention_norm(x_BTD).astype(dt), segments, k_probs)
       x_BTD = x_BTD + dropout(h, rate, k_attn)
       h = self.mlp(self.mlp_norm(x_BTD).astype(dt))
       x_BTD = x_BTD + dropout(h, rate, k_mlp)
     else:
-      h = self.attention(x_BTD, segments)
+      h = self.attention(x_BTD, segments, k_probs)
       x_BTD = self.attention_norm(x_BTD + dropout(h, rate, k_attn)).astype(dt)
       h = self.mlp(x_BTD)
       x_BTD = self.mlp_norm(x_BTD + dropout(h, rate, k_mlp)).astype(dt)

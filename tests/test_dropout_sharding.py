@@ -123,9 +123,11 @@ def _assert_grads_close(actual, expected, count, rtol=1e-5, atol=1e-6):
 
 @pytest.fixture(scope="module")
 def bert():
-  """A BERT with dropout, its batch, and its parameters on one device and on the 2x2x2 mesh."""
+  """A BERT with dropout (residual and attention), its batch, and its parameters on one device
+  and on the 2x2x2 mesh."""
   config = tiny_config("masked_lm")
   config.model.dropout_rate = 0.1
+  config.model.attention_dropout = 0.1  # its bits, [B, N, T, S], must ignore the mesh too
   return synthetic_batch(config), *_one_device_and_mesh(config)
 
 
