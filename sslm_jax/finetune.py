@@ -31,7 +31,7 @@ from sslm_jax import checkpoint, heads, keep_best, optim, restore, tagging, task
 from sslm_jax import config as config_lib
 from sslm_jax import model as model_lib
 from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import augment_data, labelled, tasks
+from sslm_jax.data import augment_data, labelled, labelled_cache, tasks
 from sslm_jax.data import tagging as tagging_data
 
 BUILTIN_TRAIN_PER_CLASS, BUILTIN_EVAL_PER_CLASS = 1000, 250
@@ -292,7 +292,8 @@ def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepa
     encoder = lambda: hf.load_params(config.init_from_hf, config)  # noqa: E731
   tok = _tokenizer(config, workdir, given)
   vocab = _label_vocab(config, train_examples)
-  features = _features(config, tok, vocab, augmented, eval_examples) if tok else None
+  cache = labelled_cache.FeatureCache(workdir)  # written below, once the workdir is checked
+  features = _features(config, tok, vocab, augmented, eval_examples, cache) if tok else None
   checkpoint.check_resumable(workdir, _fingerprint(config, tok, vocab, features), allow_changes)
   labels_file = epath.Path(workdir) / labelled.VOCAB_FILE
   if vocab and labels_file.exists() and labelled.LabelVocab.load(str(labels_file)) != vocab:
@@ -309,8 +310,10 @@ def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepa
     vocab.save(str(labels_file))
   if tok is None:
     tok = _train_tokenizer(config, workdir, train_examples)
-    features = _features(config, tok, vocab, augmented, eval_examples)
+    features = _features(config, tok, vocab, augmented, eval_examples, cache)
   _barrier("fine-tuning files written")
+  if jax.process_index() == 0:
+    cache.write()
   data = tasks.TaskData(*features, config.batch_size, config.seed, rows)
   _steps_from_epochs(config, len(features[0]["labels"]))
   labels = vocab.labels if vocab else ()
@@ -318,12 +321,12 @@ def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepa
   return Prepared(data, objective, _fingerprint(config, tok, vocab, features))
 
 
-def _features(config, tok, vocab, train_examples, eval_examples) -> tuple[dict, dict]:
+def _features(config, tok, vocab, train_examples, eval_examples, cache) -> tuple[dict, dict]:
   causal, seq_len = config.objective == "causal_lm", config.data.seq_len
   featurize = tagging_data.featurize if config.finetune.task == tagging.TASK else tasks.featurize
   return (
-    featurize(train_examples, tok, vocab, seq_len, causal),
-    featurize(eval_examples, tok, vocab, seq_len, causal),
+    cache.features(train_examples, tok, vocab, seq_len, causal, featurize),
+    cache.features(eval_examples, tok, vocab, seq_len, causal, featurize),
   )
 
 

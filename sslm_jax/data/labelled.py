@@ -13,7 +13,7 @@ one label per word (a JSON list, or a space-separated string in CSV/TSV).
 
 Row numbers in errors are 1-based lines as an editor shows them: in .csv/.tsv the header is row 1
 (a quoted field over several lines is numbered by its first line); in .jsonl each line is a row.
-Files are read in sorted path order, rows in file order.
+Files are read in sorted path order, rows in file order, line by line (lines end at "\n").
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import io
 import json
 import math
 import re
@@ -103,19 +102,21 @@ def _required(task: str, labelled: bool = True) -> tuple[str, ...]:
   return texts + ("label",) if labelled else texts
 
 
-def _decoded(path: str, raw: bytes) -> str:
-  try:
-    return raw.decode("utf-8-sig")  # -sig: a spreadsheet's byte-order mark is not in the header
-  except UnicodeDecodeError as e:
-    row = raw.count(b"\n", 0, e.start) + 1
-    raise LabelledDataError(
-      f"{path} row {row} is not valid UTF-8 ({e.reason}); fix: save the file as UTF-8."
-    ) from e
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+  """(row, line with its newline) of a UTF-8 file, read line by line (a file of labelled rows
+  is never held whole); a spreadsheet's byte-order mark is not part of the first line."""
+  with epath.Path(path).open("rb") as f:
+    for row, raw in enumerate(f, start=1):
+      try:
+        yield row, raw.decode("utf-8-sig" if row == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise LabelledDataError(
+          f"{path} row {row} is not valid UTF-8 ({e.reason}); fix: save the file as UTF-8."
+        ) from e
 
 
-def _jsonl_rows(path: str, text: str, task: str, labelled: bool) -> Iterator[tuple[int, dict]]:
-  # split("\n"), not splitlines(): U+2028 and friends may sit raw inside JSON strings.
-  for row, line in enumerate(text.split("\n"), start=1):
+def _jsonl_rows(path: str, task: str, labelled: bool) -> Iterator[tuple[int, dict]]:
+  for row, line in _lines(path):
     if not line.strip():
       continue
     try:
@@ -149,12 +150,13 @@ def _check_header(path: str, header: list[str], task: str, labelled: bool) -> No
     )
 
 
-def _csv_rows(
-  path: str, text: str, task: str, tsv: bool, labelled: bool
-) -> Iterator[tuple[int, dict]]:
+def _csv_rows(path: str, task: str, tsv: bool, labelled: bool) -> Iterator[tuple[int, dict]]:
   quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
   reader = csv.reader(
-    io.StringIO(text, newline=""), delimiter="\t" if tsv else ",", quoting=quoting, strict=True
+    (line for _, line in _lines(path)),
+    delimiter="\t" if tsv else ",",
+    quoting=quoting,
+    strict=True,
   )
   header, end = None, 0
   try:
@@ -266,11 +268,10 @@ def _read_file(path: str, task: str, labelled: bool) -> list[Example]:
       f"{path} has an unknown extension; fix: use .jsonl, .csv or .tsv files, or narrow the "
       "pattern (finetune.train_files / finetune.eval_files)."
     )
-  text = _decoded(path, epath.Path(path).read_bytes())
   if ext == ".jsonl":
-    rows = _jsonl_rows(path, text, task, labelled)
+    rows = _jsonl_rows(path, task, labelled)
   else:
-    rows = _csv_rows(path, text, task, ext == ".tsv", labelled)
+    rows = _csv_rows(path, task, ext == ".tsv", labelled)
   examples = [_example(r, task, f"{path} row {n}", ext == ".jsonl", labelled) for n, r in rows]
   if not examples:
     raise LabelledDataError(f"{path} has no examples; fix: add labelled rows or leave it out.")

@@ -34,6 +34,7 @@ _SKIP_DIRS = frozenset(
 _LINES, _LINE_CHARS, _PER_FILE = 4, 80, 2
 _EVAL_PER_10000 = 1500  # files whose path hashes below this are eval files
 _KEYWORDS = ("def ", "async def ", "class ")
+ENCODE_BATCH = 4096  # examples tokenized per encode_batch call
 
 
 def _stdlib_files() -> list[tuple[str, pathlib.Path]]:
@@ -110,11 +111,13 @@ def featurize(
   inputs_NT = np.full((n, seq_len), tok.pad_id, np.int32)
   types_NT = np.zeros((n, seq_len), np.int32)
   lengths_N = np.zeros((n,), np.int32)
-  texts = tok.encode_batch([e.text for e in examples])
-  pairs = tok.encode_batch([e.text_pair or "" for e in examples])
-  for i, (e, a, b) in enumerate(zip(examples, texts, pairs, strict=True)):
-    ids, types = _encode_one(tok, a, b if e.text_pair is not None else None, seq_len, causal)
-    inputs_NT[i, : len(ids)], types_NT[i, : len(ids)], lengths_N[i] = ids, types, len(ids)
+  for first in range(0, n, ENCODE_BATCH):  # bounded: token lists of a whole file take GiBs
+    chunk = examples[first : first + ENCODE_BATCH]
+    texts = tok.encode_batch([e.text for e in chunk])
+    pairs = tok.encode_batch([e.text_pair or "" for e in chunk])
+    for i, (e, a, b) in enumerate(zip(chunk, texts, pairs, strict=True), start=first):
+      ids, types = _encode_one(tok, a, b if e.text_pair is not None else None, seq_len, causal)
+      inputs_NT[i, : len(ids)], types_NT[i, : len(ids)], lengths_N[i] = ids, types, len(ids)
   if vocab is None:
     labels_N = np.asarray([float(e.label) for e in examples], np.float32)
   else:
