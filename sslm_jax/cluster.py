@@ -10,8 +10,9 @@ Once joined, a background watch asks JAX's coordination service which processes 
 one is lost (killed, crashed, its host gone), every survivor exits at once with an error naming
 the step and the checkpoint a rerun resumes from, instead of hanging in a collective and then
 aborting with native stack traces. JAX's "recoverability" mode keeps its runtime from killing the
-survivors itself, so that this message can be the last line; `leave` then orders a clean exit
-(process 0 hosts the coordination service, so it goes last).
+survivors itself, so that this message can be the last line, and the coordination service runs
+in a child process of process 0 (coordinator.py), so that losing process 0 is reported the same
+way; `leave` then orders a clean exit (process 0 owns the service, so it goes last).
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from absl import logging
 from jax._src import clusters as jax_clusters
 from jax._src import distributed as jax_distributed
 
-from sslm_jax import rendezvous
+from sslm_jax import coordinator, rendezvous
 
 WATCH_PERIOD_S = 2.0
 _LEAVE_TIMEOUT_S = 60
+_GATHER_TIMEOUT_S = 60
 
 
 def skip_tpu_without_chips() -> None:
@@ -103,7 +105,7 @@ class _Watch(threading.Thread):
     while self.armed.wait() and not self.verdict.wait(self.period_s):
       try:
         missing = sorted(set(everyone) - set(client.get_live_nodes(everyone)))
-      except Exception:  # the coordination service itself is gone: process 0 was lost
+      except Exception:  # the coordination service itself is gone (process 0 and its child)
         missing = [0]
       if missing and self.armed.is_set():
         self._exit(missing)
@@ -198,11 +200,12 @@ def join(
     logging.info("%s environment with %d processes: joining them.", *found)
   # Without it JAX's runtime aborts every survivor when a process is lost (see _Watch).
   jax.config.update("jax_enable_recoverability", True)
-  jax.distributed.initialize(
-    initialization_timeout=initialization_timeout,
-    heartbeat_timeout_seconds=heartbeat_timeout,
-    **kwargs,
-  )
+  with coordinator.own_process():  # so that losing process 0 is reported like any other loss
+    jax.distributed.initialize(
+      initialization_timeout=initialization_timeout,
+      heartbeat_timeout_seconds=heartbeat_timeout,
+      **kwargs,
+    )
   logging.info("Process %d of %d joined.", jax.process_index(), jax.process_count())
   _watch = _Watch(checkpoint_dir, WATCH_PERIOD_S)
   _watch.start()
@@ -220,6 +223,41 @@ def wait_for_lost_process(timeout_s: float) -> None:
     _watch.verdict.wait(timeout_s)
 
 
+def values_on_process_0(name: str, step: int, value: float) -> list[float | None] | None:
+  """Every process's `value` for `step`, indexed by process, on process 0; None elsewhere.
+
+  For host-side metrics. They travel through JAX's coordination service, not a collective: no
+  collective is added to the training loop, and the other processes only post their value and
+  go on. Process 0 waits at most 60 s per peer (the watch ends the run first if one was lost);
+  a value still missing then is None. Every process must call it at the same steps.
+  """
+  client, me = jax_distributed.global_state.client, jax.process_index()
+  if me != 0:
+    client.key_value_set(f"sslm_jax/{name}/{step}/{me}", repr(float(value)))
+    return None
+  values: list[float | None] = [float(value)]
+  for i in range(1, jax.process_count()):
+    key = f"sslm_jax/{name}/{step}/{i}"
+    try:
+      values.append(float(client.blocking_key_value_get(key, _GATHER_TIMEOUT_S * 1000)))
+      client.key_value_delete(key)
+    except Exception as e:  # a deadline: the process is slow or lost; the watch judges which
+      logging.warning("No %s from process %d for step %d: %s", name, i, step, e)
+      values.append(None)
+  return values
+
+
+def slowest_data_wait(step: int, seconds: float) -> dict:
+  """For process 0's record: the interval's longest wait for input over all processes, and which
+  process it was. {} on the other processes, or when one did not answer in time."""
+  waits = values_on_process_0("time_data_s", step, seconds)
+  known = {i: w for i, w in enumerate(waits or []) if w is not None}
+  if len(known) < jax.process_count():
+    return {}
+  slowest = max(known, key=known.get)
+  return {"time_data_max_s": known[slowest], "slowest_data_process": slowest}
+
+
 def leave() -> None:
   """End a run that finished (or stopped) cleanly on every process without false alarms.
 
@@ -232,6 +270,7 @@ def leave() -> None:
   client = jax_distributed.global_state.client
   client.wait_at_barrier("sslm_jax_leave", _LEAVE_TIMEOUT_S * 1000)
   _watch.armed.clear()
+  coordinator.finished_cleanly()
   _watch = None
   if jax.process_index() != 0:
     return

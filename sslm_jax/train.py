@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
 from sslm_jax import (
   checkpoint,
+  cluster,
   flops,
   hf,
   metrics,
@@ -342,13 +342,6 @@ def _mfu_of_rate(config) -> Callable[[float], float | None]:
   return lambda rate: None if peak is None else rate * per_token / (peak * units)
 
 
-def _slowest_data_wait(seconds: float) -> dict:
-  """The interval's longest wait for input over all processes, and which process it was."""
-  waits = np.asarray(multihost_utils.process_allgather(np.float32(seconds)), np.float64)
-  waits[jax.process_index()] = seconds  # exact here; the others went through float32
-  return {"time_data_max_s": float(waits.max()), "slowest_data_process": int(waits.argmax())}
-
-
 def train_and_evaluate(
   config,
   workdir: str,
@@ -426,7 +419,7 @@ def train_and_evaluate(
         times = goodput.lap()
         rate = times.pop("tokens_per_sec")
         if jax.process_count() > 1 and regular_log:
-          times.update(_slowest_data_wait(times["time_data_s"]))
+          times.update(cluster.slowest_data_wait(step, times["time_data_s"]))
         record = {k: values[k] for k in ("train_loss", "learning_rate", "grad_norm")}
         record.update(tokens_per_sec=rate, mfu=mfu(rate), **eval_record, **times)
         writer.write(step, record)

@@ -249,3 +249,40 @@ def test_libtpu_is_not_started_on_a_host_without_tpu_chips():
   assert result.stdout.split() == ["cpu"]
   for noise in ("TPU_WORKER_HOSTNAMES", "libtpu", "InitGoogle", "accelerator type"):
     assert noise not in result.stderr, result.stderr
+
+
+class _KeyValueStore:
+  """The coordination service's key-value calls that slowest_data_wait makes."""
+
+  def __init__(self):
+    self.values = {}
+
+  def key_value_set(self, key, value):
+    self.values[key] = value
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    if key not in self.values:
+      raise RuntimeError(f"DEADLINE_EXCEEDED after {timeout_ms} ms")
+    return self.values[key]
+
+  def key_value_delete(self, key):
+    del self.values[key]
+
+
+def test_the_slowest_data_wait_reaches_process_0_without_a_collective(monkeypatch):
+  store = _KeyValueStore()
+  monkeypatch.setattr(cluster.jax_distributed.global_state, "client", store)
+  monkeypatch.setattr(cluster.jax, "process_count", lambda: 3)
+  for process, seconds in ((1, 0.5), (2, 0.25)):  # the others post and go on
+    monkeypatch.setattr(cluster.jax, "process_index", lambda p=process: p)
+    assert cluster.slowest_data_wait(10, seconds) == {}
+  monkeypatch.setattr(cluster.jax, "process_index", lambda: 0)
+  assert cluster.slowest_data_wait(10, 0.125) == {
+    "time_data_max_s": 0.5,
+    "slowest_data_process": 1,
+  }
+  assert store.values == {}  # read once, then deleted
+  # A process that never posts (lost, or far behind): the record goes without the fields.
+  monkeypatch.setattr(cluster, "_GATHER_TIMEOUT_S", 0)
+  store.values["sslm_jax/time_data_s/20/1"] = "0.5"
+  assert cluster.slowest_data_wait(20, 0.125) == {}

@@ -313,19 +313,20 @@ def test_losing_a_process_ends_the_survivor_within_30_s(tmp_path, victim):
     pair.kill_all()
   output = pair.output(1 - victim)
   print(f"process {victim} killed -> survivor exited {code} after {elapsed:.1f} s")
-  assert code != 0 and elapsed < 30, output[-3000:]
-  if victim == 0:
-    # Process 0 hosts JAX's coordination service: its loss ends the survivors at once, with
-    # JAX's own "Terminating process because the JAX distributed service detected fatal errors".
+  assert elapsed < 30, output[-3000:]
+  if code == -signal.SIGABRT:
+    # On CPU the step's own collectives run over gloo, which can see the broken connection first
+    # and abort the process from its own thread (`op.preamble.length <= op.nbytes`, seen under
+    # load 0.5-1.7 s after the kill, whichever process was lost), before the watch can speak:
+    # allowed, as long as it is that abort and never JAX's own for a lost coordination service.
+    assert "gloo::EnforceNotMet" in output, output[-3000:]
+    assert "distributed service detected fatal errors" not in output, output[-3000:]
     return
+  # Process 0's loss too: its coordination service runs in a process of its own (coordinator.py).
+  assert code == 2, output[-3000:]
   newest = max(_finished_checkpoints(workdir))
   assert newest >= 5
-  if code == -signal.SIGABRT:
-    # On CPU the step's collectives run over gloo, which can see the broken connection first and
-    # abort the process from its own thread (seen under load, 0.1 s after the kill), before the
-    # heartbeat watch can speak: allowed, as long as it is that abort and nothing else.
-    assert "gloo::EnforceNotMet" in output, output[-3000:]
-    return
   last = output.strip().splitlines()[-1]
-  assert last.startswith("sslm_jax: error: process(es) [1] of 2 stopped answering at step "), last
+  expected = f"sslm_jax: error: process(es) [{victim}] of 2 stopped answering at step "
+  assert last.startswith(expected), last
   assert f"resume from the checkpoint at step {newest} in " in last, last
