@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -139,6 +140,10 @@ def _difference(key: str, old, new) -> str:
       if old.get(k) != new.get(k)
     ]
     return f"data_cache: {_NOTES[key]} ({'; '.join(parts)})"
+  if key.startswith("finetune_files.") and key.count(".") >= 2:  # .SPLIT.PATH: a file's digest
+    _, split, path = key.split(".", 2)
+    what = "is new" if old is None else "is gone" if new is None else "changed"
+    return f"{split} file {path} {what} since the checkpoint was written"
   if isinstance(old, dict) and isinstance(new, dict):  # e.g. a fine-tuning run's finetune.*
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     return "\n  ".join(_difference(f"{key}.{k}", old.get(k), new.get(k)) for k in keys)
@@ -158,6 +163,7 @@ def check_fingerprint(
   saved = {**_BEFORE_RECORDED, **saved}
   if "positions" not in saved and "data.seq_len" in saved:  # written when seq_len sized the table
     saved["positions"] = saved["data.seq_len"]
+  saved = _absolute_init_from(saved)
   differing = [k for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
   explained = any(k.startswith("data.") or k in _CACHE_INPUTS for k in differing)
   if cache is not None and cache[0] != cache[1] and not explained:
@@ -181,6 +187,18 @@ def check_fingerprint(
       f"{where} holds a checkpoint of a different run:\n  " + "\n  ".join(lines) + "\n" + fix
     )
   return sorted(set(current) - set(saved))
+
+
+def _absolute_init_from(saved: dict) -> dict:
+  """Runs record finetune.init_from as an absolute path; older ones recorded it as typed, which
+  is read relative to this directory."""
+  finetune = saved.get("finetune")
+  if not isinstance(finetune, dict):
+    return saved
+  typed = finetune.get("init_from")
+  if not typed or "://" in typed or os.path.isabs(typed):
+    return saved
+  return {**saved, "finetune": {**finetune, "init_from": os.path.abspath(typed)}}
 
 
 def _excerpt(error: Exception, limit: int = 300) -> str:
@@ -329,6 +347,7 @@ def check_resumable(workdir: str, current: dict, allowed=frozenset(), cache=None
   returning check_fingerprint's `cache`, called only when there is a checkpoint. Recorded keys
   the checkpoint predates are logged and resumed as they were."""
   saved = saved_fingerprint(f"{workdir}/checkpoints")
+  check_kind(workdir, fine_tuning="finetune" in current, saved=saved)
   if saved is None:
     return
   step, recorded = saved
@@ -341,6 +360,42 @@ def check_resumable(workdir: str, current: dict, allowed=frozenset(), cache=None
       step,
       ", ".join(unrecorded),
     )
+
+
+def _workdir_task(workdir: str, saved: tuple[int, dict] | None) -> str | None:
+  """The finetune.task of the run that wrote `workdir` ('' for pretraining), from its
+  config.json or else its newest checkpoint; None when neither says (a new workdir)."""
+  path = epath.Path(workdir) / "config.json"
+  if path.exists():
+    try:
+      written = json.loads(path.read_text())
+    except ValueError:
+      written = None
+    if isinstance(written, dict) and "objective" in written:  # ours, not a Hugging Face one
+      return (written.get("finetune") or {}).get("task") or ""
+  if saved is not None:
+    return (saved[1].get("finetune") or {}).get("task") or ""
+  return None
+
+
+def check_kind(workdir: str, fine_tuning: bool, saved=None) -> None:
+  """Refuse (CheckpointMismatch) a fine-tuning run in a pretraining run's workdir, or the
+  reverse, before anything is written: its config.json and checkpoints would be overwritten or
+  left unreadable."""
+  task = _workdir_task(workdir, saved)
+  if task is None or bool(task) == fine_tuning:
+    return
+  if fine_tuning:
+    raise CheckpointMismatch(
+      f"{workdir} is the workdir of a pretraining run, and fine-tuning in it would overwrite "
+      "its config.json and leave its checkpoints unreadable; fine-tune in a new --workdir with "
+      f"--config.finetune.init_from={workdir}."
+    )
+  raise CheckpointMismatch(
+    f"{workdir} is the workdir of a fine-tuning run (finetune.task={task!r}), and pretraining "
+    "in it would overwrite its config.json and leave its checkpoints unreadable; pretrain in a "
+    "new --workdir."
+  )
 
 
 def saved_fingerprint(directory: str) -> tuple[int, dict] | None:

@@ -5,11 +5,13 @@
 
 What differs from pretraining is an Objective (train.py's seam): the model is heads.Classifier,
 the loss the task's, eval gathers predictions for task_metrics, and step 0 starts from the
-encoder of `finetune.init_from` (one of our workdirs) or `init_from_hf`. The data (numpy only)
-is data/tasks.py and data/labelled.py; the label vocabulary is saved as WORKDIR/labels.json.
-Tagging (finetune.task='tagging') takes its model, loss and metrics from tagging.py and its
-features from data/tagging.py. keep_best.py keeps the best eval's parameters in WORKDIR/best and
-stops the run early.
+encoder of `finetune.init_from` (one of our pretraining workdirs) or `init_from_hf`
+(finetune_sources.py). The data (numpy only) is data/tasks.py and data/labelled.py. The workdir
+is self-contained: the label vocabulary is saved as WORKDIR/labels.json, the tokenizer copied in
+(tokenizer.model or tokenizer.json), and init_from recorded as an absolute path. Tagging
+(finetune.task='tagging') takes its model, loss and metrics from tagging.py and its features from
+data/tagging.py. keep_best.py keeps the best eval's parameters in WORKDIR/best and stops the run
+early; freeze.py freezes the encoder; class_weights.py weighs the training loss per label.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import shutil
 
 import jax
 import numpy as np
@@ -27,9 +31,19 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sslm_jax import checkpoint, heads, keep_best, optim, restore, tagging, task_metrics, train
+from sslm_jax import (
+  checkpoint,
+  class_weights,
+  finetune_sources,
+  freeze,
+  heads,
+  keep_best,
+  optim,
+  tagging,
+  task_metrics,
+  train,
+)
 from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
 from sslm_jax import tokenizer as tokenizer_lib
 from sslm_jax.data import augment_data, labelled, labelled_cache, tasks
 from sslm_jax.data import tagging as tagging_data
@@ -37,45 +51,23 @@ from sslm_jax.data import tagging as tagging_data
 BUILTIN_TRAIN_PER_CLASS, BUILTIN_EVAL_PER_CLASS = 1000, 250
 # finetune fields that do not change what a step computes: a resumed run may change them.
 _DECIDE_ONLY = ("init_step", "early_stopping_metric", "early_stopping_patience", "num_epochs")
-# Model fields that fix the encoder's array shapes, with the config field that sets each. The
-# position table is not one of them: model.fit_positions cuts or extends it.
-_SHAPES = {
-  "objective": "objective",
-  "vocab_size": "data.vocab_size",
-  "num_layers": "model.num_layers",
-  "num_heads": "model.num_heads",
-  "emb_dim": "model.emb_dim",
-  "mlp_dim": "model.mlp_dim",
-}
-
-
-def freeze_encoder(until_step: int | None) -> optax.GradientTransformation:
-  """Zero the encoder's updates while fewer than `until_step` updates were made (None: always),
-  so its parameters stay bit-identical; the head trains from the first step."""
-
-  def init(params):
-    del params
-    return optax.ScaleByScheduleState(count=jax.numpy.zeros([], jax.numpy.int32))
-
-  def update(updates, state, params=None):
-    del params
-    keep = jax.numpy.asarray(False if until_step is None else state.count >= until_step)
-
-    def mask(path, u):
-      in_encoder = str(getattr(path[0], "key", path[0])) == "encoder"
-      return jax.numpy.where(keep, u, jax.numpy.zeros_like(u)) if in_encoder else u
-
-    updates = jax.tree_util.tree_map_with_path(mask, updates)
-    return updates, optax.ScaleByScheduleState(count=state.count + 1)
-
-  return optax.GradientTransformation(init, update)
+# finetune fields recorded only when set, so workdirs written before they existed still resume.
+_RECORDED_WHEN_SET = ("class_weights",)
 
 
 class FinetuneObjective(train.Objective):
   """A task head on the encoder: classification (cross-entropy), regression (squared error) or
   tagging (cross-entropy per word, tagging.py)."""
 
-  def __init__(self, config, num_labels: int, starting_encoder=None, label_names=()):
+  def __init__(
+    self,
+    config,
+    num_labels: int,
+    starting_encoder=None,
+    label_names=(),
+    class_weights_K=None,
+    truncated: dict | None = None,
+  ):
     super().__init__(config)
     self.task = config.finetune.task
     self.num_labels = num_labels
@@ -83,6 +75,8 @@ class FinetuneObjective(train.Objective):
     self._starting_encoder = starting_encoder  # () -> pure dict of the encoder, or None
     self.label_names = tuple(label_names)  # tagging's entity metrics read the B-/I- prefixes
     self._heads = tagging if self.task == tagging.TASK else heads
+    self.class_weights_K = class_weights_K  # float32 [K] (class_weights.py), or None
+    self.truncated = truncated or {}  # {"train_examples_truncated": n, ...} for each eval
 
   def build(self, seed: int):
     return self._heads.build(self.model_cfg, self.num_outputs, seed)
@@ -91,7 +85,7 @@ class FinetuneObjective(train.Objective):
     f = self.config.finetune
     tx = optim.make(self.config.opt, self.config.num_train_steps)
     if f.freeze_encoder or f.freeze_encoder_steps:
-      return optax.chain(tx, freeze_encoder(None if f.freeze_encoder else f.freeze_encoder_steps))
+      return freeze.freeze_encoder(tx, None if f.freeze_encoder else f.freeze_encoder_steps)
     return tx
 
   def initial_params(self) -> dict | None:
@@ -102,6 +96,10 @@ class FinetuneObjective(train.Objective):
     return jax.tree.map(np.asarray, fresh)
 
   def metric_sums(self, model, batch, key=None) -> dict:
+    if self.config.finetune.freeze_encoder:
+      model = freeze.without_encoder_gradients(model)
+    if self.class_weights_K is not None:
+      return heads.task_sums(model, batch, self.task, key, self.class_weights_K)
     return self._heads.task_sums(model, batch, self.task, key)
 
   def eval_outputs(self, model, batch) -> dict:
@@ -121,98 +119,13 @@ class FinetuneObjective(train.Objective):
     else:
       metrics = task_metrics.classification(labels, predictions, self.num_labels)
     record.update({f"eval_{k}": v for k, v in metrics.items()})
-    return record
-
-
-def _check_shapes(config, pretrained, where: str) -> None:
-  ours, theirs = config_lib.model_config(config), config_lib.model_config(pretrained)
-  for field, name in _SHAPES.items():
-    if getattr(ours, field) != getattr(theirs, field):
-      raise config_lib.ConfigError(
-        f"finetune.init_from={where} has {name}={pretrained[name]} but this config has "
-        f"{config[name]}; set --config.{name}={pretrained[name]} (the encoder keeps its shapes)."
-      )
-
-
-def _from_workdir(config):
-  """(tokenizer, () -> the encoder's parameters) of finetune.init_from, checked against config.
-
-  The parameters are read only when called: a resumed run never reads them.
-  """
-  f = config.finetune
-  try:
-    pretrained = restore.read_config(f.init_from)
-  except restore.UsageError as e:
-    raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
-  _check_shapes(config, pretrained, f.init_from)
-  tok = tokenizer_lib.load(pretrained.data.tokenizer_path or f"{f.init_from}/tokenizer.model")
-
-  def encoder() -> dict:
-    try:
-      restored = restore.from_workdir(f.init_from, f.init_step or None)
-    except restore.UsageError as e:
-      raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
-    logging.info("Starting the encoder from %s at step %d", f.init_from, restored.step)
-    params = nnx.to_pure_dict(nnx.state(restored.model, nnx.Param))
-    table = np.asarray(params["position_embed"]["embedding"])
-    rows = config_lib.positions(config)
-    params["position_embed"]["embedding"] = model_lib.fit_positions(table, rows, f.init_from)
-    return params
-
-  return tok, encoder
-
-
-def _tokenizer(config, workdir: str, given=None):
-  """The init_from run's tokenizer, else data.tokenizer_path, else init_from_hf's tokenizer.json,
-  else WORKDIR/tokenizer.model; None when there is none yet (_train_tokenizer makes it). Writes
-  nothing."""
-  path = config.data.tokenizer_path
-  if given is None and not path and config.init_from_hf:  # the weights' own tokenizer
-    path = f"{config.init_from_hf}/tokenizer.json"
-    if not epath.Path(path).exists():
-      raise config_lib.ConfigError(
-        f"init_from_hf={config.init_from_hf} has no tokenizer.json; pass the tokenizer its "
-        "weights were trained with as --config.data.tokenizer_path=FILE."
-      )
-  if given is not None:
-    if path and tokenizer_lib.load(path).sha256 != given.sha256:
-      raise config_lib.ConfigError(
-        f"data.tokenizer_path={path} is not the tokenizer finetune.init_from was trained with; "
-        "leave data.tokenizer_path empty to use that one."
-      )
-    return _checked_size(config, given)
-  if path:
-    return _checked_size(config, tokenizer_lib.load(path))
-  if epath.Path(f"{workdir}/tokenizer.model").exists():
-    return _checked_size(config, tokenizer_lib.load(f"{workdir}/tokenizer.model"))
-  return None
-
-
-def _train_tokenizer(config, workdir: str, train_examples):
-  """WORKDIR/tokenizer.model, trained on the training texts by process 0; the others wait for
-  it and load it."""
-  path = f"{workdir}/tokenizer.model"
-  if jax.process_index() == 0:
-    texts = [t for e in train_examples for t in (e.text, e.text_pair) if t]
-    tokenizer_lib.train(texts, config.data.vocab_size, path)
-    logging.info("Trained the tokenizer %s on %d training texts", path, len(texts))
-  _barrier("fine-tuning tokenizer trained")
-  return _checked_size(config, tokenizer_lib.load(path))
+    return {**record, **self.truncated}
 
 
 def _barrier(name: str) -> None:
   """Every process waits here for all the others (as pretraining does around its data)."""
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
-
-
-def _checked_size(config, tok):
-  if tok.vocab_size != config.data.vocab_size:
-    raise config_lib.ConfigError(
-      f"the tokenizer {tok.path} has {tok.vocab_size} pieces but data.vocab_size="
-      f"{config.data.vocab_size}; set --config.data.vocab_size={tok.vocab_size}."
-    )
-  return tok
 
 
 def _examples(config) -> tuple[list, list]:
@@ -252,6 +165,7 @@ def _finetune_record(config) -> dict:
   is in finetune_data's digest of the features."""
   f = config.finetune
   record = {k: f[k] for k in f if k not in _DECIDE_ONLY}
+  record = {k: v for k, v in record.items() if v or k not in _RECORDED_WHEN_SET}
   if not f.tfds_name:
     return {k: v for k, v in record.items() if not k.startswith("tfds_")}
   from sslm_jax.data import labelled_tfds
@@ -273,52 +187,130 @@ class Prepared:
   fingerprint: dict
 
 
-def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepared:
-  """Examples, tokenizer, labels, features and the objective of a fine-tuning run.
+def _files_record(config) -> dict | None:
+  """A digest of each labelled file's bytes, by split, so a changed file is named on resume."""
+  f = config.finetune
+  if not f.train_files:
+    return None
+  return {
+    split: {p: hashlib.sha256(epath.Path(p).read_bytes()).hexdigest()[:16] for p in paths}
+    for split, paths in (
+      ("train", labelled.matching_paths(f.train_files)),
+      ("eval", labelled.matching_paths(f.eval_files)),
+    )
+  }
 
-  A workdir whose checkpoints are of another run is refused (checkpoint.CheckpointMismatch)
-  before anything is written; then process 0 trains the tokenizer (if there is none yet) and
-  writes labels.json, and every process waits for it before reading them.
-  """
-  train_examples, eval_examples = _examples(config)
-  augmentation = augment_data.Augmentation.from_config(config)
-  augmented = augmentation.examples(train_examples) if augmentation else train_examples
+
+def _truncated(config, tok, examples, features: dict) -> int:
+  """How many examples tasks.featurize cut to data.seq_len: of the rows that fill it, those whose
+  pieces (plus two special tokens, three with a pair) do not fit."""
+  candidates = np.flatnonzero(np.asarray(features["lengths"]) >= config.data.seq_len)
+  if not len(candidates):
+    return 0
+  picked = [examples[i] for i in candidates]
+  texts = tok.encode_batch([e.text for e in picked])
+  pairs = tok.encode_batch([e.text_pair or "" for e in picked])
+  room = [config.data.seq_len - 2 - (e.text_pair is not None) for e in picked]
+  return sum(len(a) + len(b) > r for a, b, r in zip(texts, pairs, room, strict=True))
+
+
+def _report_truncation(config, tok, examples: tuple, features: tuple) -> dict:
+  """{train,eval}_examples_truncated, logged once; {} for tagging (data/tagging.py drops whole
+  words and counts them itself)."""
+  if config.finetune.task == tagging.TASK:
+    return {}
+  (train, eval_), (train_f, eval_f) = examples, features
+  counts = {
+    "train_examples_truncated": _truncated(config, tok, train, train_f),
+    "eval_examples_truncated": _truncated(config, tok, eval_, eval_f),
+  }
+  if any(counts.values()):
+    logging.warning(
+      "%d of %d training and %d of %d eval examples are longer than data.seq_len=%d tokens and "
+      "are cut to it (the counts are in every eval record); raise data.seq_len to keep more.",
+      counts["train_examples_truncated"], len(train),
+      counts["eval_examples_truncated"], len(eval_), config.data.seq_len,
+    )  # fmt: skip
+  return counts
+
+
+def _class_weights(config, vocab, train_examples) -> np.ndarray | None:
+  if vocab is None or not config.finetune.class_weights:
+    return None
+  labels_N = np.asarray([vocab.encode(e) for e in train_examples], np.int64)
+  try:
+    return class_weights.weights(config.finetune.class_weights, vocab.labels, labels_N)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from e
+
+
+def _sources(config, workdir: str):
+  """(tokenizer or None, () -> encoder params or None) for this run; reads only."""
   given, encoder = None, None
   if config.finetune.init_from:
-    given, encoder = _from_workdir(config)
+    given, encoder = finetune_sources.from_workdir(config)
   elif config.init_from_hf:
     from sslm_jax import hf
 
     encoder = lambda: hf.load_params(config.init_from_hf, config)  # noqa: E731
-  tok = _tokenizer(config, workdir, given)
+  return finetune_sources.tokenizer(config, workdir, given), encoder
+
+
+def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepared:
+  """Examples, tokenizer, labels, features and the objective of a fine-tuning run.
+
+  Everything is read and checked before anything is written: a pretraining workdir, a workdir
+  whose checkpoints are of another run (checkpoint.CheckpointMismatch), a bad init_from or
+  init_step, a tokenizer that cannot be trained. Then process 0 writes the tokenizer copy and
+  labels.json, and every process waits for them before reading them.
+  """
+  f = config.finetune
+  f.init_from = finetune_sources.absolute(f.init_from)
+  train_examples, eval_examples = _examples(config)
+  augmentation = augment_data.Augmentation.from_config(config)
+  augmented = augmentation.examples(train_examples) if augmentation else train_examples
+  tok, encoder = _sources(config, workdir)
   vocab = _label_vocab(config, train_examples)
   cache = labelled_cache.FeatureCache(workdir)  # written below, once the workdir is checked
   features = _features(config, tok, vocab, augmented, eval_examples, cache) if tok else None
-  checkpoint.check_resumable(workdir, _fingerprint(config, tok, vocab, features), allow_changes)
+  fingerprint = _fingerprint(config, tok, vocab, features)
+  checkpoint.check_resumable(workdir, fingerprint, allow_changes)
+  resuming = checkpoint.saved_fingerprint(f"{workdir}/checkpoints") is not None
   labels_file = epath.Path(workdir) / labelled.VOCAB_FILE
-  if vocab and labels_file.exists() and labelled.LabelVocab.load(str(labels_file)) != vocab:
-    raise config_lib.ConfigError(
-      f"{labels_file} holds other labels than the training files; use a new --workdir."
-    )
+  if vocab and resuming and labels_file.exists():
+    if labelled.LabelVocab.load(str(labels_file)) != vocab:
+      raise config_lib.ConfigError(
+        f"{labels_file} holds other labels than the training files; use a new --workdir."
+      )
+  weights_K = _class_weights(config, vocab, augmented)
+  trained = finetune_sources.train(config, train_examples) if tok is None else None
   _barrier("fine-tuning workdir read")  # no process reads what process 0 writes next
 
   primary = jax.process_index() == 0
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if augmentation:
     augmentation.report(workdir if primary else None, "fine-tuning examples")  # train only
-  if vocab and primary and not labels_file.exists():
+  if vocab and primary:  # a start that failed before its first checkpoint may have left one
     vocab.save(str(labels_file))
-  if tok is None:
-    tok = _train_tokenizer(config, workdir, train_examples)
-    features = _features(config, tok, vocab, augmented, eval_examples, cache)
+  if primary:
+    tokenizer_lib.adopt(trained or tok.path, workdir)
+    if trained:
+      shutil.rmtree(os.path.dirname(trained), ignore_errors=True)
   _barrier("fine-tuning files written")
+  if tok is None:
+    tok = tokenizer_lib.load(tokenizer_lib.workdir_file(workdir))
+    features = _features(config, tok, vocab, augmented, eval_examples, cache)
+    fingerprint = _fingerprint(config, tok, vocab, features)
   if jax.process_index() == 0:
     cache.write()
   data = tasks.TaskData(*features, config.batch_size, config.seed, rows)
   _steps_from_epochs(config, len(features[0]["labels"]))
+  truncated = _report_truncation(config, tok, (augmented, eval_examples), features)
   labels = vocab.labels if vocab else ()
-  objective = FinetuneObjective(config, len(vocab) if vocab else 1, encoder, labels)
-  return Prepared(data, objective, _fingerprint(config, tok, vocab, features))
+  objective = FinetuneObjective(
+    config, len(vocab) if vocab else 1, encoder, labels, weights_K, truncated
+  )
+  return Prepared(data, objective, fingerprint)
 
 
 def _features(config, tok, vocab, train_examples, eval_examples, cache) -> tuple[dict, dict]:
@@ -339,6 +331,9 @@ def _fingerprint(config, tok, vocab, features) -> dict:
   }
   if features is not None:
     record["finetune_data"] = _digest(features[0]) + _digest(features[1])
+  files = _files_record(config)
+  if files is not None:
+    record["finetune_files"] = files
   return checkpoint.fingerprint(config, record)
 
 

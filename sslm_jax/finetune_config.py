@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from sslm_jax import early_stopping
+from sslm_jax import class_weights, early_stopping
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -35,9 +35,13 @@ def defaults() -> ml_collections.ConfigDict:
   s.freeze_encoder = False  # train the head only (a linear probe)
   s.freeze_encoder_steps = 0  # train the head only for this many first steps
   s.num_epochs = 0.0  # > 0: num_train_steps = this many passes over the training examples
+  # Per-label weights of the training loss: '' (none), 'balanced', or 'LABEL=WEIGHT,...'
+  # (class_weights.py); classification and pair_classification only.
+  s.class_weights = ""
   # The eval metric whose best parameters are kept in WORKDIR/best (a metrics.jsonl key, e.g.
-  # eval_loss; '' = eval_accuracy, or eval_pearson for regression; see early_stopping.py), and
-  # the evals without improvement after which the run stops (0: never).
+  # eval_loss; '' = eval_macro_f1 for classification, eval_pearson for regression,
+  # eval_entity_f1 for tagging; see early_stopping.py), and the evals without improvement after
+  # which the run stops (0: never).
   s.early_stopping_metric = ""
   s.early_stopping_patience = 0
   return s
@@ -80,6 +84,8 @@ def validate(c: ml_collections.ConfigDict, require: Callable[[bool, str], None])
     "built-in task.",
   )
   error = early_stopping.check_metric(f.task, f.early_stopping_metric)
+  require(error is None, error)
+  error = class_weights.error(f.task, f.class_weights)
   require(error is None, error)
   _validate_tfds(f, require)
   require(

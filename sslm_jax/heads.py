@@ -91,10 +91,18 @@ def num_outputs(task: str, num_labels: int) -> int:
   return 1 if task == REGRESSION else num_labels
 
 
-def task_sums(model: Classifier, batch: dict, task: str, dropout_key=None) -> dict:
-  """Summed loss over the rows with weight 1 (eval pads its last batch with weight-0 rows)."""
+def task_sums(
+  model: Classifier, batch: dict, task: str, dropout_key=None, class_weights_K=None
+) -> dict:
+  """Summed loss over the rows with weight 1 (eval pads its last batch with weight-0 rows).
+
+  `class_weights_K` (class_weights.py) weighs each row by its label's weight, in the sum and in
+  the count alike: the loss is then the weighted mean.
+  """
   outputs_BK = model(batch, dropout_key)
   weights_B = batch["weights"].astype(jnp.float32)
+  if class_weights_K is not None:
+    weights_B = weights_B * jnp.asarray(class_weights_K, jnp.float32)[batch["labels"]]
   if task == REGRESSION:
     loss_B = jnp.square(outputs_BK[:, 0] - batch["labels"].astype(jnp.float32))
   else:

@@ -1,8 +1,9 @@
 """Predict with a fine-tuned model over labelled files; the label column is optional.
 
-  python -m sslm_jax.predict --workdir=runs/cls --input=dev.tsv --output=predictions.jsonl
+  python -m sslm_jax.predict --workdir=runs/cls --input=dev.jsonl --output=predictions.jsonl
 
-Reads .jsonl/.csv/.tsv files as fine-tuning does (data/labelled.py) and writes one JSON object
+Reads .jsonl/.csv/.tsv files as fine-tuning does (data/labelled.py; JSONL for texts that hold
+newlines, as the built-in task's snippets do) and writes one JSON object
 per row: its text (and text_pair), the predicted `label` with every label's `probabilities`
 (classification) or the `value` (regression), and the row's `gold` label when it has one. A
 tagging workdir writes `labels`, one per word of the text (null for a word beyond data.seq_len,

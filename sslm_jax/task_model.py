@@ -22,6 +22,7 @@ of the other kind. Loading, batching and the forward pass are shared.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import jax
@@ -30,7 +31,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax import finetune, heads, keep_best, restore, tagging, task_metrics
+from sslm_jax import finetune, heads, keep_best, restore, saved_tree, tagging, task_metrics
 from sslm_jax import tokenizer as tok
 from sslm_jax.data import labelled, tasks
 from sslm_jax.data import tagging as tagging_data
@@ -66,17 +67,40 @@ def _texts(texts: str | Sequence[str]) -> list[str]:
   return texts
 
 
-def _tokenizer(config, workdir: str, recorded: str | None):
-  """The tokenizer the run trained with (see finetune._tokenizer), checked against the hash
-  its checkpoints recorded."""
+def _tokenizer_file(config, workdir: str) -> str:
+  """The workdir's own tokenizer copy; a workdir written before runs kept one names the file its
+  run used (finetune.init_from's, data.tokenizer_path or init_from_hf's), read relative to the
+  directory the run started in, which is why the error below names it with the fix."""
+  own = tok.workdir_file(workdir)
+  if own is not None:
+    return own
   f = config.finetune
   path = config.data.tokenizer_path
   if not path and f.init_from:
-    pretrained = restore.read_config(f.init_from)
-    path = pretrained.data.tokenizer_path or f"{f.init_from}/tokenizer.model"
+    where = f"finetune.init_from={f.init_from}"
+    try:
+      pretrained = restore.read_config(f.init_from)
+    except UsageError:
+      pretrained = None
+    if pretrained is not None:
+      path = tok.workdir_file(f.init_from) or pretrained.data.tokenizer_path
+    path = path or f"{f.init_from}/tokenizer.model"
   elif not path and config.init_from_hf:
-    path = f"{config.init_from_hf}/tokenizer.json"
-  tokenizer = tok.load(path or f"{workdir}/tokenizer.model")
+    where, path = f"init_from_hf={config.init_from_hf}", f"{config.init_from_hf}/tokenizer.json"
+  else:
+    where = f"data.tokenizer_path={path}"
+  if not path or ("://" not in path and not os.path.exists(path)):
+    raise UsageError(
+      f"{workdir} holds no copy of its tokenizer, and its run's tokenizer ({where}, from its "
+      f"config.json) is not at {path or 'any path'} from here; copy that tokenizer file into "
+      f"{workdir} (as tokenizer.model, or tokenizer.json for a Hugging Face one)."
+    )
+  return path
+
+
+def _tokenizer(config, workdir: str, recorded: str | None):
+  """The tokenizer the run trained with, checked against the hash its checkpoints recorded."""
+  tokenizer = tok.load(_tokenizer_file(config, workdir))
   if recorded and recorded != tokenizer.sha256:
     raise UsageError(
       f"{tokenizer.path} is not the tokenizer {workdir} was fine-tuned with (its SHA-256 "
@@ -134,8 +158,13 @@ def load(workdir: str, step: int | str | None = None, config=None) -> TaskModel:
       meta = checkpointer.restore(newest / str(max(steps)) / "meta") or {}
   tokenizer = _tokenizer(config, workdir, meta.get("fingerprint", {}).get("tokenizer_sha256"))
   objective = finetune.FinetuneObjective(config, len(vocab) if vocab else 1)
+  build = lambda: objective.build(0)  # noqa: E731
   try:
-    model = restore.restore_params(tree_dir, lambda: objective.build(0))
+    expected = nnx.split(nnx.eval_shape(build), nnx.Param)[1]
+    saved_tree.check(tree_dir, expected, str(tree_dir), "load another step or workdir.")
+    model = restore.restore_params(tree_dir, build)
+  except saved_tree.TreeMismatch as e:
+    raise UsageError(str(e)) from e
   except Exception as e:  # Orbax and TensorStore raise many types for missing or damaged files
     text = " ".join(str(e).split())[:300]
     raise UsageError(

@@ -81,18 +81,18 @@ def stopped(task_dir, tmp_path_factory):  # noqa: F811
   return config, workdir
 
 
-def _evals(workdir) -> list[tuple[int, float]]:
-  return [(r["step"], r["eval_accuracy"]) for r in _records(workdir) if r["step"] > 0]
+def _evals(workdir, metric="eval_accuracy") -> list[tuple[int, float]]:
+  return [(r["step"], r[metric]) for r in _records(workdir) if r["step"] > 0]
 
 
 def test_early_stopping_keeps_the_best_eval_and_stops(stopped):
   _, workdir = stopped
-  evals = _evals(workdir)
+  evals = _evals(workdir, "eval_macro_f1")  # classification's default metric
   best_step, best_value = max(evals, key=lambda e: e[1])  # the first of equal values
   stop_step = evals[-1][0]
   assert stop_step < STEPS and stop_step == best_step + PATIENCE * EVERY
   saved = json.loads((workdir / "best.json").read_text())
-  assert saved == {"step": best_step, "metric": "eval_accuracy", "value": best_value}
+  assert saved == {"step": best_step, "metric": "eval_macro_f1", "value": best_value}
   # keep_checkpoints=2 rotated the best step's checkpoint away; its parameters stay in best/.
   checkpoints = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
   assert checkpoints == [stop_step - EVERY, stop_step]

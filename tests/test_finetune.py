@@ -376,11 +376,8 @@ def test_another_runs_workdir_is_refused_before_anything_is_written(task_dir, tm
     )
   others = [  # (changes, what the refusal names: each difference and its fix)
     (
-      {"finetune.task": "pair_classification"},
-      [
-        "finetune.task: checkpoint has 'classification', config asks for 'pair_classification'",
-        "--allow_config_change=all if",
-      ],
+      {"finetune.num_labels": 2},
+      ["finetune.num_labels: checkpoint has 0, config asks for 2", "--allow_config_change=all if"],
     ),
     (
       {"finetune.train_files": str(tmp_path / "train.jsonl"), "finetune.eval_files": None},
