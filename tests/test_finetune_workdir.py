@@ -170,3 +170,13 @@ def test_truncated_examples_are_counted(task_dir, tmp_path, caplog):  # noqa: F8
   last = _records(tmp_path / "run")[-1]
   assert last["train_examples_truncated"] == 8 and last["eval_examples_truncated"] == 0
   assert caplog.text.count("8 of 16 training and 0 of 4 eval examples are longer") == 1
+
+
+def test_a_checkpoint_that_recorded_a_relative_init_from_still_resumes(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  saved = {"finetune": {"task": "classification", "init_from": "runs/pre"}}
+  current = {"finetune": {"task": "classification", "init_from": str(tmp_path / "runs/pre")}}
+  assert checkpoint.check_fingerprint(saved, current, "run") == []
+  other = {"finetune": {"task": "classification", "init_from": str(tmp_path / "other")}}
+  with pytest.raises(checkpoint.CheckpointMismatch, match="finetune.init_from"):
+    checkpoint.check_fingerprint(saved, other, "run")
