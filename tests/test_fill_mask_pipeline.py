@@ -8,9 +8,9 @@ start and the end, two masks, and texts that start with spaces.
 
 import numpy as np
 import pytest
-from test_hf import _tiny_workdir
+from test_hf import _export, _tiny_workdir
 
-from sslm_jax import api, export
+from sslm_jax import api
 from sslm_jax import tokenizer as tokenizer_lib
 
 transformers = pytest.importorskip("transformers")
@@ -38,7 +38,8 @@ def exported(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("fill_mask_pipeline")
   workdir, _ = _tiny_workdir(tmp_path, "masked_lm")
   out = str(tmp_path / "export")
-  export.export(workdir, out)
+  done = _export(f"--workdir={workdir}", f"--out={out}")  # the command: its flags stay its own
+  assert done.returncode == 0, done.stderr[-2000:]
   return api.load(workdir), transformers.pipeline("fill-mask", model=out, tokenizer=out)
 
 
