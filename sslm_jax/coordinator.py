@@ -111,8 +111,12 @@ def own_process():
   """Within: jax.distributed.initialize starts process 0's service as a child process."""
   from jax._src import distributed as jax_distributed
 
-  jaxlib = jax_distributed._jax
-  original = jaxlib.get_distributed_runtime_service
+  jaxlib = getattr(jax_distributed, "_jax", None)
+  original = getattr(jaxlib, "get_distributed_runtime_service", None)
+  if original is None:  # another JAX builds its service elsewhere: keep it in process 0
+    logging.warning("This JAX starts its coordination service elsewhere: kept in process 0.")
+    yield
+    return
   jaxlib.get_distributed_runtime_service = functools.partial(_start, in_process=original)
   try:
     yield
