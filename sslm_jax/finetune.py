@@ -244,9 +244,14 @@ def _class_weights(config, vocab, train_examples) -> np.ndarray | None:
     raise config_lib.ConfigError(str(e)) from e
 
 
-def _sources(config, workdir: str):
-  """(tokenizer or None, () -> encoder params or None) for this run; reads only."""
+def _sources(config, workdir: str, resuming: bool):
+  """(tokenizer or None, () -> encoder params or None) for this run; reads only.
+
+  A resumed run whose workdir keeps its tokenizer copy reads neither finetune.init_from nor
+  init_from_hf (its checkpoint holds every parameter): it resumes after they moved or went."""
   given, encoder = None, None
+  if resuming and tokenizer_lib.workdir_file(workdir) is not None:
+    return finetune_sources.tokenizer(config, workdir, resuming=True), None
   if config.finetune.init_from:
     given, encoder = finetune_sources.from_workdir(config)
   elif config.init_from_hf:
@@ -269,13 +274,13 @@ def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepa
   train_examples, eval_examples = _examples(config)
   augmentation = augment_data.Augmentation.from_config(config)
   augmented = augmentation.examples(train_examples) if augmentation else train_examples
-  tok, encoder = _sources(config, workdir)
+  resuming = checkpoint.saved_fingerprint(f"{workdir}/checkpoints") is not None
+  tok, encoder = _sources(config, workdir, resuming)
   vocab = _label_vocab(config, train_examples)
   cache = labelled_cache.FeatureCache(workdir)  # written below, once the workdir is checked
   features = _features(config, tok, vocab, augmented, eval_examples, cache) if tok else None
   fingerprint = _fingerprint(config, tok, vocab, features)
   checkpoint.check_resumable(workdir, fingerprint, allow_changes)
-  resuming = checkpoint.saved_fingerprint(f"{workdir}/checkpoints") is not None
   labels_file = epath.Path(workdir) / labelled.VOCAB_FILE
   if vocab and resuming and labels_file.exists():
     if labelled.LabelVocab.load(str(labels_file)) != vocab:

@@ -6,7 +6,6 @@ runs read (heads.py, finetune.py, data/labelled*.py).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import ml_collections
@@ -59,11 +58,8 @@ def validate(c: ml_collections.ConfigDict, require: Callable[[bool, str], None])
   )
   if not f.task:
     return
-  require(
-    not f.init_from or os.path.isdir(f.init_from) or "://" in f.init_from,
-    f"finetune.init_from={f.init_from!r} is not a directory; pass the --workdir of a pretraining "
-    "run.",
-  )
+  # finetune.init_from is checked when a fresh start reads it (finetune_sources.from_workdir): a
+  # resumed run needs only its own workdir.
   require(
     isinstance(f.num_epochs, (int, float)) and f.num_epochs >= 0,
     f"finetune.num_epochs={f.num_epochs!r} must be a number >= 0 (0: use num_train_steps).",

@@ -80,6 +80,11 @@ def from_workdir(config) -> tuple[object, Callable[[], dict]]:
   a pretraining run, a checkpoint at the step asked for, holding a pretraining model's
   parameters of this config's shapes. Reads metadata only; the parameters when called."""
   f = config.finetune
+  if "://" not in f.init_from and not os.path.isdir(f.init_from):
+    raise config_lib.ConfigError(
+      f"finetune.init_from={f.init_from!r} is not a directory; pass the --workdir of a "
+      "pretraining run."
+    )
   try:
     pretrained = restore.read_config(f.init_from)
   except restore.UsageError as e:
@@ -127,12 +132,12 @@ def from_workdir(config) -> tuple[object, Callable[[], dict]]:
   return tok, encoder
 
 
-def tokenizer(config, workdir: str, given=None):
-  """The init_from run's tokenizer, else data.tokenizer_path, else init_from_hf's tokenizer.json,
-  else the workdir's own copy; None when there is none yet (train() makes it). A workdir that
-  already holds a different tokenizer is refused. Writes nothing."""
+def tokenizer(config, workdir: str, given=None, resuming=False):
+  """The init_from run's tokenizer, else data.tokenizer_path, else init_from_hf's tokenizer.json
+  (not read when `resuming`), else the workdir's own copy; None when there is none yet (train()
+  makes it). A workdir that already holds a different tokenizer is refused. Writes nothing."""
   path = config.data.tokenizer_path
-  if given is None and not path and config.init_from_hf:  # the weights' own tokenizer
+  if given is None and not path and config.init_from_hf and not resuming:  # the weights' own
     path = f"{config.init_from_hf}/tokenizer.json"
     if not epath.Path(path).exists():
       raise config_lib.ConfigError(

@@ -18,6 +18,7 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax import model as model_lib
+from sslm_jax import saved_tree
 from sslm_jax import tokenizer as tok
 
 
@@ -69,19 +70,28 @@ def _choose_step(workdir: str, steps: list[int], step: int | None) -> int:
 
 
 def _restore_params(step_dir: epath.Path, model_cfg: model_lib.ModelConfig):
-  return restore_params(step_dir / "state", lambda: model_lib.build(model_cfg, 0))
+  fix = (
+    "the model settings in its workdir's config.json (e.g. model.num_layers, model.emb_dim) are "
+    "not those the run trained with; restore the config.json the run wrote, or load another "
+    "workdir."
+  )
+  return restore_params(step_dir / "state", lambda: model_lib.build(model_cfg, 0), fix)
 
 
-def restore_params(tree_dir: epath.Path, build):
+def restore_params(tree_dir: epath.Path, build, fix: str = "load another step or workdir."):
   """The model `build()` makes, with the `params` subtree saved in `tree_dir` (a checkpoint's
   state/ directory, or a params-only save of the same tree), each array whole on the first
   local device.
 
   Orbax's partial restore reads only the leaves named in the target tree: the optimizer state
-  (twice the parameters' bytes) is never read, and shards from any mesh are reassembled.
+  (twice the parameters' bytes) is never read, and shards from any mesh are reassembled. It
+  would also fill a leaf the save lacks with an empty placeholder, so the saved tree is first
+  compared with the model's: saved_tree.TreeMismatch (one line naming the differing paths, then
+  `fix`) when they differ.
   """
   abstract_model = nnx.eval_shape(build)
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+  saved_tree.check(tree_dir, abstract_params, str(tree_dir), fix)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_params
@@ -146,6 +156,8 @@ def from_workdir(workdir: str, step: int | None = None) -> Restored:
   model_cfg = config_lib.model_config(config)
   try:
     model = _restore_params(directory / str(step), model_cfg)
+  except saved_tree.TreeMismatch as e:
+    raise UsageError(str(e)) from e
   except Exception as e:  # Orbax and TensorStore raise many types for missing or damaged files
     others = ", ".join(str(s) for s in sorted(steps) if s != step) or "none"
     text = " ".join(str(e).split())[:300]

@@ -160,9 +160,7 @@ def load(workdir: str, step: int | str | None = None, config=None) -> TaskModel:
   objective = finetune.FinetuneObjective(config, len(vocab) if vocab else 1)
   build = lambda: objective.build(0)  # noqa: E731
   try:
-    expected = nnx.split(nnx.eval_shape(build), nnx.Param)[1]
-    saved_tree.check(tree_dir, expected, str(tree_dir), "load another step or workdir.")
-    model = restore.restore_params(tree_dir, build)
+    model = restore.restore_params(tree_dir, build)  # checks the saved tree first
   except saved_tree.TreeMismatch as e:
     raise UsageError(str(e)) from e
   except Exception as e:  # Orbax and TensorStore raise many types for missing or damaged files

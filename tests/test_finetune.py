@@ -329,7 +329,6 @@ def test_pooled_positions():
     ("finetune.task", "tagging_x", "finetune.task='tagging_x': use one of"),
     ("finetune.freeze_encoder_steps", -1, "finetune.freeze_encoder_steps=-1 must be"),
     ("finetune.eval_files", "", "finetune.train_files and finetune.eval_files go together"),
-    ("finetune.init_from", "/no/such/run", "finetune.init_from='/no/such/run' is not a directory"),
   ],
 )
 def test_finetune_config_errors_name_the_field(task_dir, field, value, message):

@@ -49,6 +49,12 @@ def test_a_fine_tuned_workdir_needs_nothing_outside_it(task_dir, tmp_path, monke
   monkeypatch.chdir(elsewhere)
   model = sslm_jax.load(str(run))
   assert model.classify(["violet river stone"])[0].label in ("no", "yes")
+  # Preempted and moved to a machine without the pretraining workdir: the run resumes from its
+  # own checkpoint and tokenizer copy, through the same config check as main.
+  longer = _finetune_config(task_dir, str(tmp_path / "pre"), steps=6)
+  config_lib.validate(longer)
+  finetune.run(longer, str(run), _mesh(longer))
+  assert [r["step"] for r in _records(run)][-1] == 6
 
 
 @pytest.mark.slow
@@ -114,7 +120,7 @@ def test_a_restore_into_another_tree_names_the_paths(task_dir, tmp_path):  # noq
   assert saved_tree.difference({"a": (2,)}, {"a": (3,)}) == "other shapes a [2] (expected [3])"
 
 
-@pytest.mark.parametrize("bad", ["init_step", "no_checkpoints", "vocab"])
+@pytest.mark.parametrize("bad", ["init_step", "no_checkpoints", "vocab", "missing"])
 def test_a_bad_start_writes_nothing(task_dir, tmp_path, bad):  # noqa: F811
   _pre(task_dir, tmp_path / "pre")
   config = _finetune_config(task_dir, str(tmp_path / "pre"))
@@ -123,6 +129,8 @@ def test_a_bad_start_writes_nothing(task_dir, tmp_path, bad):  # noqa: F811
   elif bad == "no_checkpoints":
     shutil.rmtree(tmp_path / "pre" / "checkpoints")
     words = "has no checkpoints yet"
+  elif bad == "missing":  # checked when a fresh start reads it, not by config.validate
+    config.finetune.init_from, words = str(tmp_path / "nowhere"), "is not a directory"
   else:  # a tokenizer trained here, for a vocabulary it cannot fill
     config.finetune.init_from, config.data.vocab_size, words = "", 40, "data.vocab_size=40"
   workdir = tmp_path / "run"
