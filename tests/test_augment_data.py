@@ -235,6 +235,18 @@ def test_contextual_substitution_with_a_bert_workdir(tmp_path_factory, tmp_path)
     augment_lib.Augmenter([{"name": "contextual", "workdir": "nowhere"}])
 
 
+def test_contextual_refuses_a_fine_tuned_workdir_in_one_line(tmp_path):
+  """A fine-tuned BERT keeps objective masked_lm; its task head cannot fill a [MASK]."""
+  from sslm_jax.data import augment as augment_lib
+
+  (tmp_path / "config.json").write_text(
+    json.dumps({"objective": "masked_lm", "finetune": {"task": "classification"}})
+  )
+  with pytest.raises(AugmentError, match="holds a fine-tuned classification model") as e:
+    augment_lib.Augmenter([{"name": "contextual", "workdir": str(tmp_path)}])
+  assert "\n" not in str(e.value)
+
+
 # ----------------------------------------------------------------------------- show command
 
 

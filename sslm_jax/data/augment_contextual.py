@@ -39,7 +39,13 @@ def _load(spec: dict):
       "BERT (masked_lm) training run, e.g. contextual:workdir=runs/bert_tiny."
     )
   try:
-    objective = restore.read_config(str(workdir)).objective
+    config = restore.read_config(str(workdir))
+    objective, task = config.objective, config.finetune.task
+    if task:  # a fine-tuned BERT keeps masked_lm as its objective but has a task head instead
+      raise AugmentError(
+        f"augment contextual: {workdir} holds a fine-tuned {task} model, whose task head cannot "
+        "fill in a [MASK]; give the workdir of the BERT (masked_lm) pretraining run."
+      )
     if objective != "masked_lm":
       raise AugmentError(
         f"augment contextual: {workdir} holds a GPT ({objective}) model, which cannot fill in "
