@@ -14,7 +14,7 @@ Sized for accelerators: expect eval_mlm_accuracy above 0.5 after ~50k steps of b
 On TPU and GPU it computes in bfloat16 with float32 parameters and optimizer state
 (model.dtype='auto'; float32 on CPU; --config.model.dtype=float32 overrides it). No dropout on
 the attention probabilities, as in recent BERT recipes, so attention runs as a flash kernel (splash
-on TPU, cuDNN on Hopper GPUs), which moves far fewer HBM bytes per layer (README).
+on TPU, cuDNN on Hopper GPUs), which moves far fewer HBM bytes per layer (docs/performance.md).
 --config.model.attention_dropout=0.1 is Hugging Face BERT's attention_probs_dropout_prob; it needs
 XLA's attention.
 """

@@ -38,7 +38,7 @@ def defaults() -> ml_collections.ConfigDict:
   c.profile_steps = 0
   # XLA options for compiling the train step only, 'name=value,...'; e.g.
   # xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT. None is set by default: see
-  # the README for what was measured.
+  # docs/performance.md for what was measured.
   c.compiler_options = ""
   # Run-to-run deterministic GPU kernels (XLA's --xla_gpu_deterministic_ops), so a resumed GPU run
   # repeats an uninterrupted one bit for bit; slower (scatters serialize, no autotuning choice).
