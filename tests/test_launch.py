@@ -439,6 +439,9 @@ def test_tpu_remote_commands_detach_and_stream(tmp_path, no_gcloud):
       stderr=subprocess.PIPE,
       text=True,
       start_new_session=True,
+      # A lost connection's SIGHUP must act as on a login shell, even where the test runner was
+      # started under nohup (which leaves SIGHUP ignored in every child).
+      preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
       **kwargs,
     )
 
