@@ -33,16 +33,21 @@ def _step(config, workdir):
   state, spec = train_state.create(
     objective.model_cfg, config.seed, tx, mesh, rules, build=objective.build
   )
-  step = functools.partial(
+  step = _train_step(config, spec, tx, objective.metric_sums)
+  return jax.jit(step), state, prepared.data.batch_for_step(0), spec, objective
+
+
+def _train_step(config, spec, tx, sums_fn):
+  """train.train_step for `config` with `tx` and `sums_fn`, dropout off."""
+  return functools.partial(
     train.train_step,
     spec=spec,
     tx=tx,
     lr_schedule=optim.schedule(config.opt, config.num_train_steps),
     seed=config.seed,
     dropout=False,
-    sums_fn=objective.metric_sums,
+    sums_fn=sums_fn,
   )
-  return jax.jit(step), state, prepared.data.batch_for_step(0), spec, objective
 
 
 def _pure(params):
@@ -61,14 +66,8 @@ def _reference(config, state, batch, spec) -> dict:
   tx = optim.make(config.opt, config.num_train_steps)
   tx_ref = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   ref_state = train_state.TrainState(state.step, state.params, tx_ref.init(state.params))
-  ref_step = functools.partial(
-    train.train_step,
-    spec=spec,
-    tx=tx_ref,
-    lr_schedule=optim.schedule(config.opt, config.num_train_steps),
-    seed=config.seed,
-    dropout=False,
-    sums_fn=lambda m, b, k=None: heads.task_sums(m, b, "classification", k),
+  ref_step = _train_step(
+    config, spec, tx_ref, lambda m, b, k=None: heads.task_sums(m, b, "classification", k)
   )
   return _pure(jax.jit(ref_step)(ref_state, batch)[0].params)
 

@@ -381,16 +381,21 @@ def _tiny_workdir(tmp_path, objective: str) -> tuple[str, dict]:
   return str(workdir), params
 
 
-def _export(*args) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _command(module: str, *args, env: dict | None = None) -> subprocess.CompletedProcess:
+  """`python -m sslm_jax.<module> ARGS` on the CPU, from the repository root."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
   return subprocess.run(
-    [sys.executable, "-m", "sslm_jax.export", *args],
+    [sys.executable, "-m", f"sslm_jax.{module}", *args],
     cwd=REPO,
     env=env,
     capture_output=True,
     text=True,
     timeout=300,
   )
+
+
+def _export(*args) -> subprocess.CompletedProcess:
+  return _command("export", *args)
 
 
 @pytest.mark.slow
@@ -509,8 +514,6 @@ def test_a_bert_model_without_its_mlm_head_starts_a_new_head(tmp_path, caplog):
 
 
 def _main(workdir, hf_dir) -> subprocess.CompletedProcess:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   flags = [
     "--config=configs/gpt_tiny.py",
     f"--workdir={workdir}",
@@ -523,14 +526,7 @@ def _main(workdir, hf_dir) -> subprocess.CompletedProcess:
     f"--config.model.mlp_dim={MLP}",
     "--config.mesh.data=1",
   ]
-  return subprocess.run(
-    [sys.executable, "-m", "sslm_jax.main", *flags],
-    cwd=REPO,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  return _command("main", *flags, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
 
 
 def test_an_unreadable_init_from_hf_is_refused_before_the_workdir_is_written(tmp_path):
