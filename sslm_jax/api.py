@@ -279,7 +279,7 @@ class LanguageModel:
       seed=seed,
       num_samples=num_samples,
       eos_id=self.tokenizer.eos_id,
-      banned_ids=sorted(set(self.tokenizer.special_ids) - {self.tokenizer.eos_id}),
+      banned_ids=decode.banned_ids(self.tokenizer),
     )
     out = [[] for _ in prompts]
     for i, ids in enumerate(new_ids):

@@ -115,6 +115,11 @@ def _mesh_of(params):
   return None
 
 
+def banned_ids(tokenizer) -> list[int]:
+  """Never generated: every special id of `tokenizer` but EOS, which ends a sample."""
+  return sorted(set(tokenizer.special_ids) - {tokenizer.eos_id})
+
+
 def generate(
   model: GPT | decoder.Prepared,
   prompts: Sequence[Sequence[int]],

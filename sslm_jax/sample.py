@@ -13,11 +13,6 @@ from sslm_jax import decode, decoder
 from sslm_jax import tokenizer as tok
 
 
-def banned_ids(tokenizer) -> list[int]:
-  """Never sampled: every special id of `tokenizer` but EOS, which ends a sample."""
-  return sorted(set(tokenizer.special_ids) - {tokenizer.eos_id})
-
-
 def fit_prompt(prompt_ids: list[int], max_len: int, max_new_tokens: int) -> tuple[list[int], int]:
   """(the prompt the model sees, how many tokens it may add) within `max_len` positions.
 
@@ -59,7 +54,7 @@ def show(model, tokenizer: tok.Tokenizer, texts: list[str]) -> list[str]:
       )
       (new,) = decode.generate(
         decoding, [prompt], max_new_tokens=room, temperature=0.8, top_k=40,
-        eos_id=tokenizer.eos_id, banned_ids=banned_ids(tokenizer),
+        eos_id=tokenizer.eos_id, banned_ids=decode.banned_ids(tokenizer),
       )  # fmt: skip
       new = new[:-1] if new and new[-1] == tokenizer.eos_id else new
       # Decode together so the first new piece keeps its leading space.

@@ -17,7 +17,7 @@ def _generate(model, prompt, max_new_tokens):
   """Sampled as sample.show samples."""
   (new,) = decode.generate(
     model, [prompt], max_new_tokens=max_new_tokens, temperature=0.8, top_k=40,
-    eos_id=tokenizer_lib.EOS_ID, banned_ids=sample.banned_ids(tokenizer_lib.Tokenizer),
+    eos_id=tokenizer_lib.EOS_ID, banned_ids=decode.banned_ids(tokenizer_lib.Tokenizer),
   )  # fmt: skip
   return new
 
