@@ -66,8 +66,8 @@ def _example_dict(e) -> dict:
 
 
 def _finetuning(c, augmentation, n: int) -> list[dict]:
-  from sslm_jax import finetune
-  from sslm_jax.data import labelled
+  from sslm_jax.finetune import labelled
+  from sslm_jax.finetune import loop as finetune
 
   try:
     examples = finetune._examples(c)[0][:n]  # the training examples, as fine-tuning reads them
@@ -106,7 +106,7 @@ def _print(item: dict) -> None:
 
 
 def main(argv):
-  from sslm_jax.data import augment_data
+  from sslm_jax.data.augment import apply as augment_data
 
   if len(argv) > 1:
     raise commands.UsageError(f"unexpected arguments {argv[1:]}; options are flags (--name=value).")
@@ -135,6 +135,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from sslm_jax.data.augment_sources import AugmentError
+  from sslm_jax.data.augment.sources import AugmentError
 
   commands.run_command(main, errors=(config_lib.ConfigError, AugmentError))

@@ -5,7 +5,7 @@
 
 Compiles the step, runs --warmup_steps untimed and --steps timed steps (each waited for), and
 prints as its last stdout line one JSON object: tokens_per_sec and step_time_s (from the median
-step), compile_time_s, model FLOPs (sslm_jax/flops.py), mfu against a peak FLOP/s figure per
+step), compile_time_s, model FLOPs (sslm_jax/models/flops.py), mfu against a peak FLOP/s figure per
 device (a vendor table; on CPU a GEMM measured in this run, per host) and where that figure came
 from, the devices, compute dtype and peak memory per device. Synthetic
 data never imports TensorFlow; --data=real reads the training pipeline (needs --workdir) and
@@ -14,7 +14,7 @@ with --read_latency_ms=50 it then times the input pipeline alone with 50 ms adde
 read of the cache (a remote object store) and reports input_batches_per_sec and
 input_over_step, how many times the step's consumption it delivers.
 
---mode=generate times greedy KV-cache generation (sslm_jax/decode.py) of exactly --gen_new_tokens
+--mode=generate times greedy KV-cache generation (sslm_jax/inference/decode.py) of exactly --gen_new_tokens
 after a --gen_prompt_len prompt, with random weights, against Hugging Face's GPT2LMHeadModel
 .generate of the same shape in the same run (needs torch and transformers, the test extra).
 Our weights are copied into decoding layout once (decoder.prepare, reported as prepare_s), as
@@ -37,9 +37,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sslm_jax import cluster, flops, optim, plan, sharding, train, train_state
 from sslm_jax import config as config_lib
-from sslm_jax.model import count_params
+from sslm_jax.cluster import join as cluster
+from sslm_jax.models import flops
+from sslm_jax.models.transformer import count_params
+from sslm_jax.training import loop as train
+from sslm_jax.training import optimizer as optim
+from sslm_jax.training import plan, sharding
+from sslm_jax.training import state as train_state
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_integer("steps", 10, "Timed train steps.", lower_bound=1)
@@ -236,8 +241,8 @@ def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens
   except ImportError as e:
     raise UsageError(f"--mode=generate compares with Hugging Face and needs torch and "
                      f"transformers (pip install -e '.[test]'): {e}") from e  # fmt: skip
-  from sslm_jax import decode, decoder
-  from sslm_jax import model as model_lib
+  from sslm_jax.inference import decode, decoder
+  from sslm_jax.models import transformer as model_lib
 
   layers, width, heads, mlp, vocab = GEN_SHAPES[shape]
   max_len = decode.bucket(prompt_len + new_tokens)

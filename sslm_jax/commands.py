@@ -1,17 +1,17 @@
-"""How the commands over api.py (generate, fill_mask, score) run: absl flags, and one line
+"""How the commands over inference/language_model.py (generate, fill_mask, score) run: absl flags, and one line
 naming the problem and the fix for a bad flag, workdir or input."""
 
 from __future__ import annotations
 
 import sys
 
-from sslm_jax import cluster
-from sslm_jax import tokenizer as tok
-from sslm_jax.restore import UsageError
+from sslm_jax.checkpoints.restore import UsageError
+from sslm_jax.cluster import join as cluster
+from sslm_jax.tokenizer import sentencepiece as tok
 
 
 def run_command(main, errors: tuple[type[Exception], ...] = ()) -> None:
-  """absl's app.run for the commands over api.py: a bad flag, workdir or input ends the
+  """absl's app.run for the commands over inference/language_model.py: a bad flag, workdir or input ends the
   command with one line naming the problem and the fix, and exit status 2. `errors`: more
   exception types that end the command the same way."""
   from absl import app, flags, logging

@@ -21,8 +21,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags, logging
 from flax import nnx
 
-from sslm_jax import api, hf, hf_tokenizer
-from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.checkpoints import hf
+from sslm_jax.inference import language_model as api
+from sslm_jax.tokenizer import hf_json as hf_tokenizer
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 flags.DEFINE_string("workdir", None, "Run directory of a `python -m sslm_jax.main` run.")
 flags.DEFINE_string("out", None, "Directory to write the Hugging Face model into.")

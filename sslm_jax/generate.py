@@ -12,7 +12,9 @@ import json
 
 from absl import flags
 
-from sslm_jax import api, commands, restore
+from sslm_jax import commands
+from sslm_jax.checkpoints import restore
+from sslm_jax.inference import language_model as api
 
 flags.DEFINE_string("workdir", None, "Workdir of a GPT (causal_lm) training run.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")

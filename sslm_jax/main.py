@@ -23,13 +23,18 @@ from jax._src import compilation_cache
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from sslm_jax import checkpoint, cluster, hf, metrics, rendezvous, sharding, train
 from sslm_jax import config as config_lib
-from sslm_jax import lease as lease_lib
-from sslm_jax import plan as plan_lib
-from sslm_jax import sample as sample_lib
-from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax import topology as topology_lib
+from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.checkpoints import hf
+from sslm_jax.cluster import join as cluster
+from sslm_jax.cluster import lease as lease_lib
+from sslm_jax.cluster import rendezvous
+from sslm_jax.cluster import topology as topology_lib
+from sslm_jax.inference import sample as sample_lib
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+from sslm_jax.training import loop as train
+from sslm_jax.training import metrics, sharding
+from sslm_jax.training import plan as plan_lib
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, config.")
@@ -301,8 +306,8 @@ def _train(config, workdir: str, mesh) -> dict:
 def _finetune(config, workdir: str, mesh) -> dict:
   """A task head on a pretrained encoder (finetune.py); its data needs TensorFlow only for a
   TFDS dataset (finetune.tfds_name)."""
-  from sslm_jax import finetune
-  from sslm_jax.data import labelled
+  from sslm_jax.finetune import labelled
+  from sslm_jax.finetune import loop as finetune
 
   batch = sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh.rules))
   rows = sharding.batch_rows(batch, config.batch_size)
@@ -354,7 +359,7 @@ def _use_compilation_cache(workdir: str) -> None:
 def main(argv):
   del argv
   from sslm_jax.data import pipeline
-  from sslm_jax.data.augment_sources import AugmentError
+  from sslm_jax.data.augment.sources import AugmentError
 
   _quiet_library_info()
   cluster.skip_tpu_without_chips()

@@ -2,12 +2,12 @@
 
   python -m sslm_jax.predict --workdir=runs/cls --input=dev.jsonl --output=predictions.jsonl
 
-Reads .jsonl/.csv/.tsv files as fine-tuning does (data/labelled.py; JSONL for texts that hold
+Reads .jsonl/.csv/.tsv files as fine-tuning does (finetune/labelled.py; JSONL for texts that hold
 newlines, as the built-in task's snippets do) and writes one JSON object
 per row: its text (and text_pair), the predicted `label` with every label's `probabilities`
 (classification) or the `value` (regression), and the row's `gold` label when it has one. A
 tagging workdir writes `labels`, one per word of the text (null for a word beyond data.seq_len,
-which the eval does not score either; see task_model.py), and `gold`, the row's label list. Then
+which the eval does not score either; see finetune/task_model.py), and `gold`, the row's label list. Then
 prints how many rows it wrote and, over the rows with a gold label, the eval metrics under
 metrics.jsonl's names. --step: a checkpoint step or 'best' (default: the best, else the newest).
 """
@@ -19,8 +19,10 @@ import json
 from absl import flags
 from etils import epath
 
-from sslm_jax import api, commands, restore, tagging
-from sslm_jax.data import labelled
+from sslm_jax import commands
+from sslm_jax.checkpoints import restore
+from sslm_jax.finetune import labelled, tagging
+from sslm_jax.inference import language_model as api
 
 flags.DEFINE_string("workdir", None, "Workdir of a fine-tuning run.")
 flags.DEFINE_string("input", None, "Labelled .jsonl/.csv/.tsv files (comma-separated, globs).")

@@ -39,8 +39,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from sslm_jax import cluster, commands  # noqa: E402
+from sslm_jax import commands
 from sslm_jax import config as config_lib  # noqa: E402
+from sslm_jax.cluster import join as cluster
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Run directory: the cache goes to WORKDIR/data.")
@@ -152,7 +153,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from sslm_jax.data.augment_sources import AugmentError
+  from sslm_jax.data.augment.sources import AugmentError
   from sslm_jax.data.corpus import DataError
 
   commands.run_command(main, errors=(config_lib.ConfigError, DataError, AugmentError))

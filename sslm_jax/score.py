@@ -14,7 +14,8 @@ import json
 from absl import flags
 from etils import epath
 
-from sslm_jax import api, commands
+from sslm_jax import commands
+from sslm_jax.inference import language_model as api
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (GPT or BERT).")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")

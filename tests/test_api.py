@@ -131,9 +131,12 @@ def fabricated_workdir(tmp_path_factory, kind: str) -> str:
   if kind not in _FABRICATED:
     from conftest import tiny_config
 
-    from sslm_jax import checkpoint, optim, sharding, train_state
     from sslm_jax import config as config_lib
-    from sslm_jax import tokenizer as tok
+    from sslm_jax.checkpoints import checkpointer as checkpoint
+    from sslm_jax.tokenizer import sentencepiece as tok
+    from sslm_jax.training import optimizer as optim
+    from sslm_jax.training import sharding
+    from sslm_jax.training import state as train_state
 
     root = tmp_path_factory.mktemp(f"fabricated_{kind}")
     _corpus(kind, str(root / "corpus.txt"))
@@ -398,7 +401,7 @@ def test_fill_mask_answers_every_mask_with_ordinary_tokens(bert):
 
 
 def test_methods_refuse_the_other_objective_and_bad_input(gpt, bert):
-  import sslm_jax.api as api
+  import sslm_jax.inference.language_model as api
 
   with pytest.raises(api.UsageError, match="cannot generate"):
     bert.generate("Machine")
@@ -432,7 +435,7 @@ def test_embed_shapes_and_pooling(gpt, bert):
 
 
 def test_a_step_given_as_text_is_the_step(gpt_workdir, gpt):
-  import sslm_jax.api as api
+  import sslm_jax.inference.language_model as api
 
   assert api.load(gpt_workdir, step=str(gpt.step)).step == gpt.step
   with pytest.raises(api.UsageError, match="no checkpoint at step 99999"):
@@ -454,7 +457,7 @@ def test_generate_continues_each_prompt(gpt):
 
 
 def test_a_hugging_face_directory_is_named_as_one(tmp_path):
-  import sslm_jax.api as api
+  import sslm_jax.inference.language_model as api
 
   config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}
   (tmp_path / "config.json").write_text(json.dumps(config))

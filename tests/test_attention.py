@@ -15,10 +15,10 @@ import pytest
 from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
-from sslm_jax import attention
 from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
 from sslm_jax.data import pipeline
+from sslm_jax.models import attention
+from sslm_jax.models import transformer as model_lib
 
 LAYOUTS = {
   "one document": [[1] * 12],

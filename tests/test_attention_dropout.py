@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from conftest import synthetic_batch, tiny_config
 
-from sslm_jax import attention, hf
 from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
+from sslm_jax.checkpoints import hf
+from sslm_jax.models import attention
+from sslm_jax.models import transformer as model_lib
 
 
 @pytest.mark.parametrize("causal", [True, False])

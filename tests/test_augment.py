@@ -9,8 +9,8 @@ import sys
 import ml_collections
 import pytest
 
-from sslm_jax.data import augment as augment_lib
-from sslm_jax.data import augment_sources
+from sslm_jax.data.augment import sources as augment_sources
+from sslm_jax.data.augment import transforms as augment_lib
 
 WORDS = [f"w{i}" for i in range(50)]
 TEXT = " ".join(WORDS)

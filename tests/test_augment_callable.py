@@ -3,9 +3,11 @@
 import pytest
 from conftest import tiny_config
 
-from sslm_jax.data import augment as augment_lib
-from sslm_jax.data import augment_data, augment_spec, labelled
-from sslm_jax.data.augment_sources import AugmentError
+from sslm_jax.config import augment_spec
+from sslm_jax.data.augment import apply as augment_data
+from sslm_jax.data.augment import transforms as augment_lib
+from sslm_jax.data.augment.sources import AugmentError
+from sslm_jax.finetune import labelled
 
 PARAPHRASER = """
 CALLS = []

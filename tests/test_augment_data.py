@@ -10,8 +10,10 @@ from conftest import tiny_config
 from test_api import fabricated_workdir, run_python
 
 from sslm_jax import config as config_lib
-from sslm_jax.data import augment_data, augment_spec, labelled
-from sslm_jax.data.augment_sources import AugmentError
+from sslm_jax.config import augment_spec
+from sslm_jax.data.augment import apply as augment_data
+from sslm_jax.data.augment.sources import AugmentError
+from sslm_jax.finetune import labelled
 
 SYLLABLES = "ka lo mi ne ru sa to vi be da fo gu".split()
 
@@ -178,8 +180,8 @@ def test_finetune_copies_keep_labels_and_pairs_change_independently(tmp_path):
 
 
 def test_finetune_prepare_augments_train_features_only(tmp_path):
-  from sslm_jax import finetune
-  from sslm_jax import tokenizer as tokenizer_lib
+  from sslm_jax.finetune import loop as finetune
+  from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
   rng = random.Random(2)
   for split, n in (("train", 24), ("eval", 8)):
@@ -210,7 +212,7 @@ def test_finetune_prepare_augments_train_features_only(tmp_path):
 
 @pytest.mark.slow  # builds the session's tiny BERT workdir (~20 s) unless test_api already did
 def test_contextual_substitution_with_a_bert_workdir(tmp_path_factory, tmp_path):
-  from sslm_jax.data import augment as augment_lib
+  from sslm_jax.data.augment import transforms as augment_lib
 
   workdir = fabricated_workdir(tmp_path_factory, "bert")  # the session's untrained tiny BERT
   rng = random.Random(3)
@@ -237,7 +239,7 @@ def test_contextual_substitution_with_a_bert_workdir(tmp_path_factory, tmp_path)
 
 def test_contextual_refuses_a_fine_tuned_workdir_in_one_line(tmp_path):
   """A fine-tuned BERT keeps objective masked_lm; its task head cannot fill a [MASK]."""
-  from sslm_jax.data import augment as augment_lib
+  from sslm_jax.data.augment import transforms as augment_lib
 
   (tmp_path / "config.json").write_text(
     json.dumps({"objective": "masked_lm", "finetune": {"task": "classification"}})

@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from sslm_jax import bench, flops, plan
-from sslm_jax.model import ModelConfig
+from sslm_jax import bench
+from sslm_jax.models import flops
+from sslm_jax.models.transformer import ModelConfig
+from sslm_jax.training import plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@
 
 from collections import Counter
 
-from sslm_jax.data import tasks
+from sslm_jax.finetune import tasks
 
 
 def test_builtin_eval_split_has_the_count_asked_for():

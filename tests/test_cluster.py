@@ -4,7 +4,8 @@ import pytest
 from jax._src import hardware_utils
 from jax._src.clusters import K8sCluster, cloud_tpu_cluster
 
-from sslm_jax import cluster, rendezvous
+from sslm_jax.cluster import join as cluster
+from sslm_jax.cluster import rendezvous
 
 # Every variable JAX's cluster environments read.
 CLUSTER_VARIABLES = [

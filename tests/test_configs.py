@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
+from sslm_jax.models import transformer as model_lib
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.py")))
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from sslm_jax import coordinator
+from sslm_jax.cluster import coordinator
 
 pytestmark = pytest.mark.slow  # several Python processes, each importing JAX
 

@@ -11,8 +11,9 @@ from conftest import tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax import decode, decoder, sharding
-from sslm_jax import model as model_lib
+from sslm_jax.inference import decode, decoder
+from sslm_jax.models import transformer as model_lib
+from sslm_jax.training import sharding
 
 EOS = 3
 

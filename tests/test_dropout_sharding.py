@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 from conftest import synthetic_batch, tiny_config
 
-from sslm_jax import checkpoint, optim, sharding, train, train_state
 from sslm_jax import config as config_lib
+from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.training import loop as train
+from sslm_jax.training import optimizer as optim
+from sslm_jax.training import sharding
+from sslm_jax.training import state as train_state
 
 RULES = sharding.DEFAULT_RULES
 

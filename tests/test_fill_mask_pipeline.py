@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from test_hf import _export, _tiny_workdir
 
-from sslm_jax import api
-from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.inference import language_model as api
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 transformers = pytest.importorskip("transformers")
 

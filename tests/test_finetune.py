@@ -12,11 +12,16 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from sslm_jax import checkpoint, finetune, heads, optim, sharding, train, train_state
 from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
-from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import labelled, tasks
+from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.finetune import heads, labelled, tasks
+from sslm_jax.finetune import loop as finetune
+from sslm_jax.models import transformer as model_lib
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+from sslm_jax.training import loop as train
+from sslm_jax.training import optimizer as optim
+from sslm_jax.training import sharding
+from sslm_jax.training import state as train_state
 
 _FILLER = (
   "river stone cloud paper window garden yellow quiet simple orange table morning letter "

@@ -11,17 +11,13 @@ import pytest
 from flax import nnx
 from test_finetune import _config, _equal, _mesh, task_dir  # noqa: F401 (a fixture)
 
-from sslm_jax import (
-  class_weights,
-  early_stopping,
-  finetune,
-  heads,
-  optim,
-  sharding,
-  train,
-  train_state,
-)
 from sslm_jax import config as config_lib
+from sslm_jax.finetune import class_weights, early_stopping, heads
+from sslm_jax.finetune import loop as finetune
+from sslm_jax.training import loop as train
+from sslm_jax.training import optimizer as optim
+from sslm_jax.training import sharding
+from sslm_jax.training import state as train_state
 
 
 def _step(config, workdir):

@@ -10,11 +10,13 @@ from test_api import run_python
 from test_finetune import _config, _files, _mesh, _pretrained_workdir, _records, task_dir  # noqa: F401
 
 import sslm_jax
-from sslm_jax import checkpoint, finetune, saved_tree
 from sslm_jax import config as config_lib
-from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import labelled
-from sslm_jax.restore import UsageError
+from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.checkpoints import saved_tree
+from sslm_jax.checkpoints.restore import UsageError
+from sslm_jax.finetune import labelled
+from sslm_jax.finetune import loop as finetune
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 
 def _pre(task_dir, root):  # noqa: F811

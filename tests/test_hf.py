@@ -19,10 +19,15 @@ import pytest
 from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
-from sslm_jax import checkpoint, hf, layers, objectives, sharding, train
 from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
-from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.checkpoints import hf
+from sslm_jax.models import layers
+from sslm_jax.models import transformer as model_lib
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+from sslm_jax.training import loop as train
+from sslm_jax.training import losses as objectives
+from sslm_jax.training import sharding
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

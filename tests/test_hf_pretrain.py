@@ -147,7 +147,7 @@ def hf_dir(request, tmp_path_factory):
   """(objective, text file, HF directory with tokenizer.json and model.safetensors, vocab)."""
   from test_hf_tokenizer import bert_style_json, gpt2_style_json
 
-  from sslm_jax import hf_tokenizer
+  from sslm_jax.tokenizer import hf_json as hf_tokenizer
 
   objective = request.param
   root = tmp_path_factory.mktemp(objective)
@@ -313,8 +313,11 @@ def test_fine_tuning_from_hf_files_starts_from_their_encoder_and_tokenizer(hf_di
   from flax import nnx
 
   from sslm_jax import config as config_lib
-  from sslm_jax import finetune, hf, sharding, train
-  from sslm_jax import tokenizer as tokenizer_lib
+  from sslm_jax.checkpoints import hf
+  from sslm_jax.finetune import loop as finetune
+  from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+  from sslm_jax.training import loop as train
+  from sslm_jax.training import sharding
 
   objective, _, directory, vocab_size = hf_dir
   rows = [{"text": p, "label": "long" if len(p) > 80 else "short"} for p in _paragraphs(96)]

@@ -14,9 +14,9 @@ import sentencepiece as spm
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from sslm_jax import hf_tokenizer
-from sslm_jax import tokenizer as tokenizer_lib
 from sslm_jax.data import corpus
+from sslm_jax.tokenizer import hf_json as hf_tokenizer
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 VOCAB = 1024
 SAMPLE_BYTES = 400_000
@@ -223,7 +223,7 @@ def test_bad_arguments(data, tmp_path):
 
 
 def test_module_imports_without_tensorflow():
-  code = "import sys, sslm_jax.hf_tokenizer; assert 'tensorflow' not in sys.modules"
+  code = "import sys, sslm_jax.tokenizer.hf_json; assert 'tensorflow' not in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True)
 
 

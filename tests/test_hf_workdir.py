@@ -11,9 +11,9 @@ import pytest
 from test_hf_tokenizer import gpt2_style_json
 
 from sslm_jax import config as config_lib
-from sslm_jax import restore
-from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.checkpoints import restore
 from sslm_jax.data import cache
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 
 def _texts(n: int = 60, seed: int = 0) -> list[str]:

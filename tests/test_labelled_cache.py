@@ -6,8 +6,8 @@ import os
 import numpy as np
 from test_finetune import _config, task_dir  # noqa: F401 (task_dir is a fixture)
 
-from sslm_jax import finetune
-from sslm_jax.data import labelled_cache, tasks
+from sslm_jax.finetune import labelled_cache, tasks
+from sslm_jax.finetune import loop as finetune
 
 
 def test_a_second_start_maps_the_stored_features_instead_of_tokenizing(

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from sslm_jax.data import labelled
-from sslm_jax.data.labelled import Example, LabelledDataError, LabelVocab, read_examples
+from sslm_jax.finetune import labelled
+from sslm_jax.finetune.labelled import Example, LabelledDataError, LabelVocab, read_examples
 
 
 def _write(tmp_path, name, content, mode="w"):

@@ -17,7 +17,7 @@ from test_multiprocess import _env as multi_env
 from test_multiprocess import _free_port
 from test_resilience import _cmd, _env, _records, _run, _start, _wait_for_step
 
-from sslm_jax import lease
+from sslm_jax.cluster import lease
 
 HOLDER = """
 import sys

@@ -9,8 +9,12 @@ from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
-from sslm_jax import objectives, optim, sharding, train, train_state
+from sslm_jax.models import transformer as model_lib
+from sslm_jax.training import loop as train
+from sslm_jax.training import losses as objectives
+from sslm_jax.training import optimizer as optim
+from sslm_jax.training import sharding
+from sslm_jax.training import state as train_state
 
 
 def _loss_and_grads(model_cfg, batch):

@@ -9,8 +9,9 @@ from conftest import synthetic_batch, tiny_config
 from test_data import make_config
 from test_prepare import _corpus
 
-from sslm_jax import checkpoint, mixture_config
 from sslm_jax import config as config_lib
+from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.config import mixture as mixture_config
 from sslm_jax.data import cache, mixture, pipeline
 
 
@@ -93,7 +94,10 @@ def test_a_mixture_serves_its_sources_in_proportion(two_corpora, tmp_path):
 def test_eval_reports_each_source_and_all_together():
   import jax
 
-  from sslm_jax import optim, sharding, train, train_state
+  from sslm_jax.training import loop as train
+  from sslm_jax.training import optimizer as optim
+  from sslm_jax.training import sharding
+  from sslm_jax.training import state as train_state
 
   config = tiny_config("causal_lm")
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])

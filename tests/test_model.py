@@ -8,8 +8,12 @@ from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax import layers, objectives, optim, sharding, train_state
-from sslm_jax import model as model_lib
+from sslm_jax.models import layers
+from sslm_jax.models import transformer as model_lib
+from sslm_jax.training import losses as objectives
+from sslm_jax.training import optimizer as optim
+from sslm_jax.training import sharding
+from sslm_jax.training import state as train_state
 
 
 def _model(config):
@@ -54,7 +58,7 @@ def test_loss_falls_on_a_repeated_batch(objective):
 
   @jax.jit
   def step(state):
-    from sslm_jax.train import train_step
+    from sslm_jax.training.loop import train_step
 
     return train_step(
       state, batch, spec=spec, tx=tx, lr_schedule=lambda s: 0.0, seed=0, dropout=False

@@ -3,8 +3,8 @@ from conftest import tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
-from sslm_jax import optim
+from sslm_jax.models import transformer as model_lib
+from sslm_jax.training import optimizer as optim
 
 
 @pytest.mark.parametrize("decay", ["cosine", "linear"])

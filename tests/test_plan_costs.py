@@ -7,7 +7,8 @@ import pytest
 from conftest import tiny_config
 
 from sslm_jax import config as config_lib
-from sslm_jax import kernel_costs, plan, sharding, splash
+from sslm_jax.models import kernel_costs, splash
+from sslm_jax.training import plan, sharding
 
 
 def _compiled(config):
@@ -69,7 +70,7 @@ def test_splash_flops_exceed_the_models_attention_count_by_the_skipped_blocks_ru
   config.data.seq_len, config.model.attention_impl = 1024, "splash"
   cfg = dataclasses.replace(config_lib.model_config(config), attention_block_q=512)
   costs = kernel_costs.splash_step_costs(cfg, batch_size=8, seq_len=1024)
-  # The model counts half the score matrix, forward + 2x backward (flops.py): 6 B L T^2 D.
+  # The model counts half the score matrix, forward + 2x backward (models/flops.py): 6 B L T^2 D.
   model_attention = 6 * cfg.num_layers * 8 * 1024 * 1024 * cfg.emb_dim
   # The kernel computes 3 of 4 blocks, forward 2 + backward 4 + 3 matmuls, against the model's
   # half of the blocks and 2 + 4 matmuls.

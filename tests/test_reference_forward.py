@@ -13,7 +13,7 @@ from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax import model as model_lib
+from sslm_jax.models import transformer as model_lib
 
 
 def _randomized(config, seed=0):

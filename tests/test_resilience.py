@@ -110,7 +110,7 @@ def test_sigkill_at_any_moment_then_rerun_matches_uninterrupted_bit_for_bit(tmp_
 
 
 def test_first_signal_requests_a_stop_and_a_second_exits_at_once(monkeypatch):
-  from sslm_jax import preemption
+  from sslm_jax.cluster import preemption
 
   exits = []
   monkeypatch.setattr(preemption.os, "_exit", exits.append)

@@ -14,8 +14,8 @@ import pytest
 from test_data import make_config, write_corpus
 from test_main import SMALL, _main, _snapshot
 
-from sslm_jax import checkpoint
 from sslm_jax import config as config_lib
+from sslm_jax.checkpoints import checkpointer as checkpoint
 from sslm_jax.data import cache as cache_lib
 from sslm_jax.data import permute, pipeline
 

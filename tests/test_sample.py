@@ -6,9 +6,9 @@ from conftest import tiny_config
 from test_tokenizer import VOCAB, corpus_texts
 
 from sslm_jax import config as config_lib
-from sslm_jax import decode, sample
-from sslm_jax import model as model_lib
-from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.inference import decode, sample
+from sslm_jax.models import transformer as model_lib
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 BOS = tokenizer_lib.BOS_ID
 

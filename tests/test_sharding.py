@@ -8,7 +8,9 @@ from conftest import tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax import optim, plan, sharding, train_state
+from sslm_jax.training import optimizer as optim
+from sslm_jax.training import plan, sharding
+from sslm_jax.training import state as train_state
 
 TABLE = os.path.join(os.path.dirname(__file__), "data", "partition_specs.json")
 

@@ -23,8 +23,9 @@ import pytest
 from conftest import tiny_config
 from flax import nnx
 
-from sslm_jax import attention, sharding
-from sslm_jax import model as model_lib
+from sslm_jax.models import attention
+from sslm_jax.models import transformer as model_lib
+from sslm_jax.training import sharding
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 B, T, N, H = 4, 256, 4, 32  # 4 rows and 4 heads: 1 row and 2 heads per shard on the mesh

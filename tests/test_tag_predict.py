@@ -12,11 +12,10 @@ from test_finetune import _mesh, _records
 from test_tagging import _config, tag_dir  # noqa: F401 (a fixture)
 
 import sslm_jax
-from sslm_jax import finetune, task_model
-from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import labelled
-from sslm_jax.data import tagging as tagging_data
-from sslm_jax.restore import UsageError
+from sslm_jax.checkpoints.restore import UsageError
+from sslm_jax.finetune import labelled, tagging_data, task_model
+from sslm_jax.finetune import loop as finetune
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 STEPS, EVERY = 16, 8
 

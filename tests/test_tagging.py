@@ -13,10 +13,13 @@ from test_finetune import _FILLER, _mesh, _pretrained_workdir, _records
 from test_main import _main
 
 from sslm_jax import config as config_lib
-from sslm_jax import finetune, optim, sharding, tagging, train, train_state
-from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import labelled, tasks
-from sslm_jax.data import tagging as tagging_data
+from sslm_jax.finetune import labelled, tagging, tagging_data, tasks
+from sslm_jax.finetune import loop as finetune
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+from sslm_jax.training import loop as train
+from sslm_jax.training import optimizer as optim
+from sslm_jax.training import sharding
+from sslm_jax.training import state as train_state
 
 _NAMES = {
   "PER": ("ada lovelace", "alan turing", "grace brewster hopper"),

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from sslm_jax import task_metrics
+from sslm_jax.finetune import metrics as task_metrics
 
 
 def _from_confusion(counts_KK):

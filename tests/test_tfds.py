@@ -6,8 +6,8 @@ import tensorflow_datasets as tfds
 from conftest import tiny_config
 from test_tokenizer import corpus_texts
 
-from sslm_jax import tokenizer as tokenizer_lib
 from sslm_jax.data import cache, corpus, pipeline, units
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 
 class SslmTinyText(tfds.core.GeneratorBasedBuilder):

@@ -9,10 +9,13 @@ import pytest
 import tensorflow_datasets as tfds
 from test_finetune import _config, _records, _texts
 
-from sslm_jax import checkpoint, finetune, sharding
 from sslm_jax import config as config_lib
-from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import corpus, labelled
+from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.data import corpus
+from sslm_jax.finetune import labelled
+from sslm_jax.finetune import loop as finetune
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+from sslm_jax.training import sharding
 
 _NAMES = ["negative", "positive"]
 _SIZES = {"train": 64, "validation": 16, "test": 8}

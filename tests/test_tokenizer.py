@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 VOCAB = 320
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from conftest import synthetic_batch, tiny_config
 
-from sslm_jax import checkpoint, sharding, train
+from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.training import loop as train
+from sslm_jax.training import sharding
 
 
 class Killed(Exception):
@@ -190,7 +192,7 @@ def test_damaged_checkpoint_names_the_recovery_and_loses_nothing(tmp_path):
 
 
 def test_eval_summary_from_sums():
-  from sslm_jax.train import eval_summary
+  from sslm_jax.training.loop import eval_summary
 
   sums = {
     "loss_sum": 60.0,

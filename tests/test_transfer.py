@@ -23,8 +23,9 @@ import pytest
 from conftest import tiny_config
 from test_main import _main
 
-from sslm_jax import finetune, sharding
-from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.finetune import loop as finetune
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+from sslm_jax.training import sharding
 
 SEED = 0
 NUM_CLASS_WORDS = 16  # per class: 8 for fine-tuning, 8 held out for the eval

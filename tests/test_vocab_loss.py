@@ -18,8 +18,10 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sslm_jax import layers, objectives, sharding, vocab_loss
-from sslm_jax import model as model_lib
+from sslm_jax.models import layers
+from sslm_jax.models import transformer as model_lib
+from sslm_jax.training import losses as objectives
+from sslm_jax.training import sharding, vocab_loss
 
 RULES = sharding.rules_from_config(())
 B, T, NUM_MASKED = 8, 32, 12

@@ -20,7 +20,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
 
-from sslm_jax import lease, metrics
+from sslm_jax.cluster import lease
+from sslm_jax.training import metrics
 
 GS_WORKDIR = "gs://bucket/run"
 

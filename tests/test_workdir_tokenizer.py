@@ -2,7 +2,7 @@
 
 import pytest
 
-from sslm_jax import tokenizer as tokenizer_lib
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 
 def test_adopt_copies_once_and_refuses_another_tokenizer(tmp_path):

@@ -15,9 +15,10 @@ from collections.abc import Callable
 import ml_collections
 from absl import logging
 
-from sslm_jax import tokenizer as tokenizer_lib
-from sslm_jax.data import augment_data, corpus, gfile, permute, shards, units
+from sslm_jax.data import corpus, gfile, permute, shards, units
+from sslm_jax.data.augment import apply as augment_data
 from sslm_jax.data.corpus import DataError
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 # 1: one .npy file per split, packed as one stream; 2: shards per unit (data/units.py).
 CACHE_VERSION = 2
@@ -199,7 +200,7 @@ def _tokenizer_sample(c: ml_collections.ConfigDict) -> list[str]:
   budget = c.data.tokenizer_sample_bytes
   if not c.data.mixture:
     return corpus.tokenizer_sample(units.split_documents(c, "train", corpus.DecodeStats()), budget)
-  from sslm_jax import mixture_config
+  from sslm_jax.config import mixture as mixture_config
 
   weights, sample = mixture_config.weights(c), []
   for name, weight in zip(mixture_config.names(c), weights, strict=True):
@@ -274,7 +275,7 @@ def resume_record(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def mixture_sources(c: ml_collections.ConfigDict, workdir: str):
   """(name, config, workdir) of each source of a mixture."""
-  from sslm_jax import mixture_config
+  from sslm_jax.config import mixture as mixture_config
 
   path = tokenizer_file(c, workdir)
   for name in mixture_config.names(c):

@@ -15,9 +15,9 @@ import tensorflow as tf
 from absl import logging
 
 from sslm_jax import config as config_lib
-from sslm_jax import tokenizer as tokenizer_lib
 from sslm_jax.data import cache, masking, permute, preparation, shards
 from sslm_jax.data.corpus import DataError
+from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 __all__ = [
   "Data",
@@ -283,7 +283,7 @@ def build(
 
 
 def _build_mixture(c, workdir: str, rows: np.ndarray, opener) -> Data:
-  from sslm_jax import mixture_config
+  from sslm_jax.config import mixture as mixture_config
   from sslm_jax.data import mixture
 
   tok_path = cache.tokenizer_file(c, workdir)

@@ -25,7 +25,8 @@ from collections.abc import Callable
 import ml_collections
 from absl import logging
 
-from sslm_jax.data import augment_data, cache, corpus, gfile, joining, packing, shards, units
+from sslm_jax.data import cache, corpus, gfile, joining, packing, shards, units
+from sslm_jax.data.augment import apply as augment_data
 from sslm_jax.data.corpus import DataError
 
 UNITS_DIR = "units"
