@@ -16,6 +16,8 @@ import itertools
 import json
 import os
 
+from sslm_jax.errors import UsageError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -47,7 +49,7 @@ def _pretraining(c, augmentation, n: int) -> list[dict]:
   try:
     docs = list(itertools.islice(units.split_documents(c, "train", corpus.DecodeStats()), n))
   except corpus.DataError as e:
-    raise commands.UsageError(str(e)) from e
+    raise UsageError(str(e)) from e
   shown = []
   for i, text in enumerate(docs):
     copies = [
@@ -72,7 +74,7 @@ def _finetuning(c, augmentation, n: int) -> list[dict]:
   try:
     examples = finetune._examples(c)[0][:n]  # the training examples, as fine-tuning reads them
   except labelled.LabelledDataError as e:
-    raise commands.UsageError(str(e)) from e
+    raise UsageError(str(e)) from e
   shown = []
   for i, e in enumerate(examples):
     copies = [
@@ -109,13 +111,13 @@ def main(argv):
   from sslm_jax.data.augment import apply as augment_data
 
   if len(argv) > 1:
-    raise commands.UsageError(f"unexpected arguments {argv[1:]}; options are flags (--name=value).")
+    raise UsageError(f"unexpected arguments {argv[1:]}; options are flags (--name=value).")
   if FLAGS.num_examples < 1:
-    raise commands.UsageError(f"--num_examples={FLAGS.num_examples}: show at least 1 example.")
+    raise UsageError(f"--num_examples={FLAGS.num_examples}: show at least 1 example.")
   c = FLAGS.config
   config_lib.validate(c)
   if not c.data.augment:
-    raise commands.UsageError(
+    raise UsageError(
       "data.augment is empty, so there is nothing to show; set e.g. "
       "--config.data.augment='swap:p=0.5;delete:p=0.3'."
     )
@@ -135,6 +137,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from sslm_jax.data.augment.sources import AugmentError
-
-  commands.run_command(main, errors=(config_lib.ConfigError, AugmentError))
+  commands.run_command(main)

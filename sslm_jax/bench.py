@@ -39,6 +39,7 @@ from ml_collections import config_flags
 
 from sslm_jax import config as config_lib
 from sslm_jax.cluster import join as cluster
+from sslm_jax.errors import SslmError, UsageError
 from sslm_jax.models import flops
 from sslm_jax.models.transformer import count_params
 from sslm_jax.training import loop as train
@@ -69,10 +70,6 @@ flags.register_multi_flags_validator(
   "--config is required unless --mode=generate.",
 )
 FLAGS = flags.FLAGS
-
-
-class UsageError(ValueError):
-  """A command line that cannot work; the message says what to change."""
 
 
 def synthetic_batch(config, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -305,7 +302,7 @@ def main(argv):
         FLAGS.config, FLAGS.steps, FLAGS.warmup_steps, FLAGS.data, FLAGS.workdir,
         FLAGS.read_latency_ms,
       )  # fmt: skip
-  except (UsageError, config_lib.ConfigError, sharding.MeshError) as e:
+  except SslmError as e:
     print(f"sslm_jax.bench: error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:

@@ -1,19 +1,18 @@
-"""How the commands over inference/language_model.py (generate, fill_mask, score) run: absl flags, and one line
-naming the problem and the fix for a bad flag, workdir or input."""
+"""How the commands over a trained model (generate, fill_mask, score, predict) and the data
+commands (prepare, augment) run: absl flags, and one line naming the problem and the fix for a
+bad flag, workdir or input (any errors.SslmError)."""
 
 from __future__ import annotations
 
 import sys
 
-from sslm_jax.checkpoints.restore import UsageError
 from sslm_jax.cluster import join as cluster
-from sslm_jax.tokenizer import sentencepiece as tok
+from sslm_jax.errors import SslmError
 
 
-def run_command(main, errors: tuple[type[Exception], ...] = ()) -> None:
-  """absl's app.run for the commands over inference/language_model.py: a bad flag, workdir or input ends the
-  command with one line naming the problem and the fix, and exit status 2. `errors`: more
-  exception types that end the command the same way."""
+def run_command(main) -> None:
+  """absl's app.run for a command: a bad flag, or any errors.SslmError (a bad workdir or input),
+  ends the command with one line naming the problem and the fix, and exit status 2."""
   from absl import app, flags, logging
 
   def fail(message: str):
@@ -32,7 +31,7 @@ def run_command(main, errors: tuple[type[Exception], ...] = ()) -> None:
     cluster.skip_tpu_without_chips()
     try:
       main(argv)
-    except (UsageError, tok.TokenizerError, *errors) as e:
+    except SslmError as e:
       fail(str(e))
 
   app.run(guarded, flags_parser=parse)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import sys
 
+from sslm_jax.errors import SslmError, UsageError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Converting weights needs no accelerator: stay off a GPU or TPU another job may be using.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -24,7 +26,6 @@ from flax import nnx
 from sslm_jax.checkpoints import hf
 from sslm_jax.inference import language_model as api
 from sslm_jax.tokenizer import hf_json as hf_tokenizer
-from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 flags.DEFINE_string("workdir", None, "Run directory of a `python -m sslm_jax.main` run.")
 flags.DEFINE_string("out", None, "Directory to write the Hugging Face model into.")
@@ -32,10 +33,6 @@ flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newe
 flags.DEFINE_bool("overwrite", False, "Write into an existing non-empty --out, replacing files.")
 flags.mark_flags_as_required(["workdir", "out"])
 FLAGS = flags.FLAGS
-
-
-class UsageError(ValueError):
-  """A command line that cannot work; the message says what to change."""
 
 
 def export(workdir: str, out: str, step: int | None = None, overwrite: bool = False) -> str:
@@ -69,7 +66,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax logs each restore at INFO; the summary suffices
   try:
     print(export(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.overwrite), flush=True)
-  except (UsageError, api.UsageError, hf.HFError, tokenizer_lib.TokenizerError) as e:
+  except SslmError as e:
     _fail(str(e))
 
 

@@ -14,6 +14,7 @@ from absl import flags
 
 from sslm_jax import commands
 from sslm_jax.checkpoints import restore
+from sslm_jax.errors import UsageError
 from sslm_jax.inference import language_model as api
 
 flags.DEFINE_string("workdir", None, "Workdir of a BERT (masked_lm) training run.")
@@ -37,18 +38,18 @@ def filled(text: str, guesses: list[list[tuple[str, float]]]) -> str:
 def main(argv):
   texts = argv[1:]
   if not texts:
-    raise api.UsageError(
+    raise UsageError(
       'give a text with [MASK]: python -m sslm_jax.fill_mask --workdir=W "Machine learning is '
       'an [MASK] of artificial intelligence."'
     )
   if restore.read_config(FLAGS.workdir).objective != "masked_lm":
-    raise api.UsageError(
+    raise UsageError(
       f"{FLAGS.workdir} holds a GPT (causal_lm) model, which cannot fill in a [MASK]; give "
       "fill_mask a BERT (masked_lm) workdir, or use python -m sslm_jax.generate with this one."
     )
   for text in texts:  # every text checked before the model loads
     if api.MASK_TEXT not in text:
-      raise api.UsageError(
+      raise UsageError(
         f"{text!r} has no [MASK]; write [MASK] where a token should be filled in, e.g. "
         "'Machine learning is an [MASK] of artificial intelligence.'"
       )

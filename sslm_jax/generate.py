@@ -14,6 +14,7 @@ from absl import flags
 
 from sslm_jax import commands
 from sslm_jax.checkpoints import restore
+from sslm_jax.errors import UsageError
 from sslm_jax.inference import language_model as api
 
 flags.DEFINE_string("workdir", None, "Workdir of a GPT (causal_lm) training run.")
@@ -32,12 +33,12 @@ FLAGS = flags.FLAGS
 def main(argv):
   prompts = argv[1:]
   if not prompts:
-    raise api.UsageError(
+    raise UsageError(
       'give at least one prompt: python -m sslm_jax.generate --workdir=W "prompt" ("" starts '
       "from nothing)."
     )
   if restore.read_config(FLAGS.workdir).objective != "causal_lm":
-    raise api.UsageError(
+    raise UsageError(
       f"{FLAGS.workdir} holds a BERT (masked_lm) model, which cannot generate text; give "
       "generate a GPT (causal_lm) workdir, or use python -m sslm_jax.fill_mask with this one."
     )

@@ -12,6 +12,8 @@ import logging as std_logging
 import os
 import sys
 
+from sslm_jax.errors import SslmError, UsageError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -28,13 +30,11 @@ from sslm_jax.checkpoints import checkpointer as checkpoint
 from sslm_jax.checkpoints import hf
 from sslm_jax.cluster import join as cluster
 from sslm_jax.cluster import lease as lease_lib
-from sslm_jax.cluster import rendezvous
 from sslm_jax.cluster import topology as topology_lib
 from sslm_jax.inference import sample as sample_lib
-from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 from sslm_jax.training import loop as train
-from sslm_jax.training import metrics, sharding
 from sslm_jax.training import plan as plan_lib
+from sslm_jax.training import sharding
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, tokenizer, config.")
@@ -75,10 +75,6 @@ flags.DEFINE_list(
 )
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-
-
-class UsageError(ValueError):
-  """A command line that cannot work; the message says what to change."""
 
 
 def _load_config_file(path: str):
@@ -132,21 +128,6 @@ def _fail(message: str):
   sys.stdout.flush()
   print(f"sslm_jax: error: {message}", file=sys.stderr, flush=True)
   os._exit(2)
-
-
-OUR_ERRORS = (
-  UsageError,
-  config_lib.ConfigError,
-  sharding.MeshError,
-  checkpoint.CheckpointMismatch,
-  checkpoint.CheckpointError,
-  tokenizer_lib.TokenizerError,
-  train.NonFiniteError,
-  metrics.MetricsError,
-  rendezvous.JoinError,
-  topology_lib.TopologyError,
-  plan_lib.PlanError,
-)
 
 
 def _check_resumable(config, workdir: str) -> dict:
@@ -358,9 +339,6 @@ def _use_compilation_cache(workdir: str) -> None:
 
 def main(argv):
   del argv
-  from sslm_jax.data import pipeline
-  from sslm_jax.data.augment.sources import AugmentError
-
   _quiet_library_info()
   cluster.skip_tpu_without_chips()
   try:
@@ -368,7 +346,7 @@ def main(argv):
     initialize_distributed()
     run(FLAGS.config, FLAGS.workdir)
     cluster.leave()
-  except (*OUR_ERRORS, pipeline.DataError, AugmentError) as e:
+  except SslmError as e:
     _fail(str(e))
   except Exception:
     # A collective that failed because another process died: the watch names it (and exits).

@@ -21,6 +21,7 @@ from etils import epath
 
 from sslm_jax import commands
 from sslm_jax.checkpoints import restore
+from sslm_jax.errors import UsageError
 from sslm_jax.finetune import labelled, tagging
 from sslm_jax.inference import language_model as api
 
@@ -39,21 +40,21 @@ def _step(text: str | None) -> int | str | None:
   try:
     return int(text)
   except ValueError:
-    raise api.UsageError(f"--step={text}: give a checkpoint step (a number) or 'best'.") from None
+    raise UsageError(f"--step={text}: give a checkpoint step (a number) or 'best'.") from None
 
 
 def _examples(patterns: str, task: str) -> list[labelled.Example]:
   try:
     labelled.matching_paths(patterns)
   except labelled.LabelledDataError:
-    raise api.UsageError(
+    raise UsageError(
       f"--input={patterns} matches no files; give .jsonl/.csv/.tsv files (paths or globs, "
       "comma-separated)."
     ) from None
   try:
     return labelled.read_examples(patterns, task, labelled=False)
   except labelled.LabelledDataError as e:
-    raise api.UsageError(str(e)) from e
+    raise UsageError(str(e)) from e
 
 
 def _row(example: labelled.Example, prediction) -> dict:
@@ -73,17 +74,17 @@ def _row(example: labelled.Example, prediction) -> dict:
 
 def main(argv):
   if len(argv) > 1:
-    raise api.UsageError(f"unexpected arguments {argv[1:]}; give the files with --input.")
+    raise UsageError(f"unexpected arguments {argv[1:]}; give the files with --input.")
   config = restore.read_config(FLAGS.workdir)
   if not config.finetune.task:
-    raise api.UsageError(
+    raise UsageError(
       f"{FLAGS.workdir} is a pretraining run (finetune.task is empty) and has no task head; "
       "pass the --workdir of a fine-tuning run, or use sslm_jax.generate / score / fill_mask."
     )
   step = _step(FLAGS.step)
   output = epath.Path(FLAGS.output)
   if not output.parent.is_dir():
-    raise api.UsageError(f"--output={FLAGS.output}: its directory does not exist; create it.")
+    raise UsageError(f"--output={FLAGS.output}: its directory does not exist; create it.")
   examples = _examples(FLAGS.input, config.finetune.task)
   model = api.load(FLAGS.workdir, step)
   if model.task == tagging.TASK:

@@ -33,6 +33,8 @@ import os
 import resource
 import time
 
+from sslm_jax.errors import UsageError
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
@@ -68,7 +70,7 @@ def _prepare_here(c) -> tuple[dict, float]:
 
   workers = FLAGS.num_workers if FLAGS.num_workers is not None else os.cpu_count() or 1
   if workers < 1:
-    raise commands.UsageError(f"--num_workers={workers}: use at least 1.")
+    raise UsageError(f"--num_workers={workers}: use at least 1.")
   # Before anything starts JAX's backend (validate() asks for devices).
   cluster.join_from_flags(heartbeat_timeout=60)
   config_lib.validate(c)
@@ -94,7 +96,7 @@ def _prepare_on_beam(c, beam_args: list[str]) -> tuple[dict, float]:
   from sslm_jax.data import beam_prepare
 
   if FLAGS.num_workers is not None or FLAGS.coordinator_address:
-    raise commands.UsageError(
+    raise UsageError(
       "--num_workers and --coordinator_address do not apply with --runner: Beam places the "
       "work; give its options after `--` (e.g. -- --direct_num_workers=4 or --max_num_workers=32)."
     )
@@ -127,7 +129,7 @@ def main(argv):
   from absl import logging
 
   if len(argv) > 1 and not FLAGS.runner:
-    raise commands.UsageError(
+    raise UsageError(
       f"unexpected arguments {argv[1:]}; options are flags (--name=value), and Beam pipeline "
       "options after `--` go with --runner."
     )
@@ -153,7 +155,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from sslm_jax.data.augment.sources import AugmentError
-  from sslm_jax.data.corpus import DataError
-
-  commands.run_command(main, errors=(config_lib.ConfigError, DataError, AugmentError))
+  commands.run_command(main)

@@ -15,6 +15,7 @@ from absl import flags
 from etils import epath
 
 from sslm_jax import commands
+from sslm_jax.errors import UsageError
 from sslm_jax.inference import language_model as api
 
 flags.DEFINE_string("workdir", None, "Workdir of a training run (GPT or BERT).")
@@ -29,14 +30,14 @@ FLAGS = flags.FLAGS
 def _read(path: str) -> str:
   p = epath.Path(path)
   if not p.exists():
-    raise api.UsageError(f"--files names {path}, which does not exist; fix the path.")
+    raise UsageError(f"--files names {path}, which does not exist; fix the path.")
   return p.read_bytes().decode("utf-8", errors="replace")
 
 
 def main(argv):
   sources = [("text", t) for t in argv[1:]] + [("file", f) for f in FLAGS.files]
   if not sources:
-    raise api.UsageError(
+    raise UsageError(
       'give texts or files: python -m sslm_jax.score --workdir=W "some text" --files=a.txt'
     )
   texts = [text if kind == "text" else _read(text) for kind, text in sources]

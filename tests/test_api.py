@@ -15,6 +15,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from sslm_jax.errors import UsageError
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SENTENCE = "Machine learning is an application of artificial intelligence."
 _WORDS = (
@@ -401,19 +403,18 @@ def test_fill_mask_answers_every_mask_with_ordinary_tokens(bert):
 
 
 def test_methods_refuse_the_other_objective_and_bad_input(gpt, bert):
-  import sslm_jax.inference.language_model as api
 
-  with pytest.raises(api.UsageError, match="cannot generate"):
+  with pytest.raises(UsageError, match="cannot generate"):
     bert.generate("Machine")
-  with pytest.raises(api.UsageError, match="cannot fill"):
+  with pytest.raises(UsageError, match="cannot fill"):
     gpt.fill_mask("the [MASK] model")
-  with pytest.raises(api.UsageError, match="no \\[MASK\\]"):
+  with pytest.raises(UsageError, match="no \\[MASK\\]"):
     bert.fill_mask(SENTENCE)
-  with pytest.raises(api.UsageError, match="positions"):
+  with pytest.raises(UsageError, match="positions"):
     bert.score(" ".join([SENTENCE] * 10))
-  with pytest.raises(api.UsageError, match="empty"):
+  with pytest.raises(UsageError, match="empty"):
     gpt.score("")
-  with pytest.raises(api.UsageError, match="pooling"):
+  with pytest.raises(UsageError, match="pooling"):
     gpt.embed("text", pooling="cls")
 
 
@@ -438,7 +439,7 @@ def test_a_step_given_as_text_is_the_step(gpt_workdir, gpt):
   import sslm_jax.inference.language_model as api
 
   assert api.load(gpt_workdir, step=str(gpt.step)).step == gpt.step
-  with pytest.raises(api.UsageError, match="no checkpoint at step 99999"):
+  with pytest.raises(UsageError, match="no checkpoint at step 99999"):
     api.load(gpt_workdir, step="99999")
 
 
@@ -462,7 +463,7 @@ def test_a_hugging_face_directory_is_named_as_one(tmp_path):
   config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 2}
   (tmp_path / "config.json").write_text(json.dumps(config))
   (tmp_path / "model.safetensors").write_bytes(b"")
-  with pytest.raises(api.UsageError) as raised:
+  with pytest.raises(UsageError) as raised:
     api.load(str(tmp_path))
   message = str(raised.value)
   assert "is a Hugging Face model directory" in message and "'gpt2'" in message

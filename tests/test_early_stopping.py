@@ -14,7 +14,7 @@ from test_finetune import _config, _mesh, _records, task_dir  # noqa: F401 (a fi
 
 import sslm_jax
 from sslm_jax import config as config_lib
-from sslm_jax.checkpoints.restore import UsageError
+from sslm_jax.errors import UsageError
 from sslm_jax.finetune import early_stopping, keep_best, labelled
 from sslm_jax.finetune import loop as finetune
 

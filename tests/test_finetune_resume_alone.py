@@ -11,7 +11,7 @@ from test_hf_pretrain import HEADS, LAYERS, MLP, SEQ_LEN, WIDTH, hf_dir  # noqa:
 
 import sslm_jax
 from sslm_jax import config as config_lib
-from sslm_jax.checkpoints.restore import UsageError
+from sslm_jax.errors import UsageError
 from sslm_jax.finetune import loop as finetune
 
 

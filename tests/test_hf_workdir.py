@@ -13,6 +13,7 @@ from test_hf_tokenizer import gpt2_style_json
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import restore
 from sslm_jax.data import cache
+from sslm_jax.errors import UsageError
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 
@@ -104,7 +105,7 @@ def test_old_workdirs_read_the_tokenizer_their_config_names(hf_dir, tmp_path):
   workdir.mkdir()
   assert restore.tokenizer_file(str(workdir), c) == source
   shutil.rmtree(hf_dir)
-  with pytest.raises(restore.UsageError) as error:
+  with pytest.raises(UsageError) as error:
     restore.tokenizer_file(str(workdir), c)
   message = str(error.value)
   assert f"data.tokenizer_path={source}" in message and f"{workdir}/tokenizer.json" in message

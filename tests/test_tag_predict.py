@@ -12,7 +12,7 @@ from test_finetune import _mesh, _records
 from test_tagging import _config, tag_dir  # noqa: F401 (a fixture)
 
 import sslm_jax
-from sslm_jax.checkpoints.restore import UsageError
+from sslm_jax.errors import UsageError
 from sslm_jax.finetune import labelled, tagging_data, task_model
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib

@@ -11,13 +11,14 @@ from absl import logging
 from etils import epath
 
 from sslm_jax import config as config_lib
+from sslm_jax.errors import SslmError
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(SslmError, ValueError):
   """The workdir holds a checkpoint of a different run; the message names each difference."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SslmError, RuntimeError):
   """A checkpoint that cannot be read; the message says how to recover without losing others."""
 
 

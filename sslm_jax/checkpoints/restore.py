@@ -18,12 +18,9 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import saved_tree
+from sslm_jax.errors import UsageError
 from sslm_jax.models import transformer as model_lib
 from sslm_jax.tokenizer import sentencepiece as tok
-
-
-class UsageError(ValueError):
-  """A workdir or an input that cannot work; the message names the problem and the fix."""
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -12,10 +12,12 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from sslm_jax.errors import SslmError
+
 _SHOWN = 3  # differing paths named per kind
 
 
-class TreeMismatch(ValueError):
+class TreeMismatch(SslmError, ValueError):
   """A saved parameter tree is not the tree of the model it is restored into."""
 
 

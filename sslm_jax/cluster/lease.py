@@ -25,10 +25,12 @@ from collections.abc import Callable
 from absl import logging
 from etils import epath
 
+from sslm_jax.errors import SslmError
+
 LEASE_NAME = "lease.json"
 
 
-class WorkdirError(ValueError):
+class WorkdirError(SslmError, ValueError):
   """A workdir that cannot be written; the message names the reason and the fix."""
 
 
@@ -46,7 +48,7 @@ def check_writable(workdir: str) -> None:
     ) from e
 
 
-class LeaseHeld(RuntimeError):
+class LeaseHeld(SslmError, RuntimeError):
   """Another live run holds the workdir; the message names it."""
 
 

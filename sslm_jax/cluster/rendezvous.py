@@ -10,8 +10,10 @@ from __future__ import annotations
 import socket
 import time
 
+from sslm_jax.errors import SslmError
 
-class JoinError(RuntimeError):
+
+class JoinError(SslmError, RuntimeError):
   """Not every process arrived in time; the message names the missing ones."""
 
 

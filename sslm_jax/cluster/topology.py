@@ -21,10 +21,12 @@ import re
 
 import jax
 
+from sslm_jax.errors import SslmError
+
 GiB = 2**30
 
 
-class TopologyError(ValueError):
+class TopologyError(SslmError, ValueError):
   """A topology name or setup that cannot work; the message says what to change."""
 
 

@@ -12,10 +12,11 @@ from absl import logging
 
 from sslm_jax.config import finetune as finetune_config
 from sslm_jax.config import mixture as mixture_config
+from sslm_jax.errors import SslmError
 from sslm_jax.models.transformer import ModelConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(SslmError, ValueError):
   """A config value that cannot work; the message names the field and the fix."""
 
 

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from sslm_jax.data import gfile
+from sslm_jax.errors import SslmError
 
 # Third-party packages and the test suites are not the standard library's own code.
 _BUILTIN_SKIP_DIRS = frozenset(
@@ -33,7 +34,7 @@ NUM_SAMPLE_TEXTS = 64  # held-out snippets kept for end-of-run samples
 _SNIPPET_CHARS = 200
 
 
-class DataError(ValueError):
+class DataError(SslmError, ValueError):
   """Data that cannot be prepared or served; the message names the problem and the fix."""
 
 

@@ -28,6 +28,8 @@ from collections.abc import Iterable, Iterator
 
 from etils import epath
 
+from sslm_jax.errors import SslmError
+
 TASKS = ("classification", "pair_classification", "regression", "tagging")
 VOCAB_FILE = "labels.json"  # the label vocabulary's name in the workdir
 _EXTENSIONS = (".jsonl", ".csv", ".tsv")
@@ -38,7 +40,7 @@ _PATTERN_FIX = (
 _MAX_LISTED_LABELS = 10  # labels shown in an unknown-label error
 
 
-class LabelledDataError(ValueError):
+class LabelledDataError(SslmError, ValueError):
   """Labelled data that cannot be used; the message names the file, the row and the fix."""
 
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import restore, saved_tree
+from sslm_jax.errors import UsageError
 from sslm_jax.models import transformer as model_lib
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
@@ -70,7 +71,7 @@ def _init_step(workdir: str, init_step: int) -> int:
   steps = ocp.step.checkpoint_steps(directory) if directory.exists() else []
   try:
     return restore._choose_step(workdir, steps, init_step or None)
-  except restore.UsageError as e:
+  except UsageError as e:
     field = "finetune.init_step" if steps else "finetune.init_from"
     raise config_lib.ConfigError(f"{field}: {e}") from e
 
@@ -87,7 +88,7 @@ def from_workdir(config) -> tuple[object, Callable[[], dict]]:
     )
   try:
     pretrained = restore.read_config(f.init_from)
-  except restore.UsageError as e:
+  except UsageError as e:
     raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
   if pretrained.finetune.task:
     started = pretrained.finetune.init_from or "random initialisation"
@@ -120,7 +121,7 @@ def from_workdir(config) -> tuple[object, Callable[[], dict]]:
   def encoder() -> dict:
     try:
       restored = restore.from_workdir(f.init_from, step)
-    except restore.UsageError as e:
+    except UsageError as e:
       raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
     logging.info("Starting the encoder from %s at step %d", f.init_from, restored.step)
     params = nnx.to_pure_dict(nnx.state(restored.model, nnx.Param))

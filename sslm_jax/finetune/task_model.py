@@ -32,7 +32,7 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import restore, saved_tree
-from sslm_jax.checkpoints.restore import UsageError
+from sslm_jax.errors import UsageError
 from sslm_jax.finetune import heads, keep_best, labelled, tagging, tagging_data, tasks
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.finetune import metrics as task_metrics

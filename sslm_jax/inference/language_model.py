@@ -25,8 +25,8 @@ from etils import epath
 from flax import nnx
 
 from sslm_jax.checkpoints import restore
-from sslm_jax.checkpoints.restore import UsageError
 from sslm_jax.cluster import join as cluster
+from sslm_jax.errors import UsageError
 from sslm_jax.tokenizer import sentencepiece as tok
 from sslm_jax.tokenizer.sp_model import ModelProto
 

@@ -18,6 +18,8 @@ import numpy as np
 import sentencepiece as spm
 from etils import epath
 
+from sslm_jax.errors import SslmError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, MASK_ID, CLS_ID, SEP_ID = 0, 1, 2, 3, 4, 5, 6
 NUM_SPECIAL = 7
 SPECIAL_IDS = frozenset(range(NUM_SPECIAL))
@@ -34,7 +36,7 @@ _TRAIN_THREADS = 8
 _SPACE = "\u2581"  # SentencePiece's visible space
 
 
-class TokenizerError(ValueError):
+class TokenizerError(SslmError, ValueError):
   """A tokenizer that cannot be trained or used; the message names the problem and the fix."""
 
 

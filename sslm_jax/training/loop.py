@@ -19,6 +19,7 @@ from sslm_jax.checkpoints import checkpointer as checkpoint
 from sslm_jax.checkpoints import hf
 from sslm_jax.cluster import join as cluster
 from sslm_jax.cluster import preemption
+from sslm_jax.errors import SslmError
 from sslm_jax.models import flops
 from sslm_jax.training import losses as objectives
 from sslm_jax.training import metrics, sharding
@@ -29,7 +30,7 @@ from sslm_jax.training.state import StateSpec, TrainState
 Batch = dict[str, np.ndarray]
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(SslmError, FloatingPointError):
   """Training produced a NaN/inf loss or gradient norm."""
 
 

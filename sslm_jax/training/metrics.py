@@ -13,6 +13,8 @@ import tqdm
 from absl import logging
 from etils import epath
 
+from sslm_jax.errors import SslmError
+
 
 def _import_tensorboardx():
   """tensorboardX imports torch when it is installed (only to accept torch tensors, which we
@@ -133,7 +135,7 @@ def _open_jsonl(path: epath.Path, kept: str):
   return path.open("ab")
 
 
-class MetricsError(RuntimeError):
+class MetricsError(SslmError, RuntimeError):
   """Metrics could not be written; the message names the step, the workdir and the fix."""
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from sslm_jax import config as config_lib
 from sslm_jax.cluster import topology as topology_lib
+from sslm_jax.errors import SslmError
 from sslm_jax.models import flops, kernel_costs
 from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
@@ -84,7 +85,7 @@ def memory_plan(config, mesh) -> dict:
   return plan
 
 
-class PlanError(RuntimeError):
+class PlanError(SslmError, RuntimeError):
   """XLA's counts cannot be turned into a step cost; the message says why."""
 
 

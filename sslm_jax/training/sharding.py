@@ -14,6 +14,8 @@ from flax.core import spmd as flax_spmd
 from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sslm_jax.errors import SslmError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # The one table. Weights: shard `embed` over fsdp (ZeRO-3 style) and the head/MLP/vocab
@@ -37,7 +39,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-class MeshError(ValueError):
+class MeshError(SslmError, ValueError):
   """A mesh or batch shape that does not fit the devices; the message says what to change."""
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from sslm_jax.data.augment import transforms as augment
 from sslm_jax.data.augment.sources import AugmentError
+from sslm_jax.errors import UsageError
 
 DEFAULT_TOP_K = 10
 MASK_TEXT = "[MASK]"
@@ -53,7 +54,7 @@ def _load(spec: dict):
         "a [MASK]; give the workdir of a BERT (masked_lm) run."
       )
     return api.load(str(workdir), spec.get("step"))
-  except restore.UsageError as e:
+  except UsageError as e:
     raise AugmentError(f"augment contextual: {e}") from e
 
 

@@ -18,13 +18,15 @@ import pathlib
 import re
 from collections.abc import Callable, Sequence
 
+from sslm_jax.errors import SslmError
+
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 
 Thesaurus = dict[str, tuple[str, ...]]
 
 
-class AugmentError(ValueError):
+class AugmentError(SslmError, ValueError):
   """A transform spec or source file that cannot be used; the message names the problem and fix."""
 
 
