@@ -1,7 +1,7 @@
 """sslm_jax: GPT and BERT pretraining in JAX/Flax NNX.
 
-`sslm_jax.load(workdir)` returns a trained model (see sslm_jax/inference/language_model.py). It is imported on first
-use, so that `python -m sslm_jax.main` and the core modules do not pay for it.
+`sslm_jax.load(workdir)` returns a trained model (see sslm_jax/inference/language_model.py). It is
+imported on first use, so that `python -m sslm_jax.main` and the core modules do not pay for it.
 """
 
 __all__ = ["LanguageModel", "load"]

@@ -14,11 +14,11 @@ with --read_latency_ms=50 it then times the input pipeline alone with 50 ms adde
 read of the cache (a remote object store) and reports input_batches_per_sec and
 input_over_step, how many times the step's consumption it delivers.
 
---mode=generate times greedy KV-cache generation (sslm_jax/inference/decode.py) of exactly --gen_new_tokens
-after a --gen_prompt_len prompt, with random weights, against Hugging Face's GPT2LMHeadModel
-.generate of the same shape in the same run (needs torch and transformers, the test extra).
-Our weights are copied into decoding layout once (decoder.prepare, reported as prepare_s), as
-sslm_jax.load's model does at its first generate. Compiling and one warm-up run per batch size
+--mode=generate times greedy KV-cache generation (sslm_jax/inference/decode.py) of exactly
+--gen_new_tokens after a --gen_prompt_len prompt, with random weights, against Hugging Face's
+GPT2LMHeadModel .generate of the same shape in the same run (needs torch and transformers, the test
+extra). Our weights are copied into decoding layout once (decoder.prepare, reported as prepare_s),
+as sslm_jax.load's model does at its first generate. Compiling and one warm-up run per batch size
 are untimed; it reports the median of --gen_repeats alternating runs as new tokens/s for both
 and the ratio ours/HF per batch size.
 """

@@ -167,11 +167,6 @@ def _samples_hook(config, data):
   return on_end
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _from_process_0(text: str) -> str:
   """Process 0's `text` (up to 4 KiB of UTF-8), on every process."""
   if jax.process_count() == 1:
@@ -265,7 +260,7 @@ def _train(config, workdir: str, mesh) -> dict:
     process_index=jax.process_index(),
     process_count=jax.process_count(),
     num_workers=config.data.prepare_workers,
-    barrier=_barrier,
+    barrier=cluster.barrier,
   )
   # The rows the mesh places on this process: tensor-parallel replicas on other hosts load the same.
   batch = sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh.rules))

@@ -7,8 +7,8 @@ newlines, as the built-in task's snippets do) and writes one JSON object
 per row: its text (and text_pair), the predicted `label` with every label's `probabilities`
 (classification) or the `value` (regression), and the row's `gold` label when it has one. A
 tagging workdir writes `labels`, one per word of the text (null for a word beyond data.seq_len,
-which the eval does not score either; see finetune/task_model.py), and `gold`, the row's label list. Then
-prints how many rows it wrote and, over the rows with a gold label, the eval metrics under
+which the eval does not score either; see finetune/task_model.py), and `gold`, the row's label list.
+Then prints how many rows it wrote and, over the rows with a gold label, the eval metrics under
 metrics.jsonl's names. --step: a checkpoint step or 'best' (default: the best, else the newest).
 """
 

@@ -322,7 +322,8 @@ def test_losing_a_process_ends_the_survivor_within_30_s(tmp_path, victim):
     assert "gloo::EnforceNotMet" in output, output[-3000:]
     assert "distributed service detected fatal errors" not in output, output[-3000:]
     return
-  # Process 0's loss too: its coordination service runs in a process of its own (cluster/coordinator.py).
+  # Process 0's loss too: its coordination service runs in a process of its own
+  # (cluster/coordinator.py).
   assert code == 2, output[-3000:]
   newest = max(_finished_checkpoints(workdir))
   assert newest >= 5

@@ -21,7 +21,8 @@ from sslm_jax.cluster import topology
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIGS = os.path.join(ROOT, "configs")
 GiB = 2**30
-# What libtpu prints when it loads outside a TPU VM without the settings cluster/topology.py gives it.
+# What libtpu prints when it loads outside a TPU VM without the settings cluster/topology.py gives
+# it.
 LIBTPU_NOISE = ("TPU_WORKER_HOSTNAMES", "Failed to find host bounds", "Unable to initialize")
 SMALL = {
   "model.num_layers": 1,

@@ -5,8 +5,8 @@ any other.
 dies, the service dies with it and JAX's client aborts every other process natively at once
 (LOG(FATAL) in C++), before cluster.py's watch can name the loss and the checkpoint to resume
 from. Under `own_process()`, process 0 starts the service as a child process instead
-(`python -m sslm_jax.cluster.coordinator`, which starts no JAX backend). The child ignores SIGINT and
-SIGTERM (a Ctrl-C or a scheduler's signal reaches the whole process group; the trainers stop at
+(`python -m sslm_jax.cluster.coordinator`, which starts no JAX backend). The child ignores SIGINT
+and SIGTERM (a Ctrl-C or a scheduler's signal reaches the whole process group; the trainers stop at
 a step and still need it) and ends:
 - at once when process 0 shuts JAX down after a clean finish (cluster.leave);
 - otherwise (process 0 killed or failed) `heartbeat_timeout + 10` seconds after process 0 is

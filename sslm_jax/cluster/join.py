@@ -11,8 +11,8 @@ one is lost (killed, crashed, its host gone), every survivor exits at once with 
 the step and the checkpoint a rerun resumes from, instead of hanging in a collective and then
 aborting with native stack traces. JAX's "recoverability" mode keeps its runtime from killing the
 survivors itself, so that this message can be the last line, and the coordination service runs
-in a child process of process 0 (cluster/coordinator.py), so that losing process 0 is reported the same
-way; `leave` then orders a clean exit (process 0 owns the service, so it goes last).
+in a child process of process 0 (cluster/coordinator.py), so that losing process 0 is reported the
+same way; `leave` then orders a clean exit (process 0 owns the service, so it goes last).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax._src import clusters as jax_clusters
 from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
 
 from sslm_jax.cluster import coordinator, rendezvous
 
@@ -285,3 +286,9 @@ def leave() -> None:
   threading.Thread(target=wait_for_others, daemon=True).start()
   if not others_gone.wait(_LEAVE_TIMEOUT_S):
     logging.warning("Other processes still connected after %d s; leaving anyway.", _LEAVE_TIMEOUT_S)
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for all the others (a no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -127,9 +127,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
   # multiple of 128 at most this size that divides the sequence length. The backward pass too.
   s.attention_block_q = 512
   s.attention_block_kv = 512
-  # The output projection and cross-entropy (training/vocab_loss.py) run over chunks of this many sequence
-  # positions (masked_lm: gathered predictions). 0, one chunk, moves the fewest HBM bytes; chunks
-  # hold less memory at once (for a large vocabulary), and each re-reads the embedding.
+  # The output projection and cross-entropy (training/vocab_loss.py) run over chunks of this many
+  # sequence positions (masked_lm: gathered predictions). 0, one chunk, moves the fewest HBM bytes;
+  # chunks hold less memory at once (for a large vocabulary), and each re-reads the embedding.
   s.loss_chunk_len = 0
   s.gelu = "auto"  # auto (tanh for causal_lm like GPT-2, erf for masked_lm like BERT) | tanh | erf
   # Documents per row that cuDNN's packed layout holds; 0: measured on the data at start.

@@ -5,8 +5,8 @@
 
 Transforms are separated by `;` and applied in the order written; each is `name` or
 `name:field=value,field=value`. Numbers are read as numbers, anything else as text, so a path
-may not contain `,` or `;`. The fields are those of sslm_jax.data.augment.transforms (p, alpha and each
-transform's own); an empty string turns augmentation off.
+may not contain `,` or `;`. The fields are those of sslm_jax.data.augment.transforms (p, alpha and
+each transform's own); an empty string turns augmentation off.
 
 What this module checks needs no file: names, fields, p and alpha in [0, 1], and the task.
 Sources (thesaurus, WordNet, paraphrases, a BERT workdir) are opened when the data is prepared.

@@ -19,7 +19,8 @@ def defaults() -> ml_collections.ConfigDict:
   s.task = ""  # '' | classification | pair_classification | regression | tagging
   s.init_from = ""  # a workdir of ours whose parameters start the encoder ('' = random)
   s.init_step = 0  # its checkpoint to load; 0: the newest
-  # Labelled .jsonl/.csv/.tsv (see finetune/labelled.py); empty: the built-in task (finetune/tasks.py).
+  # Labelled .jsonl/.csv/.tsv (see finetune/labelled.py); empty: the built-in task
+  # (finetune/tasks.py).
   s.train_files = ""
   s.eval_files = ""
   # Or a TensorFlow Datasets dataset (see finetune/labelled_tfds.py), e.g. glue/sst2, read from
@@ -39,8 +40,8 @@ def defaults() -> ml_collections.ConfigDict:
   s.class_weights = ""
   # The eval metric whose best parameters are kept in WORKDIR/best (a metrics.jsonl key, e.g.
   # eval_loss; '' = eval_macro_f1 for classification, eval_pearson for regression,
-  # eval_entity_f1 for tagging; see finetune/early_stopping.py), and the evals without improvement after
-  # which the run stops (0: never).
+  # eval_entity_f1 for tagging; see finetune/early_stopping.py), and the evals without improvement
+  # after which the run stops (0: never).
   s.early_stopping_metric = ""
   s.early_stopping_patience = 0
   return s

@@ -8,9 +8,9 @@ Regression is the same head with K = 1 and a squared-error loss.
 `Classifier` keeps the encoder under `encoder/` with exactly the parameter paths of pretraining
 (so a pretrained model's params drop in as the `encoder` subtree) and the head under `head/`.
 
-Einsum letters are models/transformer.py's, plus K for the head's outputs (labels). The head's weights use
-the logical names `embed`, `mlp` and `labels` (the last is replicated in training/sharding.py's table).
-The token head for tagging, on every position, is tagging.py's.
+Einsum letters are models/transformer.py's, plus K for the head's outputs (labels). The head's
+weights use the logical names `embed`, `mlp` and `labels` (the last is replicated in
+training/sharding.py's table). The token head for tagging, on every position, is tagging.py's.
 """
 
 from __future__ import annotations
@@ -96,8 +96,8 @@ def task_sums(
 ) -> dict:
   """Summed loss over the rows with weight 1 (eval pads its last batch with weight-0 rows).
 
-  `class_weights_K` (finetune/class_weights.py) weighs each row by its label's weight, in the sum and in
-  the count alike: the loss is then the weighted mean.
+  `class_weights_K` (finetune/class_weights.py) weighs each row by its label's weight, in the sum
+  and in the count alike: the loss is then the weighted mean.
   """
   outputs_BK = model(batch, dropout_key)
   weights_B = batch["weights"].astype(jnp.float32)

@@ -3,15 +3,16 @@
   python -m sslm_jax.main --config=configs/finetune_bert_tiny.py --workdir=runs/cls \\
     --config.finetune.init_from=runs/bert_tiny
 
-What differs from pretraining is an Objective (training/loop.py's seam): the model is heads.Classifier,
-the loss the task's, eval gathers predictions for task_metrics, and step 0 starts from the
-encoder of `finetune.init_from` (one of our pretraining workdirs) or `init_from_hf`
-(finetune/sources.py). The data (numpy only) is finetune/tasks.py and finetune/labelled.py. The workdir
-is self-contained: the label vocabulary is saved as WORKDIR/labels.json, the tokenizer copied in
-(tokenizer.model or tokenizer.json), and init_from recorded as an absolute path. Tagging
+What differs from pretraining is an Objective (training/loop.py's seam): the model is
+heads.Classifier, the loss the task's, eval gathers predictions for task_metrics, and step 0 starts
+from the encoder of `finetune.init_from` (one of our pretraining workdirs) or `init_from_hf`
+(finetune/sources.py). The data (numpy only) is finetune/tasks.py and finetune/labelled.py. The
+workdir is self-contained: the label vocabulary is saved as WORKDIR/labels.json, the tokenizer
+copied in (tokenizer.model or tokenizer.json), and init_from recorded as an absolute path. Tagging
 (finetune.task='tagging') takes its model, loss and metrics from tagging.py and its features from
-finetune/tagging_data.py. finetune/keep_best.py keeps the best eval's parameters in WORKDIR/best and stops the run
-early; finetune/freeze.py freezes the encoder; finetune/class_weights.py weighs the training loss per label.
+finetune/tagging_data.py. finetune/keep_best.py keeps the best eval's parameters in WORKDIR/best and
+stops the run early; finetune/freeze.py freezes the encoder; finetune/class_weights.py weighs the
+training loss per label.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import optax
 from absl import logging
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.cluster import join as cluster
 from sslm_jax.data.augment import apply as augment_data
 from sslm_jax.finetune import (
   class_weights,
@@ -125,12 +126,6 @@ class FinetuneObjective(train.Objective):
     return {**record, **self.truncated}
 
 
-def _barrier(name: str) -> None:
-  """Every process waits here for all the others (as pretraining does around its data)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
-
-
 def _examples(config) -> tuple[list, list]:
   f = config.finetune
   if f.tfds_name:
@@ -218,8 +213,8 @@ def _truncated(config, tok, examples, features: dict) -> int:
 
 
 def _report_truncation(config, tok, examples: tuple, features: tuple) -> dict:
-  """{train,eval}_examples_truncated, logged once; {} for tagging (finetune/tagging_data.py drops whole
-  words and counts them itself)."""
+  """{train,eval}_examples_truncated, logged once; {} for tagging (finetune/tagging_data.py drops
+  whole words and counts them itself)."""
   if config.finetune.task == tagging.TASK:
     return {}
   (train, eval_), (train_f, eval_f) = examples, features
@@ -292,7 +287,7 @@ def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepa
       )
   weights_K = _class_weights(config, vocab, augmented)
   trained = finetune_sources.train(config, train_examples) if tok is None else None
-  _barrier("fine-tuning workdir read")  # no process reads what process 0 writes next
+  cluster.barrier("fine-tuning workdir read")  # no process reads what process 0 writes next
 
   primary = jax.process_index() == 0
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -304,7 +299,7 @@ def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepa
     tokenizer_lib.adopt(trained or tok.path, workdir)
     if trained:
       shutil.rmtree(os.path.dirname(trained), ignore_errors=True)
-  _barrier("fine-tuning files written")
+  cluster.barrier("fine-tuning files written")
   if tok is None:
     tok = tokenizer_lib.load(tokenizer_lib.workdir_file(workdir))
     features = _features(config, tok, vocab, augmented, eval_examples, cache)

@@ -5,11 +5,12 @@ alike (GPT's position sees the words before it and the word's first piece only).
 heads.Classifier's layout, the encoder under `encoder/` and the head under `head/`, so
 finetune.init_from, init_from_hf and the encoder freezing apply unchanged.
 
-Only positions with `label_weights` 1 are scored: the first piece of each word (finetune/tagging_data.py).
-The loss is their summed cross-entropy with its count. Eval gathers per-word predictions; the
-host turns them into word accuracy and entity precision, recall and F1 (task_metrics.entity_f1,
-BIO/IOB2 chunks). A label that is neither O nor B-X/I-X counts as B-label: each such word is an
-entity of its own, so with no BIO labels at all entity F1 is the micro F1 over the non-O labels.
+Only positions with `label_weights` 1 are scored: the first piece of each word
+(finetune/tagging_data.py). The loss is their summed cross-entropy with its count. Eval gathers
+per-word predictions; the host turns them into word accuracy and entity precision, recall and F1
+(task_metrics.entity_f1, BIO/IOB2 chunks). A label that is neither O nor B-X/I-X counts as B-label:
+each such word is an entity of its own, so with no BIO labels at all entity F1 is the micro F1 over
+the non-O labels.
 
 Einsum letters are models/transformer.py's, plus K for labels.
 """

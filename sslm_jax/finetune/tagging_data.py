@@ -1,7 +1,7 @@
 """Token classification (tagging) features: one label per word, on the word's first piece.
 
-numpy only. `text.split()` gives the words (finetune/labelled.py checks one label per word). Each word
-is encoded on its own, so the word -> pieces mapping is exact: with our SentencePiece tokenizer
+numpy only. `text.split()` gives the words (finetune/labelled.py checks one label per word). Each
+word is encoded on its own, so the word -> pieces mapping is exact: with our SentencePiece tokenizer
 (dummy prefix, pieces never cross a space) the concatenated pieces are exactly those of the
 single-spaced text. A Hugging Face tokenizer.json also encodes each word on its own; for a
 byte-level BPE such as GPT-2's, the pieces then lack the space they carry in running text.

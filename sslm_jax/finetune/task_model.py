@@ -7,10 +7,11 @@
   # [('Ada', 'B-PER'), ('Lovelace', 'I-PER'), ('met', 'O'), ('Babbage', 'B-PER')]
 
 `sslm_jax.load` returns a TaskModel for a workdir whose finetune.task is set. `step=None` loads
-WORKDIR/best (finetune/keep_best.py) when the run kept one, else the newest checkpoint; `step='best'` or
-an int chooses. Parameters only (no optimizer state), on the first local device, whatever mesh
-wrote them. Inputs are featurized exactly as the run's eval was (finetune/tasks.py, and
-finetune/tagging_data.py for tagging). Nothing here writes to the workdir, and TensorFlow is never imported.
+WORKDIR/best (finetune/keep_best.py) when the run kept one, else the newest checkpoint;
+`step='best'` or an int chooses. Parameters only (no optimizer state), on the first local device,
+whatever mesh wrote them. Inputs are featurized exactly as the run's eval was (finetune/tasks.py,
+and finetune/tagging_data.py for tagging). Nothing here writes to the workdir, and TensorFlow is
+never imported.
 
 `tag` (tagging workdirs) splits each text on whitespace, as the training files are, and gives one
 (word, label) per word. A word whose first piece falls beyond data.seq_len (the eval's limit:

@@ -9,8 +9,8 @@ instead of slices of the stack taken at every call. With the cache layout of KVC
 a GPT-2-small decode step on a 2-core CPU from ~20 to ~16.5 ms at batch 1 and from ~39 to
 ~34 ms at batch 8 (bench --mode=generate).
 
-Einsum letters as in models/transformer.py; E is a merged output axis (see LayerWeights), K the 3 of q, k
-and v. The math is model.GPT's (pre-LN blocks, tied output embedding); tests/test_decode.py
+Einsum letters as in models/transformer.py; E is a merged output axis (see LayerWeights), K the 3 of
+q, k and v. The math is model.GPT's (pre-LN blocks, tied output embedding); tests/test_decode.py
 checks it against the full forward pass.
 """
 

@@ -1,7 +1,7 @@
 """Self-attention over packed documents.
 
-Einsum letters as in models/transformer.py; M is the most segments (documents) a row holds. Packed rows
-reach the attention in the form its implementation takes, which `attention_segments` picks:
+Einsum letters as in models/transformer.py; M is the most segments (documents) a row holds. Packed
+rows reach the attention in the form its implementation takes, which `attention_segments` picks:
 a dense [B, 1, T, S] segment mask (XLA), a `Packing` of segment lengths and offsets (cuDNN's
 flash attention on GPU), or the [B, T] segment ids themselves (splash attention, the Pallas
 TPU kernel in models/splash.py). Only the XLA path ever builds a [T, S] mask.

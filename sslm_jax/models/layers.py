@@ -1,5 +1,6 @@
-"""The pieces models/attention.py and models/transformer.py are built from: the sharding constraint on activations,
-dropout, GELU, layers whose weights carry logical axis names, and the logit of an excluded id.
+"""The pieces models/attention.py and models/transformer.py are built from: the sharding constraint
+on activations, dropout, GELU, layers whose weights carry logical axis names, and the logit of an
+excluded id.
 
 Einsum letters and logical axis names are those of models/transformer.py.
 """

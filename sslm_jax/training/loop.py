@@ -84,7 +84,8 @@ class Objective:
 
 class Watcher:
   """Sees each eval after step 0; may stop the run early and keep its own state in the
-  checkpoints' metadata (finetune/keep_best.py does for fine-tuning). This default watches nothing."""
+  checkpoints' metadata (finetune/keep_best.py does for fine-tuning). This default watches
+  nothing."""
 
   def resume(self, meta: dict | None) -> str | None:
     """Takes the resumed checkpoint's metadata (None: a fresh start); returns a message when

@@ -1,7 +1,7 @@
 """Losses and metrics for both objectives, as (sum, count) pairs reduced by the caller.
 
-The output projection and the cross-entropy run together in training/vocab_loss.py: logits stored in the
-compute dtype (never whole [tokens, vocab] float32 ones in bf16 runs), optionally in chunks.
+The output projection and the cross-entropy run together in training/vocab_loss.py: logits stored in
+the compute dtype (never whole [tokens, vocab] float32 ones in bf16 runs), optionally in chunks.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@
 
 alpha of the words (at least one) whose core is alphabetic are chosen with the transform's rng;
 each in turn becomes [MASK] among the original words around it (as many as fit in a quarter of
-the model's positions on each side), and the model (`sslm_jax.inference.language_model.load(workdir).fill_mask`)
-proposes top_k tokens: one forward pass per chosen word, of a few compiled shapes. Only whole
-words are kept (a piece that starts a word and holds a letter or digit, not the original word);
-one is drawn with probability proportional to the model's, again from the transform's rng, and
-takes the original's punctuation and capitalised first letter. A word with no such guess is
-left as it was.
+the model's positions on each side), and the model
+(`sslm_jax.inference.language_model.load(workdir).fill_mask`) proposes top_k tokens: one forward
+pass per chosen word, of a few compiled shapes. Only whole words are kept (a piece that starts a
+word and holds a letter or digit, not the original word); one is drawn with probability proportional
+to the model's, again from the transform's rng, and takes the original's punctuation and capitalised
+first letter. A word with no such guess is left as it was.
 
 The model runs on the default JAX device; with the same checkpoint and device kind the output
 is a pure function of (seed, example, copy, text), like the other transforms.
