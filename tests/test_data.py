@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from sslm_jax import config as config_lib
 from sslm_jax.data import cache, corpus, masking, packing, pipeline, units
 from sslm_jax.data.pipeline import DataError
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 BOS, EOS, CLS, SEP, MASK = (
@@ -490,7 +491,7 @@ def _hf_config(text_files, tmp_path, objective, style):
   texts = [words(rng, 40) for _ in range(200)]
   make = gpt2_style_json if style == "gpt2" else bert_style_json
   path = make(tmp_path / f"{style}.json", texts)
-  tok = tokenizer_lib.load(path)
+  tok = tokenizer_files.load(path)
   return make_config(text_files, objective, tokenizer_path=path, vocab_size=tok.vocab_size), tok
 
 

@@ -17,6 +17,7 @@ from sslm_jax.checkpoints import checkpointer as checkpoint
 from sslm_jax.finetune import heads, labelled, tasks
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
@@ -161,7 +162,7 @@ def test_builtin_task_is_balanced_fixed_and_split_by_file():
 
 
 def test_features_and_train_order(task_dir):
-  tok = tokenizer_lib.load(str(task_dir / "tokenizer.model"))
+  tok = tokenizer_files.load(str(task_dir / "tokenizer.model"))
   examples = [
     labelled.Example("amber river", "stone", "yes"),
     labelled.Example("x " * 50, None, "no"),

@@ -16,7 +16,7 @@ from sslm_jax.checkpoints import saved_tree
 from sslm_jax.errors import UsageError
 from sslm_jax.finetune import labelled
 from sslm_jax.finetune import loop as finetune
-from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+from sslm_jax.tokenizer import files as tokenizer_files
 
 
 def _pre(task_dir, root):  # noqa: F811
@@ -43,7 +43,7 @@ def test_a_fine_tuned_workdir_needs_nothing_outside_it(task_dir, tmp_path, monke
   run = tmp_path / "run"
   written = json.loads((run / "config.json").read_text())
   assert written["finetune"]["init_from"] == str(tmp_path / "pre")
-  assert tokenizer_lib.workdir_file(str(run)) == str(run / "tokenizer.model")
+  assert tokenizer_files.workdir_file(str(run)) == str(run / "tokenizer.model")
   assert (run / "tokenizer.model").read_bytes() == (task_dir / "tokenizer.model").read_bytes()
   shutil.rmtree(tmp_path / "pre")  # the pretraining workdir is gone
   elsewhere = tmp_path / "elsewhere"

@@ -24,6 +24,7 @@ from sslm_jax.checkpoints import checkpointer as checkpoint
 from sslm_jax.checkpoints import hf
 from sslm_jax.models import layers
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import losses as objectives
@@ -446,7 +447,7 @@ def test_export_names_the_special_ids_of_the_runs_tokenizer(tmp_path, objective)
   from test_hf_tokenizer import bert_style_json, gpt2_style_json
 
   make = gpt2_style_json if objective == "causal_lm" else bert_style_json
-  tok = tokenizer_lib.load(make(tmp_path / "tokenizer.json", _corpus(100), vocab_size=VOCAB))
+  tok = tokenizer_files.load(make(tmp_path / "tokenizer.json", _corpus(100), vocab_size=VOCAB))
   config = _config(objective)
   config.data.vocab_size = tok.vocab_size
   cfg = config_lib.model_config(config)

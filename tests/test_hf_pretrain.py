@@ -315,7 +315,7 @@ def test_fine_tuning_from_hf_files_starts_from_their_encoder_and_tokenizer(hf_di
   from sslm_jax import config as config_lib
   from sslm_jax.checkpoints import hf
   from sslm_jax.finetune import loop as finetune
-  from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+  from sslm_jax.tokenizer import files as tokenizer_files
   from sslm_jax.training import loop as train
   from sslm_jax.training import sharding
 
@@ -342,7 +342,7 @@ def test_fine_tuning_from_hf_files_starts_from_their_encoder_and_tokenizer(hf_di
   config_lib.validate(c)
   workdir = tmp_path / "run"
   prepared = finetune.prepare(c, str(workdir))
-  expected = tokenizer_lib.load(f"{directory}/tokenizer.json").sha256
+  expected = tokenizer_files.load(f"{directory}/tokenizer.json").sha256
   assert prepared.fingerprint["tokenizer_sha256"] == expected
   assert not (workdir / "tokenizer.model").exists()  # none was trained
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])

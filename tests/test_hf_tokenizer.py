@@ -15,6 +15,7 @@ import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from sslm_jax.data import corpus
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import hf_json as hf_tokenizer
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
@@ -211,7 +212,7 @@ def test_rejects_models_it_cannot_mirror(data, tmp_path):
   path = tmp_path / "nfkc.model"
   path.write_bytes(writer.getvalue())
   with pytest.raises(tokenizer_lib.TokenizerError, match="identity normalization"):
-    hf_tokenizer.save(tokenizer_lib.load(str(path)), tmp_path, objective="causal_lm")
+    hf_tokenizer.save(tokenizer_files.load(str(path)), tmp_path, objective="causal_lm")
   assert sorted(p.name for p in tmp_path.iterdir()) == ["nfkc.model"]
 
 
@@ -269,13 +270,13 @@ def bert_style_json(path, texts, vocab_size: int = 400) -> str:
 @pytest.fixture(scope="module")
 def gpt2(data, tmp_path_factory):
   path = gpt2_style_json(tmp_path_factory.mktemp("gpt2") / "tokenizer.json", data[1])
-  return tokenizer_lib.load(path)
+  return tokenizer_files.load(path)
 
 
 @pytest.fixture(scope="module")
 def bert(data, tmp_path_factory):
   path = bert_style_json(tmp_path_factory.mktemp("bert") / "tokenizer.json", data[1])
-  return tokenizer_lib.load(path)
+  return tokenizer_files.load(path)
 
 
 def test_saving_a_hugging_face_tokenizer_over_an_export_leaves_no_sentencepiece_model(
@@ -335,7 +336,7 @@ def test_bert_style_tokenizer(bert):
 
 def test_our_export_loads_as_hf_tokenizer_with_our_ids(data, exported):
   tok = data[0]
-  ours = tokenizer_lib.load(str(exported / "tokenizer.json"))
+  ours = tokenizer_files.load(str(exported / "tokenizer.json"))
   assert isinstance(ours, hf_tokenizer.HFTokenizer) and ours.vocab_size == tok.vocab_size
   names = ["pad_id", "unk_id", "bos_id", "eos_id", "mask_id", "cls_id", "sep_id", "special_ids"]
   assert [getattr(ours, n) for n in names] == [getattr(tok, n) for n in names]
@@ -349,10 +350,10 @@ def test_our_export_loads_as_hf_tokenizer_with_our_ids(data, exported):
 
 def test_load_errors(tmp_path):
   with pytest.raises(tokenizer_lib.TokenizerError, match="does not exist"):
-    tokenizer_lib.load(str(tmp_path / "missing.json"))
+    tokenizer_files.load(str(tmp_path / "missing.json"))
   (tmp_path / "bad.json").write_text('{"model": 1}')
   with pytest.raises(tokenizer_lib.TokenizerError, match="bad.json.*not a valid"):
-    tokenizer_lib.load(str(tmp_path / "bad.json"))
+    tokenizer_files.load(str(tmp_path / "bad.json"))
 
 
 def test_save_copies_a_loaded_tokenizer_json(data, gpt2, bert, tmp_path):

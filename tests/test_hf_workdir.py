@@ -14,6 +14,7 @@ from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import restore
 from sslm_jax.data import cache
 from sslm_jax.errors import UsageError
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 
@@ -43,7 +44,7 @@ def _config(vocab_size: int, **fields):
 
 def test_the_tokenizer_is_copied_into_the_workdir_and_read_from_there(hf_dir, tmp_path):
   source = str(hf_dir / "tokenizer.json")
-  vocab = tokenizer_lib.load(source).vocab_size
+  vocab = tokenizer_files.load(source).vocab_size
   c = _config(vocab, data__tokenizer_path=source)
   workdir = tmp_path / "run"
   assert cache._existing_tokenizer(c, str(workdir)).path == source  # reads only
@@ -61,11 +62,11 @@ def test_the_tokenizer_is_copied_into_the_workdir_and_read_from_there(hf_dir, tm
 
 def test_a_workdir_holding_another_tokenizer_is_refused_before_writing(hf_dir, tmp_path):
   source = str(hf_dir / "tokenizer.json")
-  vocab = tokenizer_lib.load(source).vocab_size
+  vocab = tokenizer_files.load(source).vocab_size
   workdir = tmp_path / "run"
   cache.tokenizer(_config(vocab, data__tokenizer_path=source), str(workdir), may_train=True)
   other = gpt2_style_json(tmp_path / "other.json", _texts(seed=1), vocab_size=300)
-  c = _config(tokenizer_lib.load(other).vocab_size, data__tokenizer_path=other)
+  c = _config(tokenizer_files.load(other).vocab_size, data__tokenizer_path=other)
   before = (workdir / "tokenizer.json").read_bytes()
   with pytest.raises(tokenizer_lib.TokenizerError) as error:
     cache.resume_record(c, str(workdir))  # what a run reads before writing anything
@@ -76,7 +77,7 @@ def test_a_workdir_holding_another_tokenizer_is_refused_before_writing(hf_dir, t
 
 
 def test_init_from_hf_pretraining_uses_the_directory_tokenizer(hf_dir, tmp_path):
-  vocab = tokenizer_lib.load(str(hf_dir / "tokenizer.json")).vocab_size
+  vocab = tokenizer_files.load(str(hf_dir / "tokenizer.json")).vocab_size
   c = _config(vocab, init_from_hf=str(hf_dir))
   workdir = tmp_path / "run"
   tok = cache.tokenizer(c, str(workdir), may_train=True)

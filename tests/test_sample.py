@@ -8,6 +8,7 @@ from test_tokenizer import VOCAB, corpus_texts
 from sslm_jax import config as config_lib
 from sslm_jax.inference import decode, sample
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 BOS = tokenizer_lib.BOS_ID
@@ -109,7 +110,7 @@ def test_samples_use_the_special_ids_of_a_hugging_face_tokenizer(tmp_path, monke
   from test_hf_tokenizer import bert_style_json, gpt2_style_json
 
   texts = [" ".join(corpus_texts(2, seed=s)).replace("\n", " ") for s in range(4)]
-  gpt2 = tokenizer_lib.load(gpt2_style_json(tmp_path / "gpt2.json", texts, vocab_size=300))
+  gpt2 = tokenizer_files.load(gpt2_style_json(tmp_path / "gpt2.json", texts, vocab_size=300))
   end = gpt2.eos_id
   assert end == gpt2.bos_id and end not in (2, 3)
   calls = []
@@ -131,7 +132,7 @@ def test_samples_use_the_special_ids_of_a_hugging_face_tokenizer(tmp_path, monke
     f"continuation: {gpt2.decode(prompt + [50, 60])[len(gpt2.decode(prompt)) :]!r}"
   )
 
-  bert_tok = tokenizer_lib.load(bert_style_json(tmp_path / "bert.json", texts, vocab_size=200))
+  bert_tok = tokenizer_files.load(bert_style_json(tmp_path / "bert.json", texts, vocab_size=200))
   seen = []
   monkeypatch.setattr(
     sample, "fill_mask", lambda model, ids, position, **kw: seen.append((ids, position)) or []

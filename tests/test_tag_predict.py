@@ -15,7 +15,7 @@ import sslm_jax
 from sslm_jax.errors import UsageError
 from sslm_jax.finetune import labelled, tagging_data, task_model
 from sslm_jax.finetune import loop as finetune
-from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+from sslm_jax.tokenizer import files as tokenizer_files
 
 STEPS, EVERY = 16, 8
 
@@ -62,7 +62,7 @@ def test_tag_agrees_with_the_evals_of_the_run(tag_run, tag_dir):  # noqa: F811
     set(x[n:]) <= {None} and None not in x[:n] for x, n in zip(labels, cut_at, strict=True)
   )
   assert any(None in x for x in labels)
-  tok = tokenizer_lib.load(config.data.tokenizer_path)
+  tok = tokenizer_files.load(config.data.tokenizer_path)
   features = tagging_data.featurize(examples, tok, model.vocab, 32, causal=False)
   assert sum(x is not None for row in labels for x in row) == features["label_weights"].sum()
   words = tagged[0]

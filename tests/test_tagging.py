@@ -15,6 +15,7 @@ from test_main import _main
 from sslm_jax import config as config_lib
 from sslm_jax.finetune import labelled, tagging, tagging_data, tasks
 from sslm_jax.finetune import loop as finetune
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
@@ -62,7 +63,7 @@ def tag_dir(tmp_path_factory):
 
 
 def _tok(tag_dir):
-  return tokenizer_lib.load(str(tag_dir / "tokenizer.model"))
+  return tokenizer_files.load(str(tag_dir / "tokenizer.model"))
 
 
 def _examples(texts_and_tags):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 VOCAB = 320
@@ -71,7 +72,7 @@ def test_training_is_deterministic_and_sha_matches_file(tmp_path, tok):
   again = tokenizer_lib.train(corpus_texts(), VOCAB, str(tmp_path / "again.model"))
   assert again.sha256 == tok.sha256
   assert again.sha256 == hashlib.sha256((tmp_path / "again.model").read_bytes()).hexdigest()
-  assert tokenizer_lib.load(str(tmp_path / "again.model")).sha256 == tok.sha256
+  assert tokenizer_files.load(str(tmp_path / "again.model")).sha256 == tok.sha256
   other = tokenizer_lib.train(corpus_texts(seed=1), VOCAB, str(tmp_path / "other.model"))
   assert other.sha256 != tok.sha256
   # The atomic write leaves only the final files behind.
@@ -80,14 +81,14 @@ def test_training_is_deterministic_and_sha_matches_file(tmp_path, tok):
 
 def test_load_missing_file(tmp_path):
   with pytest.raises(tokenizer_lib.TokenizerError, match="does not exist.*data.tokenizer_path"):
-    tokenizer_lib.load(str(tmp_path / "nope.model"))
+    tokenizer_files.load(str(tmp_path / "nope.model"))
 
 
 def test_load_corrupt_file(tmp_path):
   path = tmp_path / "corrupt.model"
   path.write_bytes(b"this is not a protobuf \x00\xff" * 10)
   with pytest.raises(tokenizer_lib.TokenizerError, match="corrupt.model.*not a valid"):
-    tokenizer_lib.load(str(path))
+    tokenizer_files.load(str(path))
 
 
 def test_load_rejects_other_special_layout(tmp_path):
@@ -98,7 +99,7 @@ def test_load_rejects_other_special_layout(tmp_path):
   path = tmp_path / "plain.model"
   path.write_bytes(writer.getvalue())
   with pytest.raises(tokenizer_lib.TokenizerError, match=r"special ids.*\[MASK\]"):
-    tokenizer_lib.load(str(path))
+    tokenizer_files.load(str(path))
 
 
 def test_vocab_too_large_names_sizes_and_fix(tmp_path):

@@ -24,6 +24,7 @@ from conftest import tiny_config
 from test_main import _main
 
 from sslm_jax.finetune import loop as finetune
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 from sslm_jax.training import sharding
 
@@ -143,7 +144,7 @@ def test_pretrained_encoder_classifies_words_fine_tuning_never_saw(tmp_path):
   eval_file = _write_jsonl(tmp_path / "eval.jsonl", eval_rows)
   pretrained = tmp_path / "pretrained"
   _pretrain(pretrained, corpus)
-  tok = tokenizer_lib.load(str(pretrained / "tokenizer.model"))
+  tok = tokenizer_files.load(str(pretrained / "tokenizer.model"))
   for row in train_rows + eval_rows:  # one piece per word, after the leading space
     assert [tok.id_to_piece(i) for i in tok.encode(row["text"])] == ["\u2581", *row["text"]]
 

@@ -28,6 +28,7 @@ from flax import nnx
 from sslm_jax import config as config_lib
 from sslm_jax.models import transformer as model_lib
 from sslm_jax.models.transformer import ModelConfig
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 # Hugging Face activation names for our two GELU forms; on import gelu_pytorch_tanh is GPT-2's too.
@@ -427,7 +428,7 @@ def _vocab_mismatch(rows: int, config: ml_collections.ConfigDict, where: str) ->
 def _tokenizer_size(path: str) -> int | None:
   """The number of ids of the tokenizer file at `path`, None where there is none to read."""
   try:
-    return tokenizer_lib.load(path).vocab_size
+    return tokenizer_files.load(path).vocab_size
   except (tokenizer_lib.TokenizerError, OSError):
     return None
 

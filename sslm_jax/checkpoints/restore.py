@@ -20,6 +20,7 @@ from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import saved_tree
 from sslm_jax.errors import UsageError
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tok
 
 
@@ -106,7 +107,7 @@ def restore_params(tree_dir: epath.Path, build, fix: str = "load another step or
 def tokenizer_file(workdir: str, config: ml_collections.ConfigDict) -> str:
   """The workdir's own tokenizer copy; for a workdir written before runs kept one, the
   data.tokenizer_path its config.json names, where that file still exists."""
-  own = tok.workdir_file(workdir)
+  own = tokenizer_files.workdir_file(workdir)
   if own is not None:
     return own
   named = config.data.tokenizer_path
@@ -119,7 +120,7 @@ def tokenizer_file(workdir: str, config: ml_collections.ConfigDict) -> str:
     raise UsageError(
       f"{workdir} has no copy of its tokenizer and data.tokenizer_path={named} (from its "
       "config.json) does not exist here; copy the tokenizer file the run was trained with to "
-      f"{workdir}/{tok.workdir_name(named)}."
+      f"{workdir}/{tokenizer_files.workdir_name(named)}."
     )
   return named
 
@@ -141,7 +142,7 @@ def from_workdir(workdir: str, step: int | None = None) -> Restored:
   directory = checkpoint_dir(workdir)
   steps = ocp.step.checkpoint_steps(directory) if directory.exists() else []
   step = _choose_step(workdir, steps, step)
-  tokenizer = tok.load(tokenizer_file(workdir, config))
+  tokenizer = tokenizer_files.load(tokenizer_file(workdir, config))
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
     meta = checkpointer.restore(directory / str(step) / "meta")
   recorded = dict(meta or {}).get("fingerprint", {}).get("tokenizer_sha256")

@@ -18,6 +18,7 @@ from absl import logging
 from sslm_jax.data import corpus, gfile, permute, shards, units
 from sslm_jax.data.augment import apply as augment_data
 from sslm_jax.data.corpus import DataError
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 # 1: one .npy file per split, packed as one stream; 2: shards per unit (data/units.py).
@@ -173,7 +174,7 @@ def _resolve(c: ml_collections.ConfigDict, workdir: str) -> tuple[str | None, bo
   The workdir's copy is what the run trained with: a config naming another file is refused, and
   one naming a file that has moved since the copy was made reads the copy.
   """
-  own, source = tokenizer_lib.workdir_file(workdir), tokenizer_source(c)
+  own, source = tokenizer_files.workdir_file(workdir), tokenizer_source(c)
   if not source:
     return own, own is not None
   if not gfile.exists(source):
@@ -182,7 +183,7 @@ def _resolve(c: ml_collections.ConfigDict, workdir: str) -> tuple[str | None, bo
     logging.info("tokenizer %s not found; reading the workdir's copy %s", source, own)
     return own, True
   if own is not None:
-    tokenizer_lib.check_adoptable(source, workdir)
+    tokenizer_files.check_adoptable(source, workdir)
     return own, True
   return source, False
 
@@ -236,11 +237,11 @@ def tokenizer(
       raise DataError(f"{path} does not exist; run prepare(config, workdir) before build().")
     tok, own = _train_tokenizer(c, path), True
   else:
-    tok = tokenizer_lib.load(path)
+    tok = tokenizer_files.load(path)
   _check_size(c, tok, origin)
   _check_specials(c, tok)
   if may_train and not own:  # checked first: a refused tokenizer is never copied
-    tok = tokenizer_lib.load(tokenizer_lib.adopt(path, workdir))
+    tok = tokenizer_files.load(tokenizer_files.adopt(path, workdir))
   return tok
 
 
@@ -256,7 +257,7 @@ def _check_size(c: ml_collections.ConfigDict, tok, origin: str) -> None:
 def _existing_tokenizer(c: ml_collections.ConfigDict, workdir: str):
   """The tokenizer prepare() would use, or None where it would train a new one (reads only)."""
   path, _ = _resolve(c, workdir)
-  return tokenizer_lib.load(path) if path else None
+  return tokenizer_files.load(path) if path else None
 
 
 def resume_record(c: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -48,7 +48,7 @@ from sslm_jax.finetune import (
 )
 from sslm_jax.finetune import metrics as task_metrics
 from sslm_jax.finetune import sources as finetune_sources
-from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
 
@@ -248,7 +248,7 @@ def _sources(config, workdir: str, resuming: bool):
   A resumed run whose workdir keeps its tokenizer copy reads neither finetune.init_from nor
   init_from_hf (its checkpoint holds every parameter): it resumes after they moved or went."""
   given, encoder = None, None
-  if resuming and tokenizer_lib.workdir_file(workdir) is not None:
+  if resuming and tokenizer_files.workdir_file(workdir) is not None:
     return finetune_sources.tokenizer(config, workdir, resuming=True), None
   if config.finetune.init_from:
     given, encoder = finetune_sources.from_workdir(config)
@@ -296,12 +296,12 @@ def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepa
   if vocab and primary:  # a start that failed before its first checkpoint may have left one
     vocab.save(str(labels_file))
   if primary:
-    tokenizer_lib.adopt(trained or tok.path, workdir)
+    tokenizer_files.adopt(trained or tok.path, workdir)
     if trained:
       shutil.rmtree(os.path.dirname(trained), ignore_errors=True)
   cluster.barrier("fine-tuning files written")
   if tok is None:
-    tok = tokenizer_lib.load(tokenizer_lib.workdir_file(workdir))
+    tok = tokenizer_files.load(tokenizer_files.workdir_file(workdir))
     features = _features(config, tok, vocab, augmented, eval_examples, cache)
     fingerprint = _fingerprint(config, tok, vocab, features)
   if jax.process_index() == 0:

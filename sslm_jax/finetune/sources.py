@@ -8,7 +8,7 @@ workdir is written.
 - `data.tokenizer_path`, else the workdir's own copy, else none yet: process 0 trains one on the
   training texts (into a scratch directory, so a failure leaves the workdir as it was).
 
-Whatever the tokenizer's source, the run keeps a copy in the workdir (tokenizer.adopt), so a
+Whatever the tokenizer's source, the run keeps a copy in the workdir (tokenizer.files.adopt), so a
 fine-tuned workdir needs nothing outside itself.
 """
 
@@ -29,6 +29,7 @@ from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import restore, saved_tree
 from sslm_jax.errors import UsageError
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 # Model fields that fix the encoder's array shapes, with the config field that sets each. The
@@ -62,7 +63,7 @@ def _check_shapes(config, pretrained, where: str) -> None:
 def _workdir_tokenizer(workdir: str, config) -> str:
   """A workdir's own tokenizer copy, else (written before runs kept one) the file its config
   names, else its tokenizer.model."""
-  own = tokenizer_lib.workdir_file(workdir)
+  own = tokenizer_files.workdir_file(workdir)
   return own or config.data.tokenizer_path or f"{workdir}/tokenizer.model"
 
 
@@ -116,7 +117,7 @@ def from_workdir(config) -> tuple[object, Callable[[], dict]]:
       f"finetune.init_from: the checkpoint {tree_dir.parent} cannot be read "
       f"({type(e).__name__}); pick another with finetune.init_step."
     ) from e
-  tok = tokenizer_lib.load(_workdir_tokenizer(f.init_from, pretrained))
+  tok = tokenizer_files.load(_workdir_tokenizer(f.init_from, pretrained))
 
   def encoder() -> dict:
     try:
@@ -145,15 +146,15 @@ def tokenizer(config, workdir: str, given=None, resuming=False):
         f"init_from_hf={config.init_from_hf} has no tokenizer.json; pass the tokenizer its "
         "weights were trained with as --config.data.tokenizer_path=FILE."
       )
-  if given is not None and path and tokenizer_lib.load(path).sha256 != given.sha256:
+  if given is not None and path and tokenizer_files.load(path).sha256 != given.sha256:
     raise config_lib.ConfigError(
       f"data.tokenizer_path={path} is not the tokenizer finetune.init_from was trained with; "
       "leave data.tokenizer_path empty to use that one."
     )
-  tok = given if given is not None else tokenizer_lib.load(path) if path else None
-  own = tokenizer_lib.workdir_file(workdir)
+  tok = given if given is not None else tokenizer_files.load(path) if path else None
+  own = tokenizer_files.workdir_file(workdir)
   if own is not None:
-    kept = tokenizer_lib.load(own)
+    kept = tokenizer_files.load(own)
     if tok is not None and kept.sha256 != tok.sha256:
       raise config_lib.ConfigError(
         f"{workdir} already holds another tokenizer ({own}) than this run's ({tok.path}); use "

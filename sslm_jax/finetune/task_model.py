@@ -37,7 +37,7 @@ from sslm_jax.errors import UsageError
 from sslm_jax.finetune import heads, keep_best, labelled, tagging, tagging_data, tasks
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.finetune import metrics as task_metrics
-from sslm_jax.tokenizer import sentencepiece as tok
+from sslm_jax.tokenizer import files as tokenizer_files
 
 SEQUENCE_TASKS = ("classification", "pair_classification", heads.REGRESSION)
 _ROWS_PER_CALL = 16  # rows per forward pass: one compiled shape
@@ -73,7 +73,7 @@ def _tokenizer_file(config, workdir: str) -> str:
   """The workdir's own tokenizer copy; a workdir written before runs kept one names the file its
   run used (finetune.init_from's, data.tokenizer_path or init_from_hf's), read relative to the
   directory the run started in, which is why the error below names it with the fix."""
-  own = tok.workdir_file(workdir)
+  own = tokenizer_files.workdir_file(workdir)
   if own is not None:
     return own
   f = config.finetune
@@ -85,7 +85,7 @@ def _tokenizer_file(config, workdir: str) -> str:
     except UsageError:
       pretrained = None
     if pretrained is not None:
-      path = tok.workdir_file(f.init_from) or pretrained.data.tokenizer_path
+      path = tokenizer_files.workdir_file(f.init_from) or pretrained.data.tokenizer_path
     path = path or f"{f.init_from}/tokenizer.model"
   elif not path and config.init_from_hf:
     where, path = f"init_from_hf={config.init_from_hf}", f"{config.init_from_hf}/tokenizer.json"
@@ -102,7 +102,7 @@ def _tokenizer_file(config, workdir: str) -> str:
 
 def _tokenizer(config, workdir: str, recorded: str | None):
   """The tokenizer the run trained with, checked against the hash its checkpoints recorded."""
-  tokenizer = tok.load(_tokenizer_file(config, workdir))
+  tokenizer = tokenizer_files.load(_tokenizer_file(config, workdir))
   if recorded and recorded != tokenizer.sha256:
     raise UsageError(
       f"{tokenizer.path} is not the tokenizer {workdir} was fine-tuned with (its SHA-256 "

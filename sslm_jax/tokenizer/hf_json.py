@@ -1,7 +1,7 @@
 """Hugging Face tokenizer files: our tokenizer exported as tokenizer.json, and theirs loaded.
 
 `load` reads a tokenizer.json (GPT-2 byte-level BPE, BERT WordPiece, ...) as an `HFTokenizer`,
-which the data pipeline uses like our SentencePiece `tokenizer.Tokenizer`.
+which the data pipeline uses like our SentencePiece `sentencepiece.Tokenizer`.
 
 `save` writes what `transformers.AutoTokenizer.from_pretrained(out_dir)` and
 `tokenizers.Tokenizer.from_file(out_dir / "tokenizer.json")` need to reproduce our SentencePiece
@@ -207,7 +207,7 @@ _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 class HFTokenizer:
   """A Hugging Face tokenizer.json behind the interface the data pipeline uses from
-  `tokenizer.Tokenizer`: encode, encode_batch, decode, vocab_size, sha256, path, id_to_piece,
+  `sentencepiece.Tokenizer`: encode, encode_batch, decode, vocab_size, sha256, path, id_to_piece,
   token_bytes / target_bytes and the special ids as attributes (None where the vocabulary has no
   such token; pad_id falls back to eos_id, as GPT-2 users do).
 
@@ -283,7 +283,7 @@ class HFTokenizer:
 
   def target_bytes(self, inputs_bT: np.ndarray, targets_bT: np.ndarray, start_id: int):
     """int32: UTF-8 bytes of the text each target stands for; a document's first piece does not
-    count a leading space the tokenizer adds (as in `tokenizer.Tokenizer.target_bytes`)."""
+    count a leading space the tokenizer adds (as in `sentencepiece.Tokenizer.target_bytes`)."""
     bytes_bT = self.token_bytes()[targets_bT].astype(np.int32)
     if self._prefix_byte is None:
       self._prefix_byte = int(self.token_bytes()[self.encode("a")].sum()) > 1

@@ -43,7 +43,7 @@ class TokenizerError(SslmError, ValueError):
 class Tokenizer:
   """A loaded SentencePiece model plus the facts the data pipeline and metrics need.
 
-  The special ids are attributes (as on `hf_tokenizer.HFTokenizer`, which the pipeline can use
+  The special ids are attributes (as on `hf_json.HFTokenizer`, which the pipeline can use
   instead); here they are always the module constants.
   """
 
@@ -138,10 +138,10 @@ def _check_layout(tok: Tokenizer) -> None:
     )
 
 
-def load(path: str):
-  """Load and validate a SentencePiece model from a local or remote path.
+def load(path: str) -> Tokenizer:
+  """Load a SentencePiece model from a local or remote path and check its special ids.
 
-  A Hugging Face tokenizer.json (a path ending in .json) loads as `hf_tokenizer.HFTokenizer`.
+  `tokenizer.files.load` picks this or `hf_json.load` by the file's type.
   """
   p = epath.Path(path)
   if not p.exists():
@@ -149,72 +149,9 @@ def load(path: str):
       f"tokenizer file {path} does not exist; fix data.tokenizer_path or leave it empty to "
       "train one."
     )
-  if str(path).endswith(".json"):
-    from sslm_jax.tokenizer import hf_json as hf_tokenizer
-
-    return hf_tokenizer.load(str(path))
   tok = Tokenizer(p.read_bytes(), str(path))
   _check_layout(tok)
   return tok
-
-
-# A workdir's own tokenizer copy: SentencePiece as tokenizer.model, Hugging Face as tokenizer.json.
-WORKDIR_NAMES = ("tokenizer.model", "tokenizer.json")
-
-
-def workdir_name(source: str) -> str:
-  """The name a copy of tokenizer file `source` has in a workdir."""
-  return "tokenizer.json" if str(source).endswith(".json") else "tokenizer.model"
-
-
-def workdir_file(workdir: str) -> str | None:
-  """The workdir's own tokenizer copy (tokenizer.model or tokenizer.json), or None."""
-  found = [
-    str(epath.Path(workdir) / n) for n in WORKDIR_NAMES if (epath.Path(workdir) / n).exists()
-  ]
-  if len(found) > 1:
-    raise TokenizerError(
-      f"{workdir} holds both tokenizer.model and tokenizer.json, so which one its run used is "
-      "unclear; remove the one the run was not trained with."
-    )
-  return found[0] if found else None
-
-
-def check_adoptable(source: str, workdir: str) -> str | None:
-  """The workdir's copy of `source` (None where it has no tokenizer yet); TokenizerError where it
-  holds a different tokenizer. Reads only."""
-  existing = workdir_file(workdir)
-  if existing is None:
-    return None
-  target = str(epath.Path(workdir) / workdir_name(source))
-  same = existing == target and _sha256(epath.Path(existing).read_bytes()) == _sha256(
-    epath.Path(source).read_bytes()
-  )
-  if not same:
-    raise TokenizerError(
-      f"{workdir} already holds a different tokenizer ({existing}) than {source}; use a new "
-      "--workdir for a run with another tokenizer, or point data.tokenizer_path at the "
-      f"workdir's own {os.path.basename(existing)}."
-    )
-  return existing
-
-
-def adopt(source: str, workdir: str) -> str:
-  """Copy tokenizer file `source` into `workdir` (as `workdir_name(source)`) unless an identical
-  copy is there; refuse where the workdir already holds a different tokenizer. Returns the
-  workdir's path of the copy."""
-  if not epath.Path(source).exists():
-    raise TokenizerError(f"tokenizer file {source} does not exist; fix data.tokenizer_path.")
-  existing = check_adoptable(source, workdir)
-  if existing is not None:
-    return existing
-  target = epath.Path(workdir) / workdir_name(source)
-  _write_atomically(target, epath.Path(source).read_bytes())
-  return str(target)
-
-
-def _sha256(data: bytes) -> str:
-  return hashlib.sha256(data).hexdigest()
 
 
 def _chunks(texts: Iterable[str]) -> Iterator[str]:
@@ -260,7 +197,7 @@ def _train_error(e: RuntimeError, vocab_size: int) -> TokenizerError:
   return TokenizerError(f"SentencePiece training failed ({msg}); check the corpus and vocab size.")
 
 
-def _write_atomically(path: epath.Path, data: bytes) -> None:
+def write_atomically(path: epath.Path, data: bytes) -> None:
   """Write to a temporary name beside `path`, then rename, so readers never see a partial file."""
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -297,5 +234,5 @@ def train(texts: Iterable[str], vocab_size: int, model_path: str) -> Tokenizer:
   except RuntimeError as e:
     raise _train_error(e, vocab_size) from e
   proto = writer.getvalue()
-  _write_atomically(epath.Path(model_path), proto)
+  write_atomically(epath.Path(model_path), proto)
   return Tokenizer(proto, str(model_path))
