@@ -2,6 +2,24 @@
 
 `sslm_jax.load(workdir)` returns a trained model (see sslm_jax/inference/language_model.py). It is
 imported on first use, so that `python -m sslm_jax.main` and the core modules do not pay for it.
+
+Layers, lowest first. A module imports its own package and the layers above it in this list,
+never one below it, and no import closes a cycle; tests/test_layers.py reads this list and checks
+every import against it, function-level ones included:
+
+  errors        the one base class of the errors a user can fix (errors.py)
+  cluster       joining processes, rendezvous, the workdir lease, preemption, TPU topologies
+  models        the Transformer: model config, layers, attention kernels, GPT and BERT, FLOPs
+  tokenizer     SentencePiece models and Hugging Face tokenizer.json files
+  config        the run's ml_collections config: defaults, validation, derived values
+  checkpoints   Orbax checkpoints, reading a workdir back, Hugging Face weights
+  training      sharding rules, optimizer, losses, the jitted step, the loop, metrics, the plan
+  inference     the loaded language model, KV-cache decoding, samples
+  data          the pretraining input pipeline (TensorFlow) and data/augment's text transforms
+  finetune      task heads, labelled data, the fine-tuning loop, the loaded task model
+
+The modules at sslm_jax/ itself are the commands (`python -m sslm_jax.main`, prepare, generate,
+fill_mask, score, export, predict, augment, bench) and sit above every layer.
 """
 
 __all__ = ["LanguageModel", "load"]

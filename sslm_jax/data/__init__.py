@@ -1,5 +1,9 @@
-"""Input pipeline: document sources, the token-row cache, masking and batches.
+"""The pretraining input pipeline: document sources, the token-row cache, masking and batches.
 
-`sslm_jax.data.pipeline` (prepare, build, Data) imports TensorFlow; importing this package
-does not, so `sslm_jax.data.masking` stays usable where TensorFlow is not installed.
+corpus and units (the configured source and its units of work), preparation and beam_prepare
+(building the cache), shards and cache (the cache on disk), packing, masking, permute and
+mixture (rows, BERT masks, the data order, mixtures), pipeline (batches as a pure function of
+(seed, step)), gfile (local and remote files) and augment/ (text transforms).
+`sslm_jax.data.pipeline` imports TensorFlow; importing this package does not, so
+`sslm_jax.data.masking` stays usable where TensorFlow is not installed.
 """

@@ -1,1 +1,6 @@
-"""TODO"""
+"""Text augmentation on raw text, deterministic in (seed, example, copy, transform).
+
+transforms (word edits, sentence splits, paraphrases), sources (thesauri, WordNet, paraphrase
+files), callables (a user's paraphrase function), contextual (a trained BERT's guesses) and
+apply (a run's training data, augmented). The spec grammar `data.augment` is config/augment_spec.
+"""
