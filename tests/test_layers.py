@@ -6,7 +6,8 @@ and check every import in sslm_jax/ against it, function-level imports included:
 - no module imports itself back through a cycle;
 - only data/ (and finetune's TFDS reader) imports TensorFlow, and every module that does not
   reach it through its top-level imports really loads without it;
-- a function-level import says why it is one (a comment on its line or the line above).
+- a function-level import says why it is one (a comment on its line or the line above);
+- no module uses another module's private (`_name`) names.
 """
 
 from __future__ import annotations
@@ -205,6 +206,37 @@ def test_function_level_imports_say_why(found):
   assert silent == []
 
 
+def private_uses(package: pathlib.Path) -> list[str]:
+  """`module._name` and `from module import _name` across modules of `package`."""
+  root = package.name
+  found = []
+  for name, path in modules(package).items():
+    tree = ast.parse(path.read_text())
+    aliases = set()
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == root:
+        for a in node.names:
+          aliases.add(a.asname or a.name)
+          if a.name.startswith("_") and not a.name.startswith("__"):
+            found.append(f"{name}:{node.lineno} {node.module}.{a.name}")
+      elif isinstance(node, ast.Import):
+        aliases.update(a.asname or a.name for a in node.names if a.name.split(".")[0] == root)
+    for node in ast.walk(tree):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+      ):
+        found.append(f"{name}:{node.lineno} {node.value.id}.{node.attr}")
+  return sorted(found)
+
+
+def test_no_private_name_is_used_across_modules():
+  assert private_uses(PACKAGE) == []
+
+
 def _top_level_closure(found: list[Import]) -> dict[str, set[str]]:
   graph: dict[str, set[str]] = {}
   for i in found:
@@ -252,7 +284,7 @@ def _write(root: pathlib.Path, files: dict[str, str]) -> pathlib.Path:
   return root / "pkg"
 
 
-def test_the_checks_catch_a_cycle_an_upward_import_and_a_silent_function_import(tmp_path):
+def test_the_checks_catch_what_they_check(tmp_path):
   pkg = _write(
     tmp_path,
     {
@@ -261,7 +293,7 @@ def test_the_checks_catch_a_cycle_an_upward_import_and_a_silent_function_import(
       "pkg/low/a.py": "from pkg.low import b\n",
       "pkg/low/b.py": "def f():\n  from pkg.high import c\n",
       "pkg/high/__init__.py": "",
-      "pkg/high/c.py": "from pkg.low import a\nimport tensorflow\n",
+      "pkg/high/c.py": "from pkg.low import a\nimport tensorflow\na._hidden()\n",
     },
   )
   found = imports(pkg)
@@ -272,3 +304,4 @@ def test_the_checks_catch_a_cycle_an_upward_import_and_a_silent_function_import(
   silent = [i for i in found if i.in_function and not i.commented]
   assert [(i.source, i.target) for i in silent] == [("pkg.low.b", "pkg.high.c")]
   assert {i.source for i in found if i.target == "tensorflow"} == {"pkg.high.c"}
+  assert private_uses(pkg) == ["pkg.high.c:3 a._hidden"]
