@@ -32,6 +32,7 @@ from sslm_jax.cluster import join as cluster
 from sslm_jax.cluster import lease as lease_lib
 from sslm_jax.cluster import topology as topology_lib
 from sslm_jax.inference import sample as sample_lib
+from sslm_jax.training import hooks as hooks_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import plan as plan_lib
 from sslm_jax.training import sharding
@@ -269,7 +270,7 @@ def _train(config, workdir: str, mesh) -> dict:
   pipeline.size_packing(config, data)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-  hooks = train.DataHooks(
+  hooks = hooks_lib.DataHooks(
     train_batches=data.train_batches,
     eval_batches=data.eval_batches,
     on_end=_samples_hook(config, data),

@@ -11,10 +11,12 @@ from conftest import synthetic_batch, tiny_config
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.training import hooks as hooks_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
 from sslm_jax.training import sharding
 from sslm_jax.training import state as train_state
+from sslm_jax.training import step as step_lib
 
 RULES = sharding.DEFAULT_RULES
 
@@ -33,7 +35,7 @@ def _run(config, workdir) -> int:
       yield synthetic_batch(config, seed=step)
 
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  hooks = train.DataHooks(train_batches=batches)
+  hooks = hooks_lib.DataHooks(train_batches=batches)
   train.train_and_evaluate(config, str(workdir), mesh, hooks, checkpoint.fingerprint(config))
   return starts[0]
 
@@ -91,7 +93,7 @@ def _grads_on(mesh, spec, params, batch, key, accum_steps=1):
   """(gradients of the summed loss, metric sums), jitted with the train step's shardings."""
   batch_sharding = sharding.batch_sharding(mesh, RULES)
   grads_fn = functools.partial(
-    train._accumulated_grads if accum_steps > 1 else train._summed_grads, spec=spec
+    step_lib._accumulated_grads if accum_steps > 1 else step_lib._summed_grads, spec=spec
   )
   if accum_steps > 1:
     grads_fn = functools.partial(grads_fn, accum_steps=accum_steps)

@@ -14,10 +14,10 @@ from test_finetune import _config, _equal, _mesh, task_dir  # noqa: F401 (a fixt
 from sslm_jax import config as config_lib
 from sslm_jax.finetune import class_weights, early_stopping, heads
 from sslm_jax.finetune import loop as finetune
-from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
 from sslm_jax.training import sharding
 from sslm_jax.training import state as train_state
+from sslm_jax.training import step as step_lib
 
 
 def _step(config, workdir):
@@ -34,9 +34,9 @@ def _step(config, workdir):
 
 
 def _train_step(config, spec, tx, sums_fn):
-  """train.train_step for `config` with `tx` and `sums_fn`, dropout off."""
+  """step_lib.train_step for `config` with `tx` and `sums_fn`, dropout off."""
   return functools.partial(
-    train.train_step,
+    step_lib.train_step,
     spec=spec,
     tx=tx,
     lr_schedule=optim.schedule(config.opt, config.num_train_steps),

@@ -15,6 +15,7 @@ from sslm_jax.training import losses as objectives
 from sslm_jax.training import optimizer as optim
 from sslm_jax.training import sharding
 from sslm_jax.training import state as train_state
+from sslm_jax.training import step as step_lib
 
 
 def _loss_and_grads(model_cfg, batch):
@@ -58,11 +59,11 @@ def test_gradient_accumulation_equals_one_big_batch(objective, accum_steps):
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
   tx = optim.make(config.opt, 10)
   state, spec = train_state.create(model_cfg, 0, tx, mesh, sharding.DEFAULT_RULES)
-  whole_grads, whole = jax.jit(lambda p: train._summed_grads(p, batch, spec=spec, key=None))(
+  whole_grads, whole = jax.jit(lambda p: step_lib._summed_grads(p, batch, spec=spec, key=None))(
     state.params
   )
   accum_grads, accum = jax.jit(
-    lambda p: train._accumulated_grads(p, batch, spec=spec, key=None, accum_steps=accum_steps)
+    lambda p: step_lib._accumulated_grads(p, batch, spec=spec, key=None, accum_steps=accum_steps)
   )(state.params)
   assert float(accum["count"]) == float(whole["count"])
   assert float(accum["loss_sum"]) == pytest.approx(float(whole["loss_sum"]), rel=1e-6)
@@ -103,7 +104,7 @@ def test_bfloat16_compute_trains(objective):
   assert all(x.dtype == np.float32 for x in jax.tree.leaves(state.params))
   batch = synthetic_batch(config)
   step = jax.jit(
-    lambda s: train.train_step(
+    lambda s: step_lib.train_step(
       s, batch, spec=spec, tx=tx, lr_schedule=lambda _: 0.0, seed=0, dropout=False
     )
   )
@@ -136,8 +137,8 @@ def test_auto_attention_takes_cudnn_only_on_hopper_gpus_in_half_precision(
 
 
 def test_compiler_options_parse_values_and_repeated_fields():
-  assert train.compiler_options("") == {}
-  assert train.compiler_options("a=X,Y, b=true,c=3,d=False") == {
+  assert step_lib.compiler_options("") == {}
+  assert step_lib.compiler_options("a=X,Y, b=true,c=3,d=False") == {
     "a": "X,Y",
     "b": True,
     "c": 3,

@@ -58,7 +58,7 @@ def test_loss_falls_on_a_repeated_batch(objective):
 
   @jax.jit
   def step(state):
-    from sslm_jax.training.loop import train_step
+    from sslm_jax.training.step import train_step
 
     return train_step(
       state, batch, spec=spec, tx=tx, lr_schedule=lambda s: 0.0, seed=0, dropout=False

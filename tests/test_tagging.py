@@ -17,10 +17,10 @@ from sslm_jax.finetune import labelled, tagging, tagging_data, tasks
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
-from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
 from sslm_jax.training import sharding
 from sslm_jax.training import state as train_state
+from sslm_jax.training import step as step_lib
 
 _NAMES = {
   "PER": ("ada lovelace", "alan turing", "grace brewster hopper"),
@@ -193,7 +193,7 @@ def _grads_on(mesh, spec, params, batch, key):
   """(gradients of the summed loss, metric sums), jitted with the train step's shardings."""
   rules = sharding.DEFAULT_RULES
   batch_sharding = sharding.batch_sharding(mesh, rules)
-  grads_fn = functools.partial(train._summed_grads, spec=spec, sums_fn=tagging.task_sums)
+  grads_fn = functools.partial(step_lib._summed_grads, spec=spec, sums_fn=tagging.task_sums)
   fn = jax.jit(
     lambda p, b, k: grads_fn(p, b, key=k),
     in_shardings=(spec.shardings.params, batch_sharding, None),

@@ -9,6 +9,7 @@ import pytest
 from conftest import synthetic_batch, tiny_config
 
 from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.training import hooks as hooks_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import sharding
 
@@ -26,7 +27,7 @@ def _hooks(config, batch=None, kill_at=None):
       yield batch if batch is not None else synthetic_batch(config, seed=step)
       step += 1
 
-  return train.DataHooks(
+  return hooks_lib.DataHooks(
     train_batches=batches, eval_batches=lambda: [synthetic_batch(config, seed=10_000)]
   )
 
@@ -97,7 +98,7 @@ def test_non_finite_loss_stops_with_step_and_last_checkpoint(tmp_path):
   config = tiny_config("causal_lm")
   batch = synthetic_batch(config)
   batch["weights"] = np.full_like(batch["weights"], np.nan)
-  with pytest.raises(train.NonFiniteError, match="at step 1.*Last good checkpoint: none"):
+  with pytest.raises(hooks_lib.NonFiniteError, match="at step 1.*Last good checkpoint: none"):
     _run(config, tmp_path, batch=batch)
   assert not os.listdir(tmp_path / "checkpoints")
 
@@ -192,7 +193,7 @@ def test_damaged_checkpoint_names_the_recovery_and_loses_nothing(tmp_path):
 
 
 def test_eval_summary_from_sums():
-  from sslm_jax.training.loop import eval_summary
+  from sslm_jax.training.step import eval_summary
 
   sums = {
     "loss_sum": 60.0,

@@ -22,7 +22,7 @@ from etils import epath
 
 from sslm_jax import config as config_lib
 from sslm_jax.finetune import early_stopping
-from sslm_jax.training import loop as train
+from sslm_jax.training import hooks as hooks_lib
 
 BEST_FILE = "best.json"
 BEST_DIR = "best"
@@ -60,7 +60,7 @@ def save(workdir: str, step: int, params, record: dict) -> None:
       other.rmtree()
 
 
-class KeepBest(train.Watcher):
+class KeepBest(hooks_lib.Watcher):
   """Tracks the run's eval metric: saves the best parameters, stops after `patience` evals
   without improvement, and keeps its tracker in every checkpoint's metadata."""
 

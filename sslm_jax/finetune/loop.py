@@ -3,7 +3,7 @@
   python -m sslm_jax.main --config=configs/finetune_bert_tiny.py --workdir=runs/cls \\
     --config.finetune.init_from=runs/bert_tiny
 
-What differs from pretraining is an Objective (training/loop.py's seam): the model is
+What differs from pretraining is an Objective (training/hooks.py's seam): the model is
 heads.Classifier, the loss the task's, eval gathers predictions for task_metrics, and step 0 starts
 from the encoder of `finetune.init_from` (one of our pretraining workdirs) or `init_from_hf`
 (finetune/sources.py). The data (numpy only) is finetune/tasks.py and finetune/labelled.py. The
@@ -49,6 +49,7 @@ from sslm_jax.finetune import (
 from sslm_jax.finetune import metrics as task_metrics
 from sslm_jax.finetune import sources as finetune_sources
 from sslm_jax.tokenizer import files as tokenizer_files
+from sslm_jax.training import hooks as hooks_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
 
@@ -59,7 +60,7 @@ _DECIDE_ONLY = ("init_step", "early_stopping_metric", "early_stopping_patience",
 _RECORDED_WHEN_SET = ("class_weights",)
 
 
-class FinetuneObjective(train.Objective):
+class FinetuneObjective(hooks_lib.Objective):
   """A task head on the encoder: classification (cross-entropy), regression (squared error) or
   tagging (cross-entropy per word, tagging.py)."""
 
@@ -361,7 +362,7 @@ def run(config, workdir: str, mesh, rows=None, allow_changes=frozenset(), prepar
   prepared = prepared or prepare(config, workdir, rows, allow_changes)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-  hooks = train.DataHooks(
+  hooks = hooks_lib.DataHooks(
     train_batches=prepared.data.train_batches, eval_batches=prepared.data.eval_batches
   )
   return train.train_and_evaluate(
