@@ -41,6 +41,7 @@ from sslm_jax import config as config_lib
 from sslm_jax.cluster import join as cluster
 from sslm_jax.errors import SslmError, UsageError
 from sslm_jax.models import flops
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.models.transformer import count_params
 from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
@@ -243,7 +244,7 @@ def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens
 
   layers, width, heads, mlp, vocab = GEN_SHAPES[shape]
   max_len = decode.bucket(prompt_len + new_tokens)
-  cfg = model_lib.ModelConfig(
+  cfg = ModelConfig(
     objective="causal_lm", vocab_size=vocab, max_len=max_len, num_layers=layers,
     num_heads=heads, emb_dim=width, mlp_dim=mlp, gelu="tanh", scan_layers=False,
   )  # fmt: skip

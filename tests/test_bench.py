@@ -10,7 +10,7 @@ import pytest
 
 from sslm_jax import bench
 from sslm_jax.models import flops
-from sslm_jax.models.transformer import ModelConfig
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.training import plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

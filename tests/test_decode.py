@@ -13,12 +13,13 @@ from flax import nnx
 from sslm_jax import config as config_lib
 from sslm_jax.inference import decode, decoder
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.training import sharding
 
 EOS = 3
 
 
-def _cfg(scan_layers: bool = True, seq_len: int = 64) -> model_lib.ModelConfig:
+def _cfg(scan_layers: bool = True, seq_len: int = 64) -> ModelConfig:
   config = tiny_config("causal_lm")
   config.data.seq_len = seq_len
   # Larger weights than GPT-2's init: greedy continuations then vary instead of repeating.

@@ -24,15 +24,15 @@ from conftest import tiny_config
 from flax import nnx
 
 from sslm_jax.models import attention
-from sslm_jax.models import transformer as model_lib
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.training import sharding
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 B, T, N, H = 4, 256, 4, 32  # 4 rows and 4 heads: 1 row and 2 heads per shard on the mesh
 
 
-def _cfg(objective: str, impl: str) -> model_lib.ModelConfig:
-  return model_lib.ModelConfig(
+def _cfg(objective: str, impl: str) -> ModelConfig:
+  return ModelConfig(
     objective=objective,
     vocab_size=256,
     max_len=T,

@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from sslm_jax.models import layers
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.training import losses as objectives
 from sslm_jax.training import sharding, vocab_loss
 
@@ -208,7 +209,7 @@ def _model_case(objective):
   """A tiny GPT or BERT with 84 padding rows, a batch in which half the targets are the model's
   argmax, today's dense (sums, grads) on one device and the compiled chunked program on the
   mesh (params and batch split as the trainer splits them)."""
-  cfg = model_lib.ModelConfig(
+  cfg = ModelConfig(
     objective=objective,
     vocab_size=V,
     real_vocab_size=IDS,

@@ -27,7 +27,7 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax.models import transformer as model_lib
-from sslm_jax.models.transformer import ModelConfig
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 

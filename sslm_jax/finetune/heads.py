@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.models.layers import constrain, dense, dropout
 
 REGRESSION = "regression"
@@ -29,7 +30,7 @@ REGRESSION = "regression"
 class SequenceHead(nnx.Module):
   """Pooled hidden state -> K outputs (class logits, or one regression value)."""
 
-  def __init__(self, cfg: model_lib.ModelConfig, num_outputs: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, num_outputs: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, k = cfg.emb_dim, num_outputs
     if not cfg.causal:  # BERT's pooler; GPT-2 has none
@@ -47,7 +48,7 @@ class SequenceHead(nnx.Module):
     return self.output(pooled_BD).astype(jnp.float32)
 
 
-def pooled(cfg: model_lib.ModelConfig, x_BTD, segment_ids_BT):
+def pooled(cfg: ModelConfig, x_BTD, segment_ids_BT):
   """The position a sequence head reads: [CLS] at 0 for BERT, the last real token for GPT."""
   if not cfg.causal:
     return x_BTD[:, 0]
@@ -79,7 +80,7 @@ def hidden_states(encoder, batch: dict, dropout_key=None):
   return encoder.hidden(*args, batch.get("token_types"))
 
 
-def build(cfg: model_lib.ModelConfig, num_outputs: int, seed: int) -> Classifier:
+def build(cfg: ModelConfig, num_outputs: int, seed: int) -> Classifier:
   """A fresh Classifier; its encoder is initialised exactly as model.build(cfg, seed) would be."""
   encoder = model_lib.build(cfg, seed)
   with nnx.use_eager_sharding(False):

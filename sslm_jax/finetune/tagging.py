@@ -26,6 +26,7 @@ from flax import nnx
 from sslm_jax.finetune import heads
 from sslm_jax.finetune import metrics as task_metrics
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.models.layers import constrain, dense, dropout
 
 TASK = "tagging"
@@ -34,7 +35,7 @@ TASK = "tagging"
 class TokenHead(nnx.Module):
   """Hidden state at each position -> K label logits."""
 
-  def __init__(self, cfg: model_lib.ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, num_labels: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, k = cfg.emb_dim, num_labels
     self.output = dense(
@@ -68,7 +69,7 @@ class Tagger(nnx.Module):
     return constrain(logits_BTK, ("act_batch", "act_len", None))
 
 
-def build(cfg: model_lib.ModelConfig, num_labels: int, seed: int) -> Tagger:
+def build(cfg: ModelConfig, num_labels: int, seed: int) -> Tagger:
   """A fresh Tagger; its encoder is initialised exactly as model.build(cfg, seed) would be."""
   encoder = model_lib.build(cfg, seed)
   with nnx.use_eager_sharding(False):

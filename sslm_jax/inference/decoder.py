@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.models.layers import PADDING_LOGIT, constrain, gelu
-from sslm_jax.models.transformer import GPT, ModelConfig, mask_padding_ids
+from sslm_jax.models.transformer import GPT, mask_padding_ids
 
 
 class LayerWeights(NamedTuple):

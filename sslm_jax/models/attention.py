@@ -10,16 +10,14 @@ TPU kernel in models/splash.py). Only the XLA path ever builds a [T, S] mask.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.models.layers import PADDING_LOGIT, constrain, dense, dropout
-
-if TYPE_CHECKING:  # models/transformer.py imports this module
-  from sslm_jax.models.transformer import ModelConfig
 
 
 class Attention(nnx.Module):

@@ -14,7 +14,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from sslm_jax.models.transformer import ModelConfig
+from sslm_jax.models.config import ModelConfig
 
 # A matmul [M, K] x [K, N] is 2*M*N*K FLOPs forward; the backward pass needs two such matmuls
 # (gradients for the input and for the weight), hence training = 3 x forward = 6 FLOPs per

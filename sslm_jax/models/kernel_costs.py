@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.models.splash import fit_block
-from sslm_jax.models.transformer import ModelConfig
 
 _MATMULS_FORWARD = 2
 _MATMULS_BACKWARD = 4 + 3  # the dK/dV kernel, the dQ kernel

@@ -13,6 +13,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec
 
 from sslm_jax.models import transformer as model_lib
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.training import sharding
 
 
@@ -39,7 +40,7 @@ def _is_var(x):
   return isinstance(x, nnx.Variable)
 
 
-def _builder(model_cfg: model_lib.ModelConfig, build):
+def _builder(model_cfg: ModelConfig, build):
   """seed -> a fresh model: `build` where given (a fine-tuning model), else the pretraining one."""
   return build if build is not None else (lambda seed: model_lib.build(model_cfg, seed))
 
