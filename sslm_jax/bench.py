@@ -108,11 +108,11 @@ def real_batches(config, workdir: str | None) -> Iterator[dict[str, np.ndarray]]
   from etils import epath
   from jax.experimental import multihost_utils
 
-  from sslm_jax.data import pipeline
+  from sslm_jax.data import pipeline, preparation  # TensorFlow
 
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
-    pipeline.prepare(config, workdir)
+    preparation.build_cache(config, workdir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("bench data prepared")
   data = pipeline.build(config, workdir, jax.process_index(), jax.process_count())
@@ -122,7 +122,7 @@ def real_batches(config, workdir: str | None) -> Iterator[dict[str, np.ndarray]]
 
 def input_throughput(config, workdir: str, latency_ms: float, batches: int) -> dict:
   """Batches/s the input pipeline delivers when every read of the cache waits latency_ms."""
-  from sslm_jax.data import pipeline, shards
+  from sslm_jax.data import pipeline, shards  # TensorFlow
 
   opener = shards.LatencyOpener(latency_ms / 1000)
   data = pipeline.build(config, workdir, jax.process_index(), jax.process_count(), opener=opener)

@@ -31,6 +31,8 @@ from sslm_jax.checkpoints import hf
 from sslm_jax.cluster import join as cluster
 from sslm_jax.cluster import lease as lease_lib
 from sslm_jax.cluster import topology as topology_lib
+from sslm_jax.finetune import labelled
+from sslm_jax.finetune import loop as finetune
 from sslm_jax.inference import sample as sample_lib
 from sslm_jax.training import hooks as hooks_lib
 from sslm_jax.training import loop as train
@@ -251,11 +253,12 @@ def _train(config, workdir: str, mesh) -> dict:
     return _finetune(config, workdir, mesh)
   fingerprint = _check_resumable(config, workdir)
   _use_compilation_cache(workdir)  # only now: a refused run leaves the workdir untouched
-  from sslm_jax.data import pipeline  # the only TensorFlow import, kept out of the core
+  # The only TensorFlow import, kept out of the core.
+  from sslm_jax.data import pipeline, preparation
 
   if jax.process_count() > 1:  # every process has read the workdir before process 0 writes
     multihost_utils.sync_global_devices("resume checked")
-  pipeline.prepare(  # every process prepares its share of the data's units
+  preparation.build_cache(  # every process prepares its share of the data's units
     config,
     workdir,
     process_index=jax.process_index(),
@@ -283,9 +286,6 @@ def _train(config, workdir: str, mesh) -> dict:
 def _finetune(config, workdir: str, mesh) -> dict:
   """A task head on a pretrained encoder (finetune.py); its data needs TensorFlow only for a
   TFDS dataset (finetune.tfds_name)."""
-  from sslm_jax.finetune import labelled
-  from sslm_jax.finetune import loop as finetune
-
   batch = sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh.rules))
   rows = sharding.batch_rows(batch, config.batch_size)
   allowed = _allowed_changes()

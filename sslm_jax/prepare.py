@@ -66,7 +66,7 @@ def _prepare_here(c) -> tuple[dict, float]:
   import jax
   from jax.experimental import multihost_utils
 
-  from sslm_jax.data import pipeline
+  from sslm_jax.data import preparation
 
   workers = FLAGS.num_workers if FLAGS.num_workers is not None else os.cpu_count() or 1
   if workers < 1:
@@ -76,7 +76,7 @@ def _prepare_here(c) -> tuple[dict, float]:
   config_lib.validate(c)
   multi = jax.process_count() > 1
   start = time.perf_counter()
-  worker_peak = pipeline.prepare(
+  worker_peak = preparation.build_cache(
     c,
     FLAGS.workdir,
     process_index=jax.process_index(),

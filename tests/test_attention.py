@@ -16,7 +16,7 @@ from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax.data import pipeline
+from sslm_jax.data import batches, pipeline
 from sslm_jax.models import attention
 from sslm_jax.models import transformer as model_lib
 
@@ -115,7 +115,7 @@ def _data(objective, train_rows, eval_rows):
   config = tiny_config(objective)
   config.model.attention_impl = "cudnn"
   config.data.seq_len = train_rows.shape[1] - (objective == "causal_lm")
-  return config, pipeline.Data(
+  return config, batches.Data(
     tokenizer=None,
     num_train_rows=len(train_rows),
     num_eval_rows=len(eval_rows),
@@ -127,7 +127,7 @@ def _data(objective, train_rows, eval_rows):
 
 
 def test_packing_bound_is_measured_on_the_data():
-  bos = pipeline.tokenizer_lib.BOS_ID
+  bos = batches.tokenizer_lib.BOS_ID
   # Row 0: a cut document, then two more (3); eval row: four documents; the trailing BOS of a
   # causal row is a target, not an input, and does not count.
   train = np.array([[9, 9, bos, 9, bos, 9, bos], [bos, 9, 9, 9, 9, 9, 9]], np.int32)

@@ -98,12 +98,12 @@ def _pretrain_config(text_files, augment=""):
 
 
 def test_pretraining_cache_augments_the_train_split_only(corpus_file, tmp_path):
-  from sslm_jax.data import cache, pipeline
+  from sslm_jax.data import cache, pipeline, preparation
 
   spec = "swap:p=0.8,alpha=0.2;delete:p=0.5"
   runs = {"plain": "", "aug": spec, "again": spec}
   for name, augment in runs.items():
-    pipeline.prepare(_pretrain_config(corpus_file, augment), str(tmp_path / name))
+    preparation.build_cache(_pretrain_config(corpus_file, augment), str(tmp_path / name))
   rows = {
     name: {s: np.asarray(cache.split_rows(str(tmp_path / name), s)) for s in ("train", "eval")}
     for name in runs
@@ -127,7 +127,7 @@ def test_pretraining_cache_augments_the_train_split_only(corpus_file, tmp_path):
   other = _pretrain_config(corpus_file, "swap:p=0.8,alpha=0.3;delete:p=0.5")
   with pytest.raises(pipeline.DataError, match="built for another config"):
     pipeline.build(other, str(tmp_path / "aug"))
-  pipeline.prepare(other, str(tmp_path / "aug"))
+  preparation.build_cache(other, str(tmp_path / "aug"))
   rebuilt = np.asarray(cache.split_rows(str(tmp_path / "aug"), "train"))
   assert rebuilt.shape != rows["again"]["train"].shape or not np.array_equal(
     rebuilt, rows["again"]["train"]

@@ -12,7 +12,7 @@ import pytest
 from test_data import VOCAB, make_config
 from test_prepare import REPO, _cache_files, _corpus
 
-from sslm_jax.data import beam_prepare, pipeline
+from sslm_jax.data import beam_prepare, preparation
 from sslm_jax.data.corpus import DataError
 
 DIRECT = ("DirectRunner", ["--direct_num_workers=1", "--direct_running_mode=in_memory"])
@@ -29,9 +29,9 @@ def _config(corpus_glob, augment=""):
 
 @pytest.fixture(scope="module")
 def local(corpus_glob, tmp_path_factory):
-  """A cache prepared by pipeline.prepare (no augmentation): (workdir, its files)."""
+  """A cache prepared by preparation.build_cache (no augmentation): (workdir, its files)."""
   workdir = tmp_path_factory.mktemp("local")
-  pipeline.prepare(_config(corpus_glob), str(workdir))
+  preparation.build_cache(_config(corpus_glob), str(workdir))
   return workdir, _cache_files(workdir)
 
 
@@ -63,7 +63,7 @@ def test_direct_runner_with_augmentation_writes_the_local_cache(corpus_glob, loc
   for name in ("local", "beam"):
     (tmp_path / name).mkdir()  # the same tokenizer, not retrained
     shutil.copy(local[0] / "tokenizer.model", tmp_path / name / "tokenizer.model")
-  pipeline.prepare(c, str(tmp_path / "local"))
+  preparation.build_cache(c, str(tmp_path / "local"))
   beam_prepare.run(c, str(tmp_path / "beam"), *DIRECT)
   want = _cache_files(tmp_path / "local")
   assert json.loads(want["meta.json"])["augment"]["copies_added"] > 0

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from sslm_jax import config as config_lib
-from sslm_jax.data import cache, corpus, masking, packing, pipeline, units
+from sslm_jax.data import batches, cache, corpus, masking, packing, pipeline, preparation, units
 from sslm_jax.data.pipeline import DataError
 from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
@@ -64,7 +64,7 @@ def text_files(tmp_path_factory):
 def prepared(request, text_files, tmp_path_factory):
   c = make_config(text_files, request.param)
   workdir = str(tmp_path_factory.mktemp("work"))
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   return c, workdir
 
 
@@ -96,7 +96,7 @@ def test_causal_features_on_hand_made_rows():
       [BOS, 15, 16, 17, 18, EOS, BOS, 19, EOS, BOS],
     ]
   )
-  f = pipeline.causal_features(rows)
+  f = batches.causal_features(rows)
   np.testing.assert_array_equal(f["inputs"], rows[:, :-1])
   np.testing.assert_array_equal(f["targets"], rows[:, 1:])
   np.testing.assert_array_equal(f["inputs"][:, 1:], f["targets"][:, :-1])
@@ -116,7 +116,7 @@ def test_causal_features_on_hand_made_rows():
 def test_masked_features_segments_on_hand_made_rows(text_files):
   c = make_config(text_files, "masked_lm")
   rows = np.array([[20, 21, SEP, CLS, 22, 23, SEP, CLS], [CLS, 24, 25, 26, 27, 28, 29, SEP]])
-  f = pipeline.masked_features(rows, np.array([0, 1]), c, seed=0)
+  f = batches.masked_features(rows, np.array([0, 1]), c, seed=0)
   assert f["segment_ids"].tolist() == [[1, 1, 1, 2, 2, 2, 2, 3], [1, 1, 1, 1, 1, 1, 1, 1]]
   assert f["positions"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 6, 7]]
   p = config_lib.num_predictions(c)
@@ -273,7 +273,7 @@ def test_split_is_deterministic_and_independent_of_data_location(tmp_path):
   assert not any(corpus.is_eval(k, 0.0) for k in keys)
   for name in ("here", "elsewhere"):  # the same files in two places
     (tmp_path / name).mkdir()
-    pipeline.prepare(make_config(write_corpus(tmp_path / name)), str(tmp_path / name / "w"))
+    preparation.build_cache(make_config(write_corpus(tmp_path / name)), str(tmp_path / name / "w"))
   here, elsewhere = (tmp_path / d / "w" for d in ("here", "elsewhere"))
   assert (here / "tokenizer.model").read_bytes() == (elsewhere / "tokenizer.model").read_bytes()
   for split in ("train", "eval"):
@@ -283,15 +283,15 @@ def test_split_is_deterministic_and_independent_of_data_location(tmp_path):
 
 def test_prepare_reuses_cache_and_rebuilds_on_change(text_files, tmp_path):
   c, workdir = make_config(text_files), str(tmp_path)
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   rows = tmp_path / "data" / "train-00000-0000.bin"
   stamp = rows.stat().st_mtime_ns
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   assert rows.stat().st_mtime_ns == stamp
   c.data.seq_len = 16
-  with pytest.raises(DataError, match="another config.*prepare"):
+  with pytest.raises(DataError, match="another config.*build_cache"):
     pipeline.build(c, workdir)
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   assert cache.split_rows(workdir, "train").shape[1] == 17
   assert pipeline.build(c, workdir).batch_for_step(0)["inputs"].shape == (4, 16)
 
@@ -301,7 +301,7 @@ def test_eval_text_files_are_the_eval_split(tmp_path):
   (tmp_path / "train.txt").write_text("".join(words(rng, 30) + "\n\n" for _ in range(200)))
   (tmp_path / "heldout.txt").write_text("".join(words(rng, 30) + "\n\n" for _ in range(40)))
   c = make_config(str(tmp_path / "train.txt"), eval_text_files=str(tmp_path / "heldout.txt"))
-  pipeline.prepare(c, str(tmp_path / "w"))
+  preparation.build_cache(c, str(tmp_path / "w"))
   meta = json.load(open(tmp_path / "w" / "data" / "meta.json"))
   assert (meta["train"]["docs"], meta["eval"]["docs"]) == (200, 40)
 
@@ -330,7 +330,7 @@ def test_tfds_source_with_mock_data(tmp_path):
   c = make_config("", vocab_size=280)
   c.data.source, c.data.tfds_name = "tfds", "lm1b"
   with tfds.testing.mock_data(num_examples=300, policy=tfds.testing.MockPolicy.USE_CODE):
-    pipeline.prepare(c, str(tmp_path))
+    preparation.build_cache(c, str(tmp_path))
     data = pipeline.build(c, str(tmp_path))
   meta = json.load(open(tmp_path / "data" / "meta.json"))
   assert meta["train"]["docs"] == meta["eval"]["docs"] == 300
@@ -345,7 +345,7 @@ def test_tfds_missing_feature(tmp_path):
   c.data.source, c.data.tfds_name, c.data.tfds_text_key = "tfds", "lm1b", "body"
   with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_CODE):
     with pytest.raises(DataError, match="no feature 'body'.*tfds_text_key"):
-      pipeline.prepare(c, str(tmp_path))
+      preparation.build_cache(c, str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -355,71 +355,71 @@ def test_pattern_matching_nothing(tmp_path):
   c = make_config(f"{tmp_path}/*.txt,{tmp_path}/missing/*.jsonl")
   (tmp_path / "ok.txt").write_text("kalo mine\n")
   with pytest.raises(DataError, match=r"missing/\*\.jsonl.*matches no files.*data.text_files"):
-    pipeline.prepare(c, str(tmp_path / "w"))
+    preparation.build_cache(c, str(tmp_path / "w"))
 
 
 def test_empty_corpus(tmp_path):
   (tmp_path / "empty.txt").write_text("\n\n   \n\n")
   c = make_config(str(tmp_path / "empty.txt"))
   with pytest.raises(DataError, match=r"empty.txt.*no text; one batch needs .*=4\*33=132 tokens"):
-    pipeline.prepare(c, str(tmp_path / "w"))
+    preparation.build_cache(c, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "data" / "meta.json").exists()
 
 
 def test_corpus_too_small_for_one_batch_leaves_no_meta(text_files, tmp_path):
   c, workdir = make_config(text_files), str(tmp_path)
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   assert (tmp_path / "data" / "meta.json").exists()
   c.data.seq_len = 16
   c.batch_size = 4096
   with pytest.raises(DataError, match=r"has \d+ tokens.*one batch needs.*--config.batch_size"):
-    pipeline.prepare(c, workdir)
+    preparation.build_cache(c, workdir)
   assert not (tmp_path / "data" / "meta.json").exists()
-  with pytest.raises(DataError, match="no data cache.*run prepare"):
+  with pytest.raises(DataError, match="no data cache.*run preparation.build_cache"):
     pipeline.build(c, workdir)
 
 
 def test_eval_split_too_small(text_files, tmp_path):
   c = make_config(text_files, eval_fraction=0.0)
   with pytest.raises(DataError, match="eval split too small.*eval_fraction"):
-    pipeline.prepare(c, str(tmp_path))
+    preparation.build_cache(c, str(tmp_path))
 
 
 def test_build_errors(prepared, tmp_path):
   c, workdir = prepared
   with pytest.raises(DataError, match="not divisible by the 3 processes.*batch_size"):
     pipeline.build(c, workdir, 0, 3)
-  with pytest.raises(DataError, match="tokenizer.model does not exist.*prepare"):
+  with pytest.raises(DataError, match="tokenizer.model does not exist.*build_cache"):
     pipeline.build(c, str(tmp_path))
 
 
 def test_tokenizer_path_errors(text_files, tmp_path):
   c = make_config(text_files, tokenizer_path=str(tmp_path / "nope.model"))
   with pytest.raises(tokenizer_lib.TokenizerError, match="does not exist.*data.tokenizer_path"):
-    pipeline.prepare(c, str(tmp_path / "w"))
+    preparation.build_cache(c, str(tmp_path / "w"))
   (tmp_path / "bad.model").write_bytes(b"\x08\x01garbage" * 50)
   c.data.tokenizer_path = str(tmp_path / "bad.model")
   with pytest.raises(tokenizer_lib.TokenizerError, match="bad.model"):
-    pipeline.prepare(c, str(tmp_path / "w"))
+    preparation.build_cache(c, str(tmp_path / "w"))
 
 
 def test_given_tokenizer_is_used_and_checked(prepared, text_files, tmp_path):
   _, workdir = prepared
   c = make_config(text_files, tokenizer_path=f"{workdir}/tokenizer.model")
-  pipeline.prepare(c, str(tmp_path))
+  preparation.build_cache(c, str(tmp_path))
   copy = tmp_path / "tokenizer.model"  # the workdir keeps the file it trained with
   assert copy.read_bytes() == open(f"{workdir}/tokenizer.model", "rb").read()
   assert pipeline.build(c, str(tmp_path)).tokenizer.path == str(copy)
   c.data.vocab_size = 512
   with pytest.raises(DataError, match="has 320 pieces.*--config.data.vocab_size=320"):
-    pipeline.prepare(c, str(tmp_path))
+    preparation.build_cache(c, str(tmp_path))
 
 
 def test_vocab_too_large_for_corpus(tmp_path):
   (tmp_path / "tiny.txt").write_text("kalo mine sato vi\n\nbe da fo gu\n")
   c = make_config(str(tmp_path / "tiny.txt"), vocab_size=4096, eval_fraction=0.0)
   with pytest.raises(tokenizer_lib.TokenizerError, match=r"4096.*at most \d+.*vocab_size="):
-    pipeline.prepare(c, str(tmp_path / "w"))
+    preparation.build_cache(c, str(tmp_path / "w"))
   assert not (tmp_path / "w" / "tokenizer.model").exists()
 
 
@@ -499,7 +499,7 @@ def test_gpt2_style_tokenizer_json_packs_one_separator_per_document(text_files, 
   c, tok = _hf_config(text_files, tmp_path, "causal_lm", "gpt2")
   end = tok.eos_id
   workdir = str(tmp_path / "w")
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   data = pipeline.build(c, workdir)
   docs = list(units.split_documents(c, "train", corpus.DecodeStats()))
   meta = json.loads((tmp_path / "w" / "data" / "meta.json").read_text())
@@ -527,7 +527,7 @@ def test_gpt2_style_tokenizer_json_packs_one_separator_per_document(text_files, 
 def test_bert_style_tokenizer_json_masks_with_its_own_ids(text_files, tmp_path):
   c, tok = _hf_config(text_files, tmp_path, "masked_lm", "bert")
   workdir = str(tmp_path / "w")
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   data = pipeline.build(c, workdir)
   rows = np.asarray(data.train_rows).astype(np.int64)
   assert (rows == tok.cls_id).any() and (rows == tok.sep_id).any()
@@ -546,7 +546,7 @@ def test_bert_style_tokenizer_json_masks_with_its_own_ids(text_files, tmp_path):
 def test_tokenizer_json_without_the_objectives_special_tokens(text_files, tmp_path):
   c, _ = _hf_config(text_files, tmp_path, "causal_lm", "bert")
   with pytest.raises(DataError, match=r"no special token for \['bos_id', 'eos_id'\]"):
-    pipeline.prepare(c, str(tmp_path / "w"))
+    preparation.build_cache(c, str(tmp_path / "w"))
   c, _ = _hf_config(text_files, tmp_path, "masked_lm", "gpt2")
   with pytest.raises(DataError, match=r"\['cls_id', 'sep_id', 'mask_id'\].*masked_lm"):
-    pipeline.prepare(c, str(tmp_path / "w"))
+    preparation.build_cache(c, str(tmp_path / "w"))

@@ -12,7 +12,7 @@ from test_prepare import _corpus
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
 from sslm_jax.config import mixture as mixture_config
-from sslm_jax.data import cache, mixture, pipeline
+from sslm_jax.data import cache, mixture, pipeline, preparation
 
 
 def test_schedule_keeps_exact_proportions_and_walks_each_source_in_order():
@@ -51,7 +51,7 @@ def _mixture(two_corpora, weights=(0.75, 0.25)):
 def test_a_mixture_serves_its_sources_in_proportion(two_corpora, tmp_path):
   c = _mixture(two_corpora)
   workdir = str(tmp_path)
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   data = pipeline.build(c, workdir)
   assert data.names == ["books", "web"]  # sorted: the order everywhere
   for name in data.names:
@@ -119,7 +119,7 @@ def test_eval_reports_each_source_and_all_together():
 def test_the_checkpoint_records_every_source(two_corpora, tmp_path):
   c = _mixture(two_corpora)
   workdir = str(tmp_path)
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   fp = checkpoint.fingerprint(c, cache.resume_record(c, workdir))
   assert sorted(fp["data_listing"]) == ["books", "web"]
   assert fp["data.mixture"]["web"]["weight"] == 0.75

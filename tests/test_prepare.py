@@ -54,14 +54,14 @@ def _config(corpus_glob):
 
 def test_worker_and_host_counts_give_identical_caches(corpus_glob, tmp_path):
   c = _config(corpus_glob)
-  pipeline.prepare(c, str(tmp_path / "w1"))
+  preparation.build_cache(c, str(tmp_path / "w1"))
   reference = _cache_files(tmp_path / "w1")
   meta = json.loads(reference["meta.json"])
   assert len(meta["train"]["shards"]) > 6 and meta["train"]["rows"] > 300
   assert max(rows for _, rows in meta["train"]["shards"]) == 50
   for workers in (2, 4):
     workdir = tmp_path / f"w{workers}"
-    pipeline.prepare(c, str(workdir), num_workers=workers)
+    preparation.build_cache(c, str(workdir), num_workers=workers)
     assert _cache_files(workdir) == reference, f"{workers} workers"
   # Two hosts, each preparing its share of the units (threads stand in for the processes).
   c.data.tokenizer_path = str(tmp_path / "w1" / "tokenizer.model")
@@ -70,7 +70,7 @@ def test_worker_and_host_counts_give_identical_caches(corpus_glob, tmp_path):
 
   def host(index):
     try:
-      pipeline.prepare(
+      preparation.build_cache(
         c,
         str(tmp_path / "hosts"),
         process_index=index,
@@ -106,7 +106,7 @@ def test_worker_and_host_counts_give_identical_caches(corpus_glob, tmp_path):
 def test_sharded_rows_index_like_an_array(corpus_glob, tmp_path):
   c = _config(corpus_glob)
   workdir = str(tmp_path)
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   rows = cache.split_rows(workdir, "train")
   meta = cache.read_meta(workdir)
   whole = np.concatenate(
@@ -130,7 +130,7 @@ def test_sharded_rows_index_like_an_array(corpus_glob, tmp_path):
 def test_a_slow_remote_style_filesystem_yields_the_same_batches(corpus_glob, tmp_path):
   c = _config(corpus_glob)
   workdir = str(tmp_path)
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   slow = shards.LatencyOpener(0.01)
   local = pipeline.build(c, workdir)
   remote = pipeline.build(c, workdir, opener=slow)
@@ -255,7 +255,7 @@ def test_a_unit_no_process_prepared_is_named(corpus_glob, tmp_path):
   c = _config(corpus_glob)
   # Process 0 of 2 alone: the other process's units are missing when it joins the records.
   with pytest.raises(DataError, match="not prepared by any process"):
-    pipeline.prepare(c, str(tmp_path), process_index=0, process_count=2)
+    preparation.build_cache(c, str(tmp_path), process_index=0, process_count=2)
   assert preparation.UNITS_DIR in os.listdir(tmp_path / "data")
   assert not (tmp_path / "data" / "meta.json").exists()
   assert shards.rows_per_shard(1025, np.uint16) == (64 << 20) // 2050
@@ -284,8 +284,8 @@ def test_a_worker_process_error_is_the_preparations_error(corpus_glob, tmp_path)
   (bad / "broken.jsonl").write_text('{"text": "fine"}\n{"body": "no text field"}\n')
   c = make_config(str(bad / "*.jsonl"))
   c.data.tokenizer_path = str(tmp_path / "tok.model")
-  pipeline.prepare(_config(corpus_glob), str(tmp_path / "good"))
+  preparation.build_cache(_config(corpus_glob), str(tmp_path / "good"))
   os.replace(tmp_path / "good" / "tokenizer.model", c.data.tokenizer_path)
   with pytest.raises(DataError, match=r"broken.jsonl:2 is not a JSON object with a 'text' field"):
-    pipeline.prepare(c, str(tmp_path / "w"), num_workers=2)
+    preparation.build_cache(c, str(tmp_path / "w"), num_workers=2)
   assert not (tmp_path / "w" / "data" / "meta.json").exists()

@@ -16,8 +16,8 @@ from test_main import SMALL, _main, _snapshot
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.data import batches, permute, pipeline, preparation
 from sslm_jax.data import cache as cache_lib
-from sslm_jax.data import permute, pipeline
 
 # ----------------------------------------------------------------------------- the data order
 
@@ -81,7 +81,7 @@ def test_the_order_differs_across_seeds_epochs_and_purposes_and_looks_shuffled()
 def prepared_text(tmp_path_factory):
   c = make_config(write_corpus(tmp_path_factory.mktemp("corpus")))
   workdir = str(tmp_path_factory.mktemp("work"))
-  pipeline.prepare(c, workdir)
+  preparation.build_cache(c, workdir)
   return c, workdir
 
 
@@ -97,7 +97,7 @@ def test_train_and_eval_batches_follow_the_defined_order(prepared_text):
     np.testing.assert_array_equal(
       data.batch_for_step(step)["inputs"], data.train_rows[expected][:, :-1]
     )
-  order = reference_permutation(data.num_eval_rows, "eval", pipeline.EVAL_SEED, 0)
+  order = reference_permutation(data.num_eval_rows, "eval", batches.EVAL_SEED, 0)
   first = next(data.eval_batches())
   np.testing.assert_array_equal(first["inputs"], data.eval_rows[order[:b]][:, :-1])
 

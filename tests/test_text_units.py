@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_data import make_config, words
 
-from sslm_jax.data import corpus, pipeline, units
+from sslm_jax.data import corpus, pipeline, preparation, units
 
 
 def _write_corpus(root) -> str:
@@ -43,7 +43,7 @@ def test_cutting_files_into_byte_ranges_keeps_documents_rows_and_batches(tmp_pat
   c = make_config(_write_corpus(tmp_path / "corpus"), augment="swap:p=0.5", shard_rows=20)
   whole = units.units(c)
   assert [u.byte_range for u in whole] == [None, None]
-  pipeline.prepare(c, str(tmp_path / "whole"))
+  preparation.build_cache(c, str(tmp_path / "whole"))
 
   monkeypatch.setattr(units, "TEXT_BYTES_PER_UNIT", 1500)
   cut = units.units(c)
@@ -55,7 +55,7 @@ def test_cutting_files_into_byte_ranges_keeps_documents_rows_and_batches(tmp_pat
         f.seek(u.byte_range[0] - 1)
         assert f.read(1) == b"\n"
   c.data.tokenizer_path = str(tmp_path / "whole" / "tokenizer.model")
-  pipeline.prepare(c, str(tmp_path / "cut"))
+  preparation.build_cache(c, str(tmp_path / "cut"))
 
   expected, got = _rows(tmp_path / "whole"), _rows(tmp_path / "cut")
   assert got["sizes"] == expected["sizes"]

@@ -6,7 +6,7 @@ import tensorflow_datasets as tfds
 from conftest import tiny_config
 from test_tokenizer import corpus_texts
 
-from sslm_jax.data import cache, corpus, pipeline, units
+from sslm_jax.data import cache, corpus, pipeline, preparation, units
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
 
@@ -46,7 +46,7 @@ def test_a_dataset_prepared_here_feeds_training(tmp_path):
   data_dir = tmp_path / "tfds"
   tfds.builder("sslm_tiny_text", data_dir=str(data_dir)).download_and_prepare()
   c = _config("sslm_tiny_text", data_dir)
-  pipeline.prepare(c, str(tmp_path / "run"))
+  preparation.build_cache(c, str(tmp_path / "run"))
   data = pipeline.build(c, str(tmp_path / "run"))
   batch = data.batch_for_step(0)
   assert batch["inputs"].shape == (c.batch_size, c.data.seq_len)
@@ -87,12 +87,12 @@ def test_a_split_cut_into_units_prepares_the_same_rows_on_worker_processes(tmp_p
   parts = units.units(c)
   assert [u.splits for u in parts] == [("train",)] * 3 + [("eval",)]
   assert list(units.split_documents(c, "train", corpus.DecodeStats())) == whole
-  pipeline.prepare(c, str(tmp_path / "here"))
+  preparation.build_cache(c, str(tmp_path / "here"))
   meta = cache.read_meta(str(tmp_path / "here"))
   assert meta["train"]["docs"] == len(whole) == 300
   assert len(meta["train"]["shards"]) == 3  # one per unit
   # Worker processes are handed the units themselves, slices and all, as this process planned.
-  pipeline.prepare(c, str(tmp_path / "pool"), num_workers=2)
+  preparation.build_cache(c, str(tmp_path / "pool"), num_workers=2)
   for split in ("train", "eval"):
     np.testing.assert_array_equal(
       np.asarray(cache.split_rows(str(tmp_path / "pool"), split)),

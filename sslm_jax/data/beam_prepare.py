@@ -1,8 +1,8 @@
 """Preparing the token-row cache as an Apache Beam pipeline (the optional `beam` extra).
 
-The steps of preparation.prepare(), so the shards and data/meta.json are byte for byte those a
-local prepare writes. Before the pipeline, the launcher loads the tokenizer or trains one, and
-reuses a finished cache for the same request as prepare() does (then no pipeline runs). The
+The steps of preparation.build_cache(), so the shards and data/meta.json are byte for byte those a
+local build_cache writes. Before the pipeline, the launcher loads the tokenizer or trains one, and
+reuses a finished cache for the same request as build_cache() does (then no pipeline runs). The
 pipeline: the source's units -> Reshuffle (spreads them over the workers) -> each unit that a
 previous run did not finish is prepared by preparation.prepare_unit -> once all are done, one
 step joins the unit records, in unit order, into data/meta.json.
@@ -29,7 +29,7 @@ COUNTERS = "sslm_jax.prepare"  # namespace of the pipeline's unit counters
 def import_beam():
   """apache_beam, or a DataError that names the install command."""
   try:
-    import apache_beam
+    import apache_beam  # the optional `beam` extra, imported only to run the pipeline
   except ImportError as e:
     raise DataError(
       "preparing with --runner needs Apache Beam, which is not installed; "
@@ -50,7 +50,7 @@ def start(c: ml_collections.ConfigDict, workdir: str) -> preparation.Plan | None
 
 
 def _prepare_unit(element, c_dict, workdir, shard_rows):
-  from apache_beam.metrics import Metrics
+  from apache_beam.metrics import Metrics  # on a worker: the optional `beam` extra
 
   unit, digest = element
   if preparation.finished(cache.paths(workdir)["dir"], unit, digest) is not None:
@@ -88,8 +88,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, runner: str, beam_args=()) -
   (command-line style: ["--project=...", ...]). Returns the units prepared and the units a
   previous run had finished, or {"cache_reused": True}."""
   beam = import_beam()
+  # The optional `beam` extra, checked just above.
   from apache_beam.metrics.metric import MetricsFilter
-  from apache_beam.options.pipeline_options import PipelineOptions
+  from apache_beam.options.pipeline_options import PipelineOptions  # (the `beam` extra)
 
   options = PipelineOptions(list(beam_args), runner=runner)
   options.get_all_options()  # Beam refuses a bad option here, before any work

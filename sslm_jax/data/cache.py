@@ -1,7 +1,7 @@
-"""The files prepare() writes into a workdir, tokenizer.model and data/ (the token rows and
-meta.json), and what a resume compares with them before anything is rebuilt.
+"""The files preparation.build_cache() writes into a workdir, tokenizer.model and data/ (the
+token rows and meta.json), and what a resume compares with them before anything is rebuilt.
 
-meta.json records the request the rows answer (see `request`); prepare() writes it last, so a
+meta.json records the request the rows answer (see `request`); build_cache() writes it last, so a
 cache without one is incomplete.
 """
 
@@ -15,6 +15,7 @@ from collections.abc import Callable
 import ml_collections
 from absl import logging
 
+from sslm_jax.config import mixture as mixture_config
 from sslm_jax.data import corpus, gfile, permute, shards, units
 from sslm_jax.data.augment import apply as augment_data
 from sslm_jax.data.corpus import DataError
@@ -93,7 +94,8 @@ def split_rows(workdir: str, split: str, opener=None, read_threads=128) -> shard
   meta = read_meta(workdir)
   if meta is None:
     raise DataError(
-      f"no data cache in {paths(workdir)['dir']}; run prepare(config, workdir) first."
+      f"no data cache in {paths(workdir)['dir']}; run preparation.build_cache(config, workdir) "
+      "first."
     )
   return shards.ShardedRows(
     paths(workdir)["dir"], meta[split]["shards"], meta["row_len"], meta["dtype"], opener,
@@ -201,8 +203,6 @@ def _tokenizer_sample(c: ml_collections.ConfigDict) -> list[str]:
   budget = c.data.tokenizer_sample_bytes
   if not c.data.mixture:
     return corpus.tokenizer_sample(units.split_documents(c, "train", corpus.DecodeStats()), budget)
-  from sslm_jax.config import mixture as mixture_config
-
   weights, sample = mixture_config.weights(c), []
   for name, weight in zip(mixture_config.names(c), weights, strict=True):
     source = mixture_config.source_config(c, name, "")
@@ -234,7 +234,9 @@ def tokenizer(
   if path is None:
     path = origin = os.path.join(workdir, "tokenizer.model")
     if not may_train:
-      raise DataError(f"{path} does not exist; run prepare(config, workdir) before build().")
+      raise DataError(
+        f"{path} does not exist; run preparation.build_cache(config, workdir) before build()."
+      )
     tok, own = _train_tokenizer(c, path), True
   else:
     tok = tokenizer_files.load(path)
@@ -255,7 +257,7 @@ def _check_size(c: ml_collections.ConfigDict, tok, origin: str) -> None:
 
 
 def _existing_tokenizer(c: ml_collections.ConfigDict, workdir: str):
-  """The tokenizer prepare() would use, or None where it would train a new one (reads only)."""
+  """The tokenizer build_cache() would use, or None where it would train a new one (reads only)."""
   path, _ = _resolve(c, workdir)
   return tokenizer_files.load(path) if path else None
 
@@ -276,8 +278,6 @@ def resume_record(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def mixture_sources(c: ml_collections.ConfigDict, workdir: str):
   """(name, config, workdir) of each source of a mixture."""
-  from sslm_jax.config import mixture as mixture_config
-
   path = tokenizer_file(c, workdir)
   for name in mixture_config.names(c):
     yield (
@@ -288,7 +288,7 @@ def mixture_sources(c: ml_collections.ConfigDict, workdir: str):
 
 
 def cache_requests(c: ml_collections.ConfigDict, workdir: str) -> tuple[dict, dict] | None:
-  """(what the cache in workdir/data was built from, what prepare() would build it from now).
+  """(what the cache in workdir/data was built from, what build_cache() would build it from now).
 
   None when there is no cache or no tokenizer yet: then nothing cached is replaced.
   """

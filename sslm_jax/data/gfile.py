@@ -17,7 +17,7 @@ def _remote(path) -> bool:
 
 
 def _tf_gfile():
-  import tensorflow as tf
+  import tensorflow as tf  # seconds to import: only for remote paths
 
   return tf.io.gfile
 

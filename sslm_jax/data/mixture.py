@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from sslm_jax.data import pipeline
+from sslm_jax.data.batches import Data
 
 _MAX_DENOMINATOR = 1000  # weights are taken to 1/1000 of the total
 _MAX_PERIOD = 100_000
@@ -55,11 +55,11 @@ class Schedule:
 
 
 @dataclasses.dataclass
-class MixtureData(pipeline.Data):
-  """pipeline.Data over several sources (each a pipeline.Data of its own cache)."""
+class MixtureData(Data):
+  """Data over several sources (each a Data of its own cache)."""
 
   names: list[str] = dataclasses.field(default_factory=list)
-  sources: list[pipeline.Data] = dataclasses.field(default_factory=list, repr=False)
+  sources: list[Data] = dataclasses.field(default_factory=list, repr=False)
   schedule: Schedule | None = dataclasses.field(default=None, repr=False)
 
   def batch_for_step(self, step: int) -> dict[str, np.ndarray]:

@@ -303,7 +303,7 @@ def finish(c, workdir: str, request: dict, all_units: list[units.Unit], tok) -> 
   logging.info("data cache written to %s: %s", paths["dir"], sizes)
 
 
-def prepare(
+def build_cache(
   c: ml_collections.ConfigDict,
   workdir: str,
   *,
@@ -331,7 +331,7 @@ def prepare(
     for name, source_config, source_workdir in cache.mixture_sources(c, workdir):
       logging.info("preparing mixture source %r", name)
       try:
-        peak = prepare(
+        peak = build_cache(
           source_config, source_workdir, process_index=process_index, process_count=process_count,
           num_workers=num_workers, barrier=barrier, source=True,
         )  # fmt: skip

@@ -20,11 +20,11 @@ def _import_tensorboardx():
   """tensorboardX imports torch when it is installed (only to accept torch tensors, which we
   never pass): 1.7 s and a second framework in every run. Hide torch while it loads."""
   if "torch" in sys.modules:
-    import tensorboardX
+    import tensorboardX  # costly (see above), imported when a writer starts
   else:
     sys.modules["torch"] = None  # `import torch` raises ImportError while this stands
     try:
-      import tensorboardX
+      import tensorboardX  # costly (see above), imported when a writer starts
     finally:
       del sys.modules["torch"]
   return tensorboardX
