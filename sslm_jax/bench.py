@@ -17,10 +17,10 @@ input_over_step, how many times the step's consumption it delivers.
 --mode=generate times greedy KV-cache generation (sslm_jax/inference/decode.py) of exactly
 --gen_new_tokens after a --gen_prompt_len prompt, with random weights, against Hugging Face's
 GPT2LMHeadModel .generate of the same shape in the same run (needs torch and transformers, the test
-extra). Our weights are copied into decoding layout once (decoder.prepare, reported as prepare_s),
-as sslm_jax.load's model does at its first generate. Compiling and one warm-up run per batch size
-are untimed; it reports the median of --gen_repeats alternating runs as new tokens/s for both
-and the ratio ours/HF per batch size.
+extra). Our weights are copied into decoding layout once (decoder.to_decode_layout, reported as
+prepare_s), as sslm_jax.load's model does at its first generate. Compiling and one warm-up run per
+batch size are untimed; it reports the median of --gen_repeats alternating runs as new tokens/s
+for both and the ratio ours/HF per batch size.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ from ml_collections import config_flags
 from sslm_jax import config as config_lib
 from sslm_jax.cluster import join as cluster
 from sslm_jax.errors import SslmError, UsageError
+from sslm_jax.inference import decode, decoder
 from sslm_jax.models import flops
+from sslm_jax.models import transformer as model_lib
 from sslm_jax.models.config import ModelConfig
 from sslm_jax.models.transformer import count_params
 from sslm_jax.training import loop as train
@@ -233,15 +235,12 @@ def _median_seconds(fns, repeats: int) -> list[float]:
 def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens: int,
                  repeats: int) -> dict:  # fmt: skip
   """Greedy generation tokens/s, ours (decode.generate) against Hugging Face's, same shape."""
-  try:
-    import torch
-    import transformers
+  try:  # optional and heavy: only this mode compares with Hugging Face
+    import torch  # optional, heavy
+    import transformers  # optional, heavy
   except ImportError as e:
     raise UsageError(f"--mode=generate compares with Hugging Face and needs torch and "
                      f"transformers (pip install -e '.[test]'): {e}") from e  # fmt: skip
-  from sslm_jax.inference import decode, decoder
-  from sslm_jax.models import transformer as model_lib
-
   layers, width, heads, mlp, vocab = GEN_SHAPES[shape]
   max_len = decode.bucket(prompt_len + new_tokens)
   cfg = ModelConfig(
@@ -250,7 +249,7 @@ def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens
   )  # fmt: skip
   ours = model_lib.build(cfg, seed=0)
   t0 = time.perf_counter()
-  ours = decoder.prepare(ours)  # weights in decoding layout, once (compiles on first use)
+  ours = decoder.to_decode_layout(ours)  # weights in decoding layout, once (compiles on first use)
   jax.block_until_ready(ours.weights)
   prepare_s = time.perf_counter() - t0
   hf_config = transformers.GPT2Config(

@@ -79,18 +79,18 @@ def test_cached_decoding_matches_the_full_forward_pass(scan_layers):
   @functools.partial(jax.jit, static_argnums=1)
   def run(weights, rows: tuple[int, ...]):
     rows = list(rows)
-    prepared = decoder.Prepared(model.cfg, weights)
-    cache = decoder.init_cache(prepared, len(rows), 32, start_B[rows])
-    x_BTD, cache = decoder.extend(prepared, prompt_BT[rows], positions_BT[rows], cache, 0)
-    steps = [decoder.logits(prepared, x_BTD)]
+    decoding = decoder.DecodeModel(model.cfg, weights)
+    cache = decoder.init_cache(decoding, len(rows), 32, start_B[rows])
+    x_BTD, cache = decoder.extend(decoding, prompt_BT[rows], positions_BT[rows], cache, 0)
+    steps = [decoder.logits(decoding, x_BTD)]
     for t in range(8, 12):
       x_BTD, cache = decoder.extend(
-        prepared, ids[rows, t : t + 1], t - start_B[rows, None], cache, t
+        decoding, ids[rows, t : t + 1], t - start_B[rows, None], cache, t
       )  # fmt: skip
-      steps.append(decoder.logits(prepared, x_BTD))
+      steps.append(decoder.logits(decoding, x_BTD))
     return jnp.concatenate(steps, axis=1)
 
-  weights = decoder.prepare(model).weights
+  weights = decoder.to_decode_layout(model).weights
   got_BTV = run(weights, (0, 1))
   assert float(jnp.abs(got_BTV[0] - want[0]).max()) < 1e-5
   assert float(jnp.abs(got_BTV[1, pad:] - want[1]).max()) < 1e-5
@@ -110,11 +110,11 @@ def test_greedy_with_cache_equals_greedy_without(scan_layers):
   assert len(set(got)) > 1  # not a constant run that any bug could produce
 
 
-def test_a_prepared_model_generates_what_the_model_does(gpt):
+def test_a_model_in_decode_layout_generates_what_the_model_does(gpt):
   prompts = [[2, 9, 10], [2, 30, 31, 32]]
   kwargs = dict(max_new_tokens=8, eos_id=-1, seed=3, num_samples=2)
-  prepared = decoder.prepare(gpt)
-  assert decode.generate(prepared, prompts, **kwargs) == decode.generate(gpt, prompts, **kwargs)
+  decoding = decoder.to_decode_layout(gpt)
+  assert decode.generate(decoding, prompts, **kwargs) == decode.generate(gpt, prompts, **kwargs)
 
 
 def test_left_padded_batch_equals_each_prompt_alone(gpt):

@@ -70,13 +70,13 @@ def _generate(
   cache_len: int, greedy: bool,
 ):  # fmt: skip
   """(new tokens [B, cache_len - P], how many each row produced)."""
-  prepared = decoder.Prepared(cfg, weights)
+  decoding = decoder.DecodeModel(cfg, weights)
   b, p = prompt_BP.shape
   length_B = p - start_B
   positions_BP = jnp.maximum(jnp.arange(p) - start_B[:, None], 0)
-  cache = decoder.init_cache(prepared, b, cache_len, start_B)
-  x_BPD, cache = decoder.extend(prepared, prompt_BP, positions_BP, cache, 0)
-  first_B = _choose(decoder.logits(prepared, x_BPD[:, -1]), allowed_V, key, sampling, greedy)
+  cache = decoder.init_cache(decoding, b, cache_len, start_B)
+  x_BPD, cache = decoder.extend(decoding, prompt_BP, positions_BP, cache, 0)
+  first_B = _choose(decoder.logits(decoding, x_BPD[:, -1]), allowed_V, key, sampling, greedy)
   tokens_BN = jnp.zeros((b, cache_len - p), jnp.int32).at[:, 0].set(first_B)
   count_B = jnp.ones((b,), jnp.int32)
   done_B = (first_B == eos_id) | (limit_B <= 1)
@@ -88,9 +88,9 @@ def _generate(
   def step(carry):
     i, tokens_BN, count_B, done_B, cache = carry
     token_B1 = jax.lax.dynamic_slice_in_dim(tokens_BN, i, 1, axis=1)
-    x_B1D, cache = decoder.extend(prepared, token_B1, (length_B + i)[:, None], cache, p + i)
+    x_B1D, cache = decoder.extend(decoding, token_B1, (length_B + i)[:, None], cache, p + i)
     next_B = _choose(
-      decoder.logits(prepared, x_B1D[:, 0]), allowed_V, jax.random.fold_in(key, i + 1), sampling,
+      decoder.logits(decoding, x_B1D[:, 0]), allowed_V, jax.random.fold_in(key, i + 1), sampling,
       greedy,
     )  # fmt: skip
     next_B = jnp.where(done_B, eos_id, next_B)
@@ -121,7 +121,7 @@ def banned_ids(tokenizer) -> list[int]:
 
 
 def generate(
-  model: GPT | decoder.Prepared,
+  model: GPT | decoder.DecodeModel,
   prompts: Sequence[Sequence[int]],
   *,
   max_new_tokens: int,
@@ -140,8 +140,8 @@ def generate(
   not fit in model.cfg.max_len; an id the model cannot produce (e.g. -1) never stops a row early.
   `banned_ids` and the vocabulary's padding rows are never produced. Deterministic in `seed`.
 
-  `model` is a GPT, or `decoder.prepare(gpt)` to skip copying its weights into decoding layout
-  at every call (a cost of about one pass over the weights).
+  `model` is a GPT, or `decoder.to_decode_layout(gpt)` to skip copying its weights into decoding
+  layout at every call (a cost of about one pass over the weights).
   """
   cfg = model.cfg
   if not cfg.causal:
@@ -178,11 +178,11 @@ def generate(
     np.int32(top_k),
     np.float32(top_p),
   )
-  mesh = _mesh_of(model.weights if isinstance(model, decoder.Prepared) else nnx.state(model))
+  mesh = _mesh_of(model.weights if isinstance(model, decoder.DecodeModel) else nnx.state(model))
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    prepared = model if isinstance(model, decoder.Prepared) else decoder.prepare(model)
+    decoding = model if isinstance(model, decoder.DecodeModel) else decoder.to_decode_layout(model)
     tokens_BN, count_B = _generate(
-      cfg, prepared.weights, prompt_BP, p - lengths, limit_B, allowed_V, np.int32(eos_id),
+      cfg, decoding.weights, prompt_BP, p - lengths, limit_B, allowed_V, np.int32(eos_id),
       jax.random.key(seed), sampling, cache_len=bucket(p + int(limit_B.max())),
       greedy=temperature == 0,
     )  # fmt: skip

@@ -2,12 +2,12 @@
 
 Training keeps each layer's weights as the model's modules hold them ([in, out] kernels, q, k and
 v apart, stacked over layers). One decode step reads every weight once for very little arithmetic,
-so its speed is the speed of reading weights. `prepare` therefore copies them once into the layout
-the step reads fastest: every kernel [out, in] (a row per output, read contiguously), q, k and v
-fused into one [N * 3 * H, D] kernel, and, unless the model scans its layers, one array per layer
-instead of slices of the stack taken at every call. With the cache layout of KVCache, this took
-a GPT-2-small decode step on a 2-core CPU from ~20 to ~16.5 ms at batch 1 and from ~39 to
-~34 ms at batch 8 (bench --mode=generate).
+so its speed is the speed of reading weights. `to_decode_layout` therefore copies them once into
+the layout the step reads fastest (a DecodeModel): every kernel [out, in] (a row per output, read
+contiguously), q, k and v fused into one [N * 3 * H, D] kernel, and, unless the model scans its
+layers, one array per layer instead of slices of the stack taken at every call. With the cache
+layout of KVCache, this took a GPT-2-small decode step on a 2-core CPU from ~20 to ~16.5 ms at
+batch 1 and from ~39 to ~34 ms at batch 8 (bench --mode=generate).
 
 Einsum letters as in models/transformer.py; E is a merged output axis (see LayerWeights), K the 3 of
 q, k and v. The math is model.GPT's (pre-LN blocks, tied output embedding); tests/test_decode.py
@@ -69,24 +69,24 @@ class Weights(NamedTuple):
   layers: LayerWeights | tuple[LayerWeights, ...]
 
 
-class Prepared(NamedTuple):
+class DecodeModel(NamedTuple):
   """A GPT ready to generate: its static config and its weights in decoding layout."""
 
   cfg: ModelConfig
   weights: Weights
 
 
-def prepare(model: GPT) -> Prepared:
+def to_decode_layout(model: GPT) -> DecodeModel:
   """Copy a GPT's weights into decoding layout (one pass over them; keeps their sharding under
   an active `sharding.activate` context). Hold on to the result to generate many times."""
   if not model.cfg.causal:
     raise ValueError("generation needs a causal_lm (GPT) model.")
   graphdef, params = nnx.split(model, nnx.Param)
-  return Prepared(model.cfg, _prepare(graphdef, params))
+  return DecodeModel(model.cfg, _decode_layout(graphdef, params))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _prepare(graphdef, params) -> Weights:
+def _decode_layout(graphdef, params) -> Weights:
   model = nnx.merge(graphdef, params)
   cfg, dt = model.cfg, jnp.dtype(model.cfg.dtype)
   blocks = model.stack.blocks
@@ -149,9 +149,9 @@ class KVCache(NamedTuple):
   start_B: jax.Array  # int32
 
 
-def init_cache(prepared: Prepared, batch: int, cache_len: int, start_B) -> KVCache:
+def init_cache(decoding: DecodeModel, batch: int, cache_len: int, start_B) -> KVCache:
   """An empty cache of `cache_len` slots for `batch` rows whose real tokens start at `start_B`."""
-  cfg = prepared.cfg
+  cfg = decoding.cfg
   rows, row_names = ((batch,), ("act_batch",)) if batch > 1 else ((), ())
   key_names = (*row_names, "act_heads", None, "act_len")
   value_names = (*row_names, "act_heads", "act_len", None)
@@ -167,13 +167,13 @@ def init_cache(prepared: Prepared, batch: int, cache_len: int, start_B) -> KVCac
   return KVCache(keys, values, jnp.asarray(start_B, jnp.int32))
 
 
-def extend(prepared: Prepared, inputs_BT, positions_BT, cache: KVCache, index):
+def extend(decoding: DecodeModel, inputs_BT, positions_BT, cache: KVCache, index):
   """(final hidden states [B, T, D], cache) for T tokens written at slots index..index+T-1.
 
   Prefill is one call over the left-padded prompts at index 0; each decode step is one more with
   T = 1. Each token attends to its row's real slots up to its own.
   """
-  cfg, w = prepared
+  cfg, w = decoding
   x_BTD = (w.token_VD[inputs_BT] + w.position_PD[positions_BT]).astype(cfg.dtype)
   x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
   t, s = inputs_BT.shape[1], jax.tree.leaves(cache.values)[0].shape[-2]
@@ -198,9 +198,9 @@ def extend(prepared: Prepared, inputs_BT, positions_BT, cache: KVCache, index):
   return _layer_norm(cfg, x_BTD, w.final_norm), cache._replace(keys=keys, values=values)
 
 
-def logits(prepared: Prepared, x_BxD):
+def logits(decoding: DecodeModel, x_BxD):
   """Next-token logits in float32 from final hidden states, padding ids masked."""
-  cfg, w = prepared
+  cfg, w = decoding
   logits_BxV = jnp.einsum(
     "...D,VD->...V", x_BxD.astype(cfg.dtype), w.token_VD.astype(cfg.dtype),
     preferred_element_type=jnp.float32,

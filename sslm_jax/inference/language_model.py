@@ -269,7 +269,7 @@ class LanguageModel:
           "generate; shorten it."
         )
     if self._decoding is None:
-      self._decoding = decoder.prepare(self.model)
+      self._decoding = decoder.to_decode_layout(self.model)
     new_ids = decode.generate(
       self._decoding,
       prompt_ids,

@@ -43,7 +43,7 @@ def fill_mask(
 def show(model, tokenizer: tok.Tokenizer, texts: list[str]) -> list[str]:
   """Human-readable sample lines for held-out `texts`."""
   lines = []
-  decoding = decoder.prepare(model) if model.cfg.causal else None  # once for all prompts
+  decoding = decoder.to_decode_layout(model) if model.cfg.causal else None  # once for all prompts
   for text in texts:
     ids = tokenizer.encode(text)
     if len(ids) < 4:
