@@ -12,6 +12,7 @@ from flax import nnx
 from test_finetune import _config, _equal, _mesh, task_dir  # noqa: F401 (a fixture)
 
 from sslm_jax import config as config_lib
+from sslm_jax.config import finetune as finetune_config
 from sslm_jax.finetune import class_weights, early_stopping, heads
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.training import optimizer as optim
@@ -114,9 +115,9 @@ def test_class_weights():
   assert class_weights.weights("", ("a",), labels_N) is None
   with pytest.raises(ValueError, match="the label 'd'"):
     class_weights.weights("d=2", ("a", "b", "c"), labels_N)
-  assert "LABEL=WEIGHT" in class_weights.error("classification", "a=-1")
-  assert "leave it ''" in class_weights.error("regression", "balanced")
-  assert class_weights.error("pair_classification", "balanced") is None
+  assert "LABEL=WEIGHT" in finetune_config.class_weights_error("classification", "a=-1")
+  assert "leave it ''" in finetune_config.class_weights_error("regression", "balanced")
+  assert finetune_config.class_weights_error("pair_classification", "balanced") is None
   config = config_lib.defaults()
   config.finetune.task, config.finetune.class_weights = "classification", "a=x"
   with pytest.raises(config_lib.ConfigError, match="is not LABEL=WEIGHT"):

@@ -5,24 +5,76 @@
 
 Transforms are separated by `;` and applied in the order written; each is `name` or
 `name:field=value,field=value`. Numbers are read as numbers, anything else as text, so a path
-may not contain `,` or `;`. The fields are those of sslm_jax.data.augment.transforms (p, alpha and
-each transform's own); an empty string turns augmentation off.
+may not contain `,` or `;`. The fields are p, alpha and each transform's own (FIELDS; what they
+do: sslm_jax.data.augment.transforms); an empty string turns augmentation off.
 
 What this module checks needs no file: names, fields, p and alpha in [0, 1], and the task.
-Sources (thesaurus, WordNet, paraphrases, a BERT workdir) are opened when the data is prepared.
+Sources (thesaurus, WordNet, paraphrases, a BERT workdir) are opened when the data is prepared,
+by sslm_jax.data.augment, which raises the same AugmentError.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
-from sslm_jax.data.augment import transforms as augment
-from sslm_jax.data.augment.sources import AugmentError
+from sslm_jax.errors import SslmError
+
+NAMES = ("synonym", "insert", "swap", "delete", "split_sentences", "paraphrase", "contextual")
+# Each transform's own fields, besides name, p and alpha.
+FIELDS = {
+  "synonym": ("thesaurus", "wordnet"),
+  "insert": ("thesaurus", "wordnet"),
+  "swap": (),
+  "delete": (),
+  "split_sentences": ("max_words",),
+  "paraphrase": ("paraphrases", "callable", "batch"),
+  "contextual": ("workdir", "step", "top_k"),
+}
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _INT_FIELDS = ("max_words", "top_k", "step", "batch")
 # Transforms that cut one text into several: a text pair cannot follow them.
 SPLITTING = ("split_sentences",)
+
+
+class AugmentError(SslmError, ValueError):
+  """A transform spec or source file that cannot be used; the message names the problem and fix."""
+
+
+def fraction(spec: dict, key: str, default: float) -> float:
+  """spec[key] (else `default`), which must lie in [0, 1]."""
+  value = spec.get(key, default)
+  ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+  if not ok:
+    raise AugmentError(f"augment {spec['name']}: {key}={value!r} is outside [0, 1]; use 0 to 1.")
+  return float(value)
+
+
+def one_of(spec: dict, keys: tuple[str, str], hint: str) -> tuple[str, str]:
+  """(key, value) of the one of `keys` that spec sets; AugmentError unless exactly one is."""
+  given = [k for k in keys if spec.get(k)]
+  if len(given) != 1:
+    raise AugmentError(f"augment {spec['name']}: set exactly one of {' or '.join(keys)} ({hint}).")
+  return given[0], str(spec[given[0]])
+
+
+def check_spec(spec) -> dict:
+  """A spec (a mapping or ConfigDict) as a dict, once its name and field names are known."""
+  if hasattr(spec, "to_dict"):
+    spec = spec.to_dict()
+  if not isinstance(spec, Mapping) or "name" not in spec:
+    raise AugmentError(f"augment spec {spec!r} has no name; write {{'name': 'swap', 'p': 0.5}}.")
+  spec, name = dict(spec), spec["name"]
+  if name not in FIELDS:
+    raise AugmentError(f"augment transform {name!r} is unknown; use one of {', '.join(NAMES)}.")
+  allowed = ("name", "p", "alpha", *FIELDS[name])
+  unknown = sorted(set(spec) - set(allowed))
+  if unknown:
+    raise AugmentError(
+      f"augment {name}: unknown field(s) {unknown}; allowed: {', '.join(allowed)}."
+    )
+  return spec
 
 
 def _value(text: str):
@@ -65,9 +117,9 @@ def parse(text: str) -> list[dict]:
 def check(spec: dict) -> dict:
   """One spec's name, fields, fractions and integer fields, without opening any source."""
   try:
-    spec = augment.check_spec(spec)
+    spec = check_spec(spec)
     for key in ("p", "alpha"):
-      augment.fraction(spec, key, 1.0)
+      fraction(spec, key, 1.0)
   except AugmentError as e:
     raise AugmentError(f"data.{e}") from e
   for key in _INT_FIELDS:

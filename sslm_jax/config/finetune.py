@@ -1,7 +1,10 @@
 """The fine-tuning section of the config (`c.finetune`): its defaults and its checks.
 
-config.py builds and validates the whole config; this module holds the part only fine-tuning
-runs read (finetune/heads.py, finetune.py, data/labelled*.py).
+sslm_jax.config builds and validates the whole config; this module holds the part only
+fine-tuning runs read (finetune/heads.py, finetune/loop.py, finetune/labelled*.py), with the
+tables of legal values its checks need: the metrics each task writes (which
+finetune/early_stopping.py tracks) and the forms of finetune.class_weights (which
+finetune/class_weights.py turns into weights).
 """
 
 from __future__ import annotations
@@ -9,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import ml_collections
-
-from sslm_jax.finetune import class_weights, early_stopping
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -80,9 +81,9 @@ def validate(c: ml_collections.ConfigDict, require: Callable[[bool, str], None])
     "finetune.train_files and finetune.eval_files go together; set both, or neither for the "
     "built-in task.",
   )
-  error = early_stopping.check_metric(f.task, f.early_stopping_metric)
+  error = early_stopping_metric_error(f.task, f.early_stopping_metric)
   require(error is None, error)
-  error = class_weights.error(f.task, f.class_weights)
+  error = class_weights_error(f.task, f.class_weights)
   require(error is None, error)
   _validate_tfds(f, require)
   require(
@@ -118,3 +119,75 @@ def _validate_tfds(f: ml_collections.ConfigDict, require) -> None:
     "finetune.tfds_text_pair_key is set without finetune.tfds_text_key; set both, or neither "
     "to find them by name.",
   )
+
+
+# ---- finetune.early_stopping_metric ----------------------------------------------------------
+
+# What each fine-tuning task writes to metrics.jsonl at every eval (finetune.summarize).
+EARLY_STOPPING_METRICS = {
+  "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_mcc"),
+  "pair_classification": ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_mcc"),
+  "regression": ("eval_loss", "eval_pearson", "eval_spearman", "eval_mse"),
+  "tagging": (
+    "eval_loss",
+    "eval_accuracy",
+    "eval_entity_f1",
+    "eval_entity_precision",
+    "eval_entity_recall",
+  ),
+}
+# The metric '' stands for, per task. Classification keeps the best macro-F1: accuracy rewards a
+# model that predicts only the majority class of unbalanced data (80/15/5: 0.8), macro-F1 does not.
+EARLY_STOPPING_DEFAULTS = {
+  "classification": "eval_macro_f1",
+  "pair_classification": "eval_macro_f1",
+  "regression": "eval_pearson",
+  "tagging": "eval_entity_f1",
+}
+
+
+def early_stopping_metric_error(task: str, name: str) -> str | None:
+  """None when `name` is a metric `task` writes ('' included), else the one-line error."""
+  valid = EARLY_STOPPING_METRICS.get(task)
+  if valid is None or not name or name in valid:
+    return None
+  return (
+    f"finetune.early_stopping_metric={name!r} is not written by task {task!r}; use one of "
+    f"{', '.join(valid)}, or '' for {EARLY_STOPPING_DEFAULTS[task]}."
+  )
+
+
+# ---- finetune.class_weights ------------------------------------------------------------------
+
+CLASS_WEIGHTS_BALANCED = "balanced"
+CLASS_WEIGHTS_TASKS = ("classification", "pair_classification")
+_CLASS_WEIGHTS_FORM = "'' (none), 'balanced', or per label 'LABEL=WEIGHT,...' (e.g. spam=4,ham=1)"
+
+
+def class_weight_pairs(setting: str) -> list[tuple[str, str]]:
+  """The (label, weight) texts of a per-label finetune.class_weights setting."""
+  return [tuple(p.rsplit("=", 1)) for p in setting.split(",") if p.strip()]
+
+
+def class_weights_error(task: str, setting: str) -> str | None:
+  """None when `setting` is a valid finetune.class_weights for `task`, else the one-line error."""
+  if not setting:
+    return None
+  if task not in CLASS_WEIGHTS_TASKS:
+    return (
+      f"finetune.class_weights={setting!r} is for {' and '.join(CLASS_WEIGHTS_TASKS)}; leave it "
+      f"'' for {task}."
+    )
+  if setting == CLASS_WEIGHTS_BALANCED:
+    return None
+  for pair in class_weight_pairs(setting):
+    try:
+      ok = len(pair) == 2 and pair[0].strip() != "" and float(pair[1]) > 0
+    except ValueError:
+      ok = False
+    if not ok:
+      return (
+        f"finetune.class_weights={setting!r}: {'='.join(pair)!r} is not LABEL=WEIGHT with a "
+        f"weight > 0; use {_CLASS_WEIGHTS_FORM}."
+      )
+  return None

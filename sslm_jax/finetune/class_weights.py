@@ -6,44 +6,15 @@
 
 The training loss is the weighted mean sum_i w[y_i] * loss_i / sum_i w[y_i] (train_loss in
 metrics.jsonl is that mean); eval_loss and the eval metrics stay unweighted, so evals of runs with
-and without weights compare. Classification and pair_classification only. Pure Python and NumPy:
-config.py checks the setting with `error`.
+and without weights compare. Classification and pair_classification only. The config checks the
+setting with `config.finetune.class_weights_error`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-BALANCED = "balanced"
-TASKS = ("classification", "pair_classification")
-_FORM = "'' (none), 'balanced', or per label 'LABEL=WEIGHT,...' (e.g. spam=4,ham=1)"
-
-
-def _pairs(setting: str) -> list[tuple[str, str]]:
-  return [tuple(p.rsplit("=", 1)) for p in setting.split(",") if p.strip()]
-
-
-def error(task: str, setting: str) -> str | None:
-  """None when `setting` is a valid finetune.class_weights for `task`, else the one-line error."""
-  if not setting:
-    return None
-  if task not in TASKS:
-    return (
-      f"finetune.class_weights={setting!r} is for {' and '.join(TASKS)}; leave it '' for {task}."
-    )
-  if setting == BALANCED:
-    return None
-  for pair in _pairs(setting):
-    try:
-      ok = len(pair) == 2 and pair[0].strip() != "" and float(pair[1]) > 0
-    except ValueError:
-      ok = False
-    if not ok:
-      return (
-        f"finetune.class_weights={setting!r}: {'='.join(pair)!r} is not LABEL=WEIGHT with a "
-        f"weight > 0; use {_FORM}."
-      )
-  return None
+from sslm_jax.config.finetune import CLASS_WEIGHTS_BALANCED, class_weight_pairs
 
 
 def weights(setting: str, labels: tuple[str, ...], train_labels_N: np.ndarray) -> np.ndarray | None:
@@ -52,11 +23,11 @@ def weights(setting: str, labels: tuple[str, ...], train_labels_N: np.ndarray) -
   if not setting:
     return None
   k = len(labels)
-  if setting == BALANCED:
+  if setting == CLASS_WEIGHTS_BALANCED:
     counts_K = np.bincount(np.asarray(train_labels_N, np.int64), minlength=k).astype(np.float64)
     return (len(train_labels_N) / (k * np.maximum(counts_K, 1.0))).astype(np.float32)
   out_K = np.ones(k, np.float32)
-  for name, value in _pairs(setting):
+  for name, value in class_weight_pairs(setting):
     name = name.strip()
     if name not in labels:
       raise ValueError(

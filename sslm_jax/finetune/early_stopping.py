@@ -1,13 +1,14 @@
 """Early stopping for fine-tuning runs: which eval metric decides, and when to stop.
 
-  --config.finetune.early_stopping_metric=eval_macro_f1   # '' = the task's default (DEFAULTS)
+  --config.finetune.early_stopping_metric=eval_macro_f1   # '' = the task's default
   --config.finetune.early_stopping_patience=3             # evals without improvement; 0 = never
 
 Metrics whose name contains `loss` are minimised, the others maximised. Only a strict improvement
 counts (a tie keeps the earlier best). The untrained baseline eval at step 0 is not counted.
 
 The tracker's whole state goes into each checkpoint's metadata, so a resumed run takes exactly
-the decisions an uninterrupted one would. Pure Python: config.py checks metric names with it.
+the decisions an uninterrupted one would. The metrics each task writes, its default and the check
+of a metric name live with the config (config.finetune), which checks the name before a run.
 """
 
 from __future__ import annotations
@@ -15,43 +16,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
-# What each fine-tuning task writes to metrics.jsonl at every eval (finetune.summarize).
-METRICS = {
-  "classification": ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_mcc"),
-  "pair_classification": ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_mcc"),
-  "regression": ("eval_loss", "eval_pearson", "eval_spearman", "eval_mse"),
-  "tagging": (
-    "eval_loss",
-    "eval_accuracy",
-    "eval_entity_f1",
-    "eval_entity_precision",
-    "eval_entity_recall",
-  ),
-}
-# The metric '' stands for, per task. Classification keeps the best macro-F1: accuracy rewards a
-# model that predicts only the majority class of unbalanced data (80/15/5: 0.8), macro-F1 does not.
-DEFAULTS = {
-  "classification": "eval_macro_f1",
-  "pair_classification": "eval_macro_f1",
-  "regression": "eval_pearson",
-  "tagging": "eval_entity_f1",
-}
+from sslm_jax.config.finetune import EARLY_STOPPING_DEFAULTS
 
 
 def metric_for(task: str, name: str) -> str:
   """The metric a run of `task` tracks: `name`, or the task's default when it is ''."""
-  return name or DEFAULTS.get(task, "eval_loss")
-
-
-def check_metric(task: str, name: str) -> str | None:
-  """None when `name` is a metric `task` writes ('' included), else the one-line error."""
-  valid = METRICS.get(task)
-  if valid is None or not name or name in valid:
-    return None
-  return (
-    f"finetune.early_stopping_metric={name!r} is not written by task {task!r}; use one of "
-    f"{', '.join(valid)}, or '' for {DEFAULTS[task]}."
-  )
+  return name or EARLY_STOPPING_DEFAULTS.get(task, "eval_loss")
 
 
 def minimises(metric: str) -> bool:

@@ -87,7 +87,7 @@ class KeepBest(hooks_lib.Watcher):
     return None
 
   def after_eval(self, step: int, record: dict, params) -> str | None:
-    if self.metric not in record:  # a task early_stopping.METRICS does not list yet
+    if self.metric not in record:  # a task config.finetune.EARLY_STOPPING_METRICS lacks
       written = ", ".join(sorted(k for k in record if k.startswith("eval_")))
       raise config_lib.ConfigError(
         f"finetune.early_stopping_metric: the evals write no {self.metric}; use one of {written}."

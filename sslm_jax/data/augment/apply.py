@@ -28,8 +28,9 @@ from collections.abc import Iterable, Iterator
 from absl import logging
 
 from sslm_jax.config import augment_spec
+from sslm_jax.config.augment_spec import AugmentError
 from sslm_jax.data.augment import transforms as augment
-from sslm_jax.data.augment.sources import WORDNET_FILES, AugmentError
+from sslm_jax.data.augment.sources import WORDNET_FILES
 
 STATS_FILE = "augment.json"
 CHUNK = 256  # examples augmented per Augmenter.many call

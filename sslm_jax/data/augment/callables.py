@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from sslm_jax.data.augment.sources import AugmentError
+from sslm_jax.config.augment_spec import AugmentError
 
 
 class CallableFailed(AugmentError):

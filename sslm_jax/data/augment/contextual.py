@@ -21,8 +21,8 @@ import os
 
 import numpy as np
 
+from sslm_jax.config.augment_spec import AugmentError
 from sslm_jax.data.augment import transforms as augment
-from sslm_jax.data.augment.sources import AugmentError
 from sslm_jax.errors import UsageError
 
 DEFAULT_TOP_K = 10

@@ -18,16 +18,12 @@ import pathlib
 import re
 from collections.abc import Callable, Sequence
 
-from sslm_jax.errors import SslmError
+from sslm_jax.config.augment_spec import AugmentError
 
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 
 Thesaurus = dict[str, tuple[str, ...]]
-
-
-class AugmentError(SslmError, ValueError):
-  """A transform spec or source file that cannot be used; the message names the problem and fix."""
 
 
 def normalize(word: str) -> str:

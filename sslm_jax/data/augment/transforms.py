@@ -46,14 +46,14 @@ import dataclasses
 import hashlib
 import pathlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from sslm_jax.config.augment_spec import AugmentError, check_spec, fraction, one_of
 from sslm_jax.data.augment import callables as augment_callable
 from sslm_jax.data.augment.sources import (
   WORDNET_FILES,
-  AugmentError,
   Thesaurus,
   load_callable,
   load_paraphrases,
@@ -61,16 +61,6 @@ from sslm_jax.data.augment.sources import (
   load_wordnet,
 )
 
-NAMES = ("synonym", "insert", "swap", "delete", "split_sentences", "paraphrase", "contextual")
-_FIELDS = {
-  "synonym": ("thesaurus", "wordnet"),
-  "insert": ("thesaurus", "wordnet"),
-  "swap": (),
-  "delete": (),
-  "split_sentences": ("max_words",),
-  "paraphrase": ("paraphrases", "callable", "batch"),
-  "contextual": ("workdir", "step", "top_k"),
-}
 DEFAULT_ALPHA = 0.1
 DEFAULT_MAX_WORDS = 128
 
@@ -262,38 +252,6 @@ class Transform:
   apply_batch: Callable | None = None  # [(texts, rng)] -> outputs: many examples in one call
 
 
-def fraction(spec: dict, key: str, default: float) -> float:
-  value = spec.get(key, default)
-  ok = isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-  if not ok:
-    raise AugmentError(f"augment {spec['name']}: {key}={value!r} is outside [0, 1]; use 0 to 1.")
-  return float(value)
-
-
-def _one_of(spec: dict, keys: tuple[str, str], hint: str) -> tuple[str, str]:
-  given = [k for k in keys if spec.get(k)]
-  if len(given) != 1:
-    raise AugmentError(f"augment {spec['name']}: set exactly one of {' or '.join(keys)} ({hint}).")
-  return given[0], str(spec[given[0]])
-
-
-def check_spec(spec) -> dict:
-  if hasattr(spec, "to_dict"):
-    spec = spec.to_dict()
-  if not isinstance(spec, Mapping) or "name" not in spec:
-    raise AugmentError(f"augment spec {spec!r} has no name; write {{'name': 'swap', 'p': 0.5}}.")
-  spec, name = dict(spec), spec["name"]
-  if name not in _FIELDS:
-    raise AugmentError(f"augment transform {name!r} is unknown; use one of {', '.join(NAMES)}.")
-  allowed = ("name", "p", "alpha", *_FIELDS[name])
-  unknown = sorted(set(spec) - set(allowed))
-  if unknown:
-    raise AugmentError(
-      f"augment {name}: unknown field(s) {unknown}; allowed: {', '.join(allowed)}."
-    )
-  return spec
-
-
 class Augmenter:
   """Applies the transforms of `specs` in order; see the module docstring for the specs."""
 
@@ -318,7 +276,7 @@ class Augmenter:
 
   def _thesaurus(self, spec: dict) -> Thesaurus:
     hint = "thesaurus=<word<TAB>syn1,syn2 file> or wordnet=<WordNet dict dir>"
-    kind, path = _one_of(spec, ("thesaurus", "wordnet"), hint)
+    kind, path = one_of(spec, ("thesaurus", "wordnet"), hint)
     p = pathlib.Path(path)
     if kind == "thesaurus" and not p.is_file():
       raise AugmentError(f"augment {spec['name']}: thesaurus file {path} does not exist; fix it.")
@@ -331,7 +289,7 @@ class Augmenter:
 
   def _paraphrase(self, spec: dict) -> Apply:
     hint = "paraphrases=<original<TAB>paraphrase file> or callable='module:function'"
-    kind, ref = _one_of(spec, ("paraphrases", "callable"), hint)
+    kind, ref = one_of(spec, ("paraphrases", "callable"), hint)
     if kind == "callable":
       batch = spec.get("batch")
       if batch is not None and (not isinstance(batch, int) or isinstance(batch, bool) or batch < 1):
