@@ -23,7 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags, logging
 from flax import nnx
 
-from sslm_jax.checkpoints import hf
+from sslm_jax.checkpoints import hf, hf_config
 from sslm_jax.inference import language_model as api
 from sslm_jax.tokenizer import hf_json as hf_tokenizer
 
@@ -52,7 +52,7 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
   os.makedirs(out, exist_ok=True)
   hf.save(out, params, cfg, lm.tokenizer)
   hf_tokenizer.save(lm.tokenizer, out, objective=cfg.objective, max_len=cfg.max_len)
-  architecture = hf.hf_config(cfg)["architectures"][0]
+  architecture = hf_config.hf_config(cfg)["architectures"][0]
   count = sum(v.size for v in hf.to_hf(params, cfg).values())
   return (
     f"Wrote {out}: {architecture} from {workdir} at step {lm.step}, {count:,} parameters, "

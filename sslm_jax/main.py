@@ -27,7 +27,7 @@ from ml_collections import config_flags
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
-from sslm_jax.checkpoints import hf
+from sslm_jax.checkpoints import hf_config
 from sslm_jax.cluster import join as cluster
 from sslm_jax.cluster import lease as lease_lib
 from sslm_jax.cluster import topology as topology_lib
@@ -224,6 +224,7 @@ def run(config, workdir: str) -> dict:
   if FLAGS.topology:
     return _plan_topology(config)
   config_lib.validate(config)
+  hf_config.check_init_from_hf(config)  # a directory that does not fit: before any write
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(mesh, config.batch_size, sharding.rules_from_config(config.mesh.rules))
   if FLAGS.plan:
@@ -244,7 +245,7 @@ def _check_init_from_hf(config, workdir: str) -> None:
   directory = epath.Path(workdir) / "checkpoints"
   if directory.exists() and any(p.name.isdigit() for p in directory.iterdir()):
     return
-  hf.check_readable(config.init_from_hf)
+  hf_config.check_readable(config.init_from_hf)
 
 
 def _train(config, workdir: str, mesh) -> dict:

@@ -145,7 +145,7 @@ def test_packing_bound_is_measured_on_the_data():
 def _gpu_reason():
   if jax.default_backend() != "gpu":
     return f"needs a GPU (backend here: {jax.default_backend()}; run with JAX_PLATFORMS=cuda)"
-  if config_lib._gpu_capability() < (9, 0):
+  if config_lib.gpu_capability() < (9, 0):
     return "cuDNN's packed layout needs compute capability 9.0 or later"
   return None
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_batch, tiny_config
 
 from sslm_jax import config as config_lib
-from sslm_jax.checkpoints import hf
+from sslm_jax.checkpoints import hf_config
 from sslm_jax.models import attention
 from sslm_jax.models import transformer as model_lib
 
@@ -74,6 +74,6 @@ def test_attention_dropout_is_validated_and_keeps_off_fused_kernels():
 def test_attention_dropout_is_exported_to_hugging_face(objective):
   config = tiny_config(objective)
   config.model.attention_dropout = 0.1
-  exported = hf.hf_config(config_lib.model_config(config))
+  exported = hf_config.hf_config(config_lib.model_config(config))
   key = "attn_pdrop" if objective == "causal_lm" else "attention_probs_dropout_prob"
   assert exported[key] == 0.1

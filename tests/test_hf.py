@@ -21,7 +21,7 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
-from sslm_jax.checkpoints import hf
+from sslm_jax.checkpoints import hf, hf_config
 from sslm_jax.models import layers
 from sslm_jax.models import transformer as model_lib
 from sslm_jax.tokenizer import files as tokenizer_files
@@ -205,26 +205,26 @@ def test_export_writes_no_padding_rows_and_round_trips(objective):
 def test_config_json_round_trip(objective):
   config = _config(objective)
   cfg = config_lib.model_config(config)
-  hf_json = hf.hf_config(cfg)
+  hf_json = hf_config.hf_config(cfg)
   assert hf_json["vocab_size"] == VOCAB  # the real vocabulary, not the padded 384
   restored = config_lib.defaults()
-  for name, value in hf.config_fields(hf_json).items():
+  for name, value in hf_config.config_fields(hf_json).items():
     section, _, key = name.rpartition(".")
     (restored[section] if section else restored)[key] = value
   restored.model.vocab_multiple = config.model.vocab_multiple
   assert config_lib.model_config(restored) == cfg
   # The tanh form is written as gelu_new for either architecture, and read back.
   config.model.gelu = "tanh" if objective == "masked_lm" else "erf"
-  flipped = hf.hf_config(config_lib.model_config(config))
-  assert hf.config_fields(flipped)["model.gelu"] == config.model.gelu
-  assert hf.mismatches(flipped, config, "x") == []
+  flipped = hf_config.hf_config(config_lib.model_config(config))
+  assert hf_config.config_fields(flipped)["model.gelu"] == config.model.gelu
+  assert hf_config.mismatches(flipped, config, "x") == []
 
 
 def test_mismatches_are_named_with_their_fix(tmp_path, objective):
   directory, _ = _saved_hf(tmp_path, objective)
   config = _config(objective)
   config.model.num_layers, config.model.emb_dim, config.data.vocab_size = 4, 128, 512
-  with pytest.raises(hf.HFError) as error:
+  with pytest.raises(hf_config.HFError) as error:
     hf.load_params(directory, config)
   message = str(error.value)
   layers_key = "n_layer" if objective == "causal_lm" else "num_hidden_layers"
@@ -232,15 +232,15 @@ def test_mismatches_are_named_with_their_fix(tmp_path, objective):
   assert "pass --config.model.num_layers=2" in message
   assert "--config.model.emb_dim=64" in message and "--config.data.vocab_size=300" in message
   config.init_from_hf = directory
-  with pytest.raises(config_lib.ConfigError, match="num_layers"):  # validate checks it early
-    config_lib.validate(config)
+  with pytest.raises(hf_config.HFError, match="num_layers"):  # a run checks it before any write
+    hf_config.check_init_from_hf(config)
 
   other = "masked_lm" if objective == "causal_lm" else "causal_lm"
-  with pytest.raises(hf.HFError, match=f"pass --config.objective={objective}"):
+  with pytest.raises(hf_config.HFError, match=f"pass --config.objective={objective}"):
     hf.load_params(directory, _config(other))
   wrong_gelu = _config(objective)
   wrong_gelu.model.gelu = "erf" if objective == "causal_lm" else "tanh"
-  with pytest.raises(hf.HFError, match="--config.model.gelu="):
+  with pytest.raises(hf_config.HFError, match="--config.model.gelu="):
     hf.load_params(directory, wrong_gelu)
 
 
@@ -254,7 +254,7 @@ def test_a_position_table_of_another_length_is_cut_or_extended(tmp_path, objecti
   np.testing.assert_array_equal(cut, table[: POSITIONS // 2])
   longer = _config(objective)
   longer.model.max_positions = 2 * POSITIONS + 3  # a longer table, e.g. for longer fine-tuning
-  assert hf.mismatches(hf.read_config(directory), longer, directory) == []
+  assert hf_config.mismatches(hf_config.read_config(directory), longer, directory) == []
   with caplog.at_level(logging.WARNING):
     grown = hf.load_params(directory, longer)["position_embed"]["embedding"]
   assert grown.shape[0] == 2 * POSITIONS + 3
@@ -268,17 +268,19 @@ def test_unreadable_directories_say_why(tmp_path):
   directory, _ = _saved_hf(tmp_path, "causal_lm")
   config = _config("causal_lm")
   os.rename(f"{directory}/model.safetensors", f"{directory}/pytorch_model.bin")
-  with pytest.raises(hf.HFError, match="pytorch_model.bin.*does not read"):
+  with pytest.raises(hf_config.HFError, match="pytorch_model.bin.*does not read"):
     hf.load_params(directory, config)
-  with pytest.raises(hf.HFError, match="nowhere does not exist; pass a Hugging Face model dir"):
+  with pytest.raises(
+    hf_config.HFError, match="nowhere does not exist; pass a Hugging Face model dir"
+  ):
     hf.load_params(str(tmp_path / "nowhere"), config)
   os.remove(f"{directory}/config.json")
-  with pytest.raises(hf.HFError, match="config.json does not exist"):
+  with pytest.raises(hf_config.HFError, match="config.json does not exist"):
     hf.load_params(directory, config)
   tensors = hf.to_hf(_randomized_params(config), config_lib.model_config(config))
   del tensors["transformer.h.1.mlp.c_fc.bias"]
   tensors["transformer.h.0.ln_1.weight"] = np.ones(WIDTH + 1, np.float32)
-  with pytest.raises(hf.HFError) as error:
+  with pytest.raises(hf_config.HFError) as error:
     hf.from_hf(tensors, config_lib.model_config(config))
   assert "transformer.h.1.mlp.c_fc.bias is missing" in str(error.value)
   assert "transformer.h.0.ln_1.weight has shape [65]" in str(error.value)
@@ -481,7 +483,8 @@ def test_a_padded_hugging_face_vocabulary_loads_with_the_tokenizers_size(tmp_pat
   model.save_pretrained(directory)
   config = _config(objective)
   config.init_from_hf = directory
-  config_lib.validate(config)  # data.vocab_size=300 < 320 rows: accepted
+  config_lib.validate(config)
+  hf_config.check_init_from_hf(config)  # data.vocab_size=300 < 320 rows: accepted
   params = hf.load_params(directory, config)
   tokens, token_types, masked = _inputs(objective)
   ours = _our_logits(_our_model(config, params), objective, tokens, token_types, masked)
@@ -489,8 +492,8 @@ def test_a_padded_hugging_face_vocabulary_loads_with_the_tokenizers_size(tmp_pat
   assert _max_diff(ours, theirs) < TOLERANCE
   # More ids than rows: one fix, the same one the tokenizer check gives.
   config.data.vocab_size = rows + 1
-  with pytest.raises(hf.HFError) as error:
-    config_lib.validate(config)
+  with pytest.raises(hf_config.HFError) as error:
+    hf_config.check_init_from_hf(config)
   assert f"vocab_size={rows} in {directory}/config.json" in str(error.value)
   assert f"--config.data.vocab_size={rows}" in str(error.value)
 
@@ -514,7 +517,7 @@ def test_a_bert_model_without_its_mlm_head_starts_a_new_head(tmp_path, caplog):
   assert np.all(head["norm"]["scale"] == 1) and np.std(head["transform"]["kernel"]) > 0
   # Missing encoder tensors still fail, in a short line.
   tensors = {k: v.numpy() for k, v in hf_model.bert.state_dict().items() if ".layer.1." not in k}
-  with pytest.raises(hf.HFError) as error:
+  with pytest.raises(hf_config.HFError) as error:
     hf.from_hf(tensors, config_lib.model_config(config))
   assert "bert.encoder.layer.1." in str(error.value) and len(str(error.value)) < 600
 
@@ -547,4 +550,15 @@ def test_an_unreadable_init_from_hf_is_refused_before_the_workdir_is_written(tmp
   torch_only = _main(tmp_path / "run", directory)
   assert torch_only.returncode == 2, torch_only.stderr[-2000:]
   assert "pytorch_model.bin" in torch_only.stderr.splitlines()[-1]
+  os.rename(f"{directory}/pytorch_model.bin", f"{directory}/model.safetensors")
+  with open(f"{directory}/config.json") as f:
+    other = json.load(f)
+  other["n_layer"] = LAYERS + 1
+  with open(f"{directory}/config.json", "w") as f:
+    json.dump(other, f)
+  mismatched = _main(tmp_path / "run", directory)
+  assert mismatched.returncode == 2, mismatched.stderr[-2000:]
+  assert mismatched.stderr.splitlines()[-1].startswith(
+    f"sslm_jax: error: {directory} does not match the config: n_layer={LAYERS + 1} in "
+  )
   assert not (tmp_path / "run").exists()

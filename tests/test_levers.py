@@ -9,6 +9,7 @@ from conftest import synthetic_batch, tiny_config
 from flax import nnx
 
 from sslm_jax import config as config_lib
+from sslm_jax.config import derived as config_derived
 from sslm_jax.models import transformer as model_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import losses as objectives
@@ -127,8 +128,8 @@ def test_bfloat16_compute_trains(objective):
 def test_auto_attention_takes_cudnn_only_on_hopper_gpus_in_half_precision(
   monkeypatch, backend, capability, dtype, expected
 ):
-  monkeypatch.setattr(config_lib.jax, "default_backend", lambda: backend)
-  monkeypatch.setattr(config_lib, "_gpu_capability", lambda: capability)
+  monkeypatch.setattr(config_derived.jax, "default_backend", lambda: backend)
+  monkeypatch.setattr(config_derived, "gpu_capability", lambda: capability)
   config = tiny_config("causal_lm")
   config.model.dtype = dtype
   assert config_lib.model_config(config).attention_impl == expected
