@@ -1,16 +1,27 @@
 """The run config: defaults, validation and derived values. Fails before anything compiles.
 
   from sslm_jax import config as config_lib
-  c = config_lib.defaults()       # every field, with its default (config/defaults.py)
+  c = config_lib.defaults()       # every field, with its default (config/base.py)
   config_lib.validate(c)          # ConfigError naming the first field that cannot work
   config_lib.model_config(c)      # what the model code takes (config/derived.py)
 
-This package re-exports the names callers use; each lives in one submodule: defaults.py,
-validate.py, derived.py, determinism.py, and the sections finetune.py, mixture.py and
+This package re-exports the names callers use; each lives in one submodule: base.py,
+checks.py, derived.py, determinism.py, and the sections finetune.py, mixture.py and
 augment_spec.py. The submodules import each other, never this facade.
 """
 
-from sslm_jax.config.defaults import defaults
+from sslm_jax.config.base import defaults
+from sslm_jax.config.checks import (
+  ATTENTION_IMPLS,
+  DTYPES,
+  GELU_FORMS,
+  OBJECTIVES,
+  SOURCES,
+  ConfigError,
+  closest_field,
+  field_names,
+  validate,
+)
 from sslm_jax.config.derived import (
   SPLASH_LANES,
   attention_impl,
@@ -24,17 +35,6 @@ from sslm_jax.config.derived import (
   resolved,
 )
 from sslm_jax.config.determinism import DETERMINISTIC_XLA_FLAG, request_determinism
-from sslm_jax.config.validate import (
-  ATTENTION_IMPLS,
-  DTYPES,
-  GELU_FORMS,
-  OBJECTIVES,
-  SOURCES,
-  ConfigError,
-  closest_field,
-  field_names,
-  validate,
-)
 
 __all__ = [
   "ATTENTION_IMPLS",

@@ -7,7 +7,7 @@ import os
 import ml_collections
 from absl import logging
 
-from sslm_jax.config.validate import ConfigError
+from sslm_jax.config.checks import ConfigError
 
 DETERMINISTIC_XLA_FLAG = "--xla_gpu_deterministic_ops=true"
 
