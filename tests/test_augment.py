@@ -50,7 +50,7 @@ def test_same_inputs_same_outputs_whatever_the_call_order(tmp_path):
 
 def test_independent_of_python_hash_seed_and_imports_no_tensorflow():
   code = (
-    "import sys; from sslm_jax.data import augment as a; "
+    "import sys; from sslm_jax.data.augment import transforms as a; "
     "assert 'tensorflow' not in sys.modules, 'augment imported tensorflow'; "
     "swap = a.Augmenter([{'name': 'swap', 'alpha': 0.3}], seed=7); "
     "print(swap(' '.join(map(str, range(30))), 5, 2))"

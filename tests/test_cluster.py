@@ -237,7 +237,7 @@ def test_libtpu_is_not_started_on_a_host_without_tpu_chips():
   if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
     pytest.skip("this host has TPU chips")
   script = (
-    "from sslm_jax import cluster\n"
+    "from sslm_jax.cluster import join as cluster\n"
     "cluster.skip_tpu_without_chips()\n"
     "import jax\n"
     "print(jax.default_backend())\n"
