@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 
 from sslm_jax.config import derived as config_derived
-from sslm_jax.config.validate import ConfigError
-from sslm_jax.models.transformer import ModelConfig
+from sslm_jax.config.checks import ConfigError
+from sslm_jax.models.config import ModelConfig
 from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
