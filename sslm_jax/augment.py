@@ -72,7 +72,7 @@ def _finetuning(c, augmentation, n: int) -> list[dict]:
   from sslm_jax.finetune import loop as finetune
 
   try:
-    examples = finetune._examples(c)[0][:n]  # the training examples, as fine-tuning reads them
+    examples = finetune.task_examples(c)[0][:n]  # the training examples, as fine-tuning reads them
   except labelled.LabelledDataError as e:
     raise UsageError(str(e)) from e
   shown = []

@@ -291,9 +291,9 @@ def _finetune(config, workdir: str, mesh) -> dict:
   rows = sharding.batch_rows(batch, config.batch_size)
   allowed = _allowed_changes()
   try:
-    prepared = finetune.prepare(config, workdir, rows, allowed)  # refuses before writing
+    setup = finetune.prepare_finetuning(config, workdir, rows, allowed)  # refuses before writing
     _use_compilation_cache(workdir)
-    return finetune.run(config, workdir, mesh, rows, allowed, prepared)
+    return finetune.run(config, workdir, mesh, rows, allowed, setup)
   except labelled.LabelledDataError as e:
     raise UsageError(str(e)) from e
 

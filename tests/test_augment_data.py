@@ -195,9 +195,9 @@ def test_finetune_prepare_augments_train_features_only(tmp_path):
     str(tmp_path / f"{s}.jsonl") for s in ("train", "eval")
   )
   c.data.tokenizer_path, c.data.vocab_size = str(tmp_path / "tok.model"), 300
-  plain = finetune.prepare(c, str(tmp_path / "plain")).data
+  plain = finetune.prepare_finetuning(c, str(tmp_path / "plain")).data
   c.data.augment = "delete:p=1,alpha=0.3"
-  aug = finetune.prepare(c, str(tmp_path / "aug")).data
+  aug = finetune.prepare_finetuning(c, str(tmp_path / "aug")).data
   for k in plain.eval:
     assert np.array_equal(plain.eval[k], aug.eval[k])
   assert len(aug.train["labels"]) == 2 * len(plain.train["labels"])

@@ -83,7 +83,7 @@ def _records(workdir):
 
 def _saved_params(config, workdir) -> dict:
   """The newest checkpoint's parameters, as a pure dict of numpy arrays."""
-  prepared = finetune.prepare(config, str(workdir))
+  prepared = finetune.prepare_finetuning(config, str(workdir))
   state, _, _, ckpt = train.init_or_restore(
     config, _mesh(config), str(workdir), prepared.fingerprint, objective=prepared.objective
   )
@@ -267,7 +267,7 @@ def test_init_from_loads_the_encoder_exactly(task_dir, tmp_path):
 
 def _saved_params_at_start(config, workdir):
   workdir.mkdir()
-  prepared = finetune.prepare(config, str(workdir))
+  prepared = finetune.prepare_finetuning(config, str(workdir))
   state, _, _, ckpt = train.init_or_restore(
     config, _mesh(config), str(workdir), prepared.fingerprint, objective=prepared.objective
   )
@@ -283,7 +283,7 @@ def test_init_from_with_another_encoder_shape_is_refused_in_one_line(task_dir, t
   with pytest.raises(
     config_lib.ConfigError, match=r"model.emb_dim=64 .* has 32; set --config.model.emb_dim=64"
   ) as e:
-    finetune.prepare(config, str(tmp_path / "run"))
+    finetune.prepare_finetuning(config, str(tmp_path / "run"))
   assert "\n" not in str(e.value)
 
 

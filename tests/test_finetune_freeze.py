@@ -23,7 +23,7 @@ from sslm_jax.training import step as step_lib
 
 def _step(config, workdir):
   """(jitted train step, the fresh state, a batch) of the fine-tuning run `config` describes."""
-  prepared = finetune.prepare(config, str(workdir))
+  prepared = finetune.prepare_finetuning(config, str(workdir))
   objective = prepared.objective
   tx = objective.optimizer()
   mesh, rules = _mesh(config), sharding.DEFAULT_RULES
@@ -138,7 +138,7 @@ def test_class_weights_weigh_the_loss_sum_and_the_count():
 def test_balanced_weights_reach_the_objective_and_the_record(task_dir, tmp_path):  # noqa: F811
   config = _config(task_dir)
   config.finetune.class_weights = "balanced"
-  objective = finetune.prepare(config, str(tmp_path / "run")).objective
+  objective = finetune.prepare_finetuning(config, str(tmp_path / "run")).objective
   np.testing.assert_allclose(objective.class_weights_K, [1.0, 1.0])  # the task is balanced
   assert finetune._finetune_record(config)["class_weights"] == "balanced"
   config.finetune.class_weights = ""

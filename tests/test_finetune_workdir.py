@@ -101,7 +101,7 @@ def test_init_from_a_fine_tuned_workdir_is_refused_before_writing(task_dir, tmp_
   finetune.run(config, str(tmp_path / "run"), _mesh(config))
   again = _finetune_config(task_dir, str(tmp_path / "run"))
   with pytest.raises(config_lib.ConfigError, match="is a fine-tuning run") as e:
-    finetune.prepare(again, str(tmp_path / "second"))
+    finetune.prepare_finetuning(again, str(tmp_path / "second"))
   assert "\n" not in str(e.value) and not (tmp_path / "second").exists()
 
 
@@ -137,7 +137,7 @@ def test_a_bad_start_writes_nothing(task_dir, tmp_path, bad):  # noqa: F811
     config.finetune.init_from, config.data.vocab_size, words = "", 40, "data.vocab_size=40"
   workdir = tmp_path / "run"
   with pytest.raises(ValueError, match=words) as e:
-    finetune.prepare(config, str(workdir))
+    finetune.prepare_finetuning(config, str(workdir))
   assert "\n" not in str(e.value)
   assert not workdir.exists()
 
@@ -164,7 +164,7 @@ def test_a_changed_labelled_file_is_named(task_dir, tmp_path):  # noqa: F811
   lines = (tmp_path / "train.jsonl").read_text().splitlines()
   (tmp_path / "train.jsonl").write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # reordered
   with pytest.raises(checkpoint.CheckpointMismatch) as e:
-    finetune.prepare(config, str(tmp_path / "run"))
+    finetune.prepare_finetuning(config, str(tmp_path / "run"))
   assert f"train file {tmp_path / 'train.jsonl'} changed since the checkpoint" in str(e.value)
   assert "eval.jsonl" not in str(e.value)
 

@@ -341,7 +341,7 @@ def test_fine_tuning_from_hf_files_starts_from_their_encoder_and_tokenizer(hf_di
   c.batch_size, c.eval_steps, c.sample_at_end, c.mesh.data = 8, 1, False, 1
   config_lib.validate(c)
   workdir = tmp_path / "run"
-  prepared = finetune.prepare(c, str(workdir))
+  prepared = finetune.prepare_finetuning(c, str(workdir))
   expected = tokenizer_files.load(f"{directory}/tokenizer.json").sha256
   assert prepared.fingerprint["tokenizer_sha256"] == expected
   assert not (workdir / "tokenizer.model").exists()  # none was trained

@@ -24,11 +24,11 @@ def test_a_second_start_maps_the_stored_features_instead_of_tokenizing(
 
   monkeypatch.setattr(tasks, "featurize", counted)
   config, workdir = _config(task_dir), tmp_path / "run"
-  first = finetune.prepare(config, str(workdir))
+  first = finetune.prepare_finetuning(config, str(workdir))
   assert calls == [2048, 128]
   entries = sorted(os.listdir(workdir / labelled_cache.DIR))
   assert len(entries) == 2
-  second = finetune.prepare(_config(task_dir), str(workdir))
+  second = finetune.prepare_finetuning(_config(task_dir), str(workdir))
   assert calls == [2048, 128]  # nothing tokenized again
   assert isinstance(second.data.train["inputs"], np.memmap)
   for split in ("train", "eval"):
@@ -47,9 +47,9 @@ def test_a_second_start_maps_the_stored_features_instead_of_tokenizing(
   edited.write_text("\n".join(rows) + "\n")
   config = _config(task_dir)
   config.finetune.train_files = str(edited)
-  finetune.prepare(config, str(tmp_path / "other"))
+  finetune.prepare_finetuning(config, str(tmp_path / "other"))
   assert calls == [2048, 128, 2048, 128]
-  finetune.prepare(config, str(workdir), allow_changes=frozenset({"all"}))
+  finetune.prepare_finetuning(config, str(workdir), allow_changes=frozenset({"all"}))
   assert calls == [2048, 128, 2048, 128, 2048]  # the eval features were kept
   now = sorted(os.listdir(workdir / labelled_cache.DIR))
   assert len(now) == 2 and len(set(now) & set(entries)) == 1

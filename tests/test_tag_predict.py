@@ -13,7 +13,7 @@ from test_tagging import _config, tag_dir  # noqa: F401 (a fixture)
 
 import sslm_jax
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import labelled, tagging_data, task_model
+from sslm_jax.finetune import labelled, tagging, task_model
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.tokenizer import files as tokenizer_files
 
@@ -63,7 +63,7 @@ def test_tag_agrees_with_the_evals_of_the_run(tag_run, tag_dir):  # noqa: F811
   )
   assert any(None in x for x in labels)
   tok = tokenizer_files.load(config.data.tokenizer_path)
-  features = tagging_data.featurize(examples, tok, model.vocab, 32, causal=False)
+  features = tagging.featurize(examples, tok, model.vocab, 32, causal=False)
   assert sum(x is not None for row in labels for x in row) == features["label_weights"].sum()
   words = tagged[0]
   assert all(p is None or sum(p.values()) == pytest.approx(1.0) for _, _, p in words)

@@ -13,7 +13,7 @@ from test_finetune import _FILLER, _mesh, _pretrained_workdir, _records
 from test_main import _main
 
 from sslm_jax import config as config_lib
-from sslm_jax.finetune import labelled, tagging, tagging_data, tasks
+from sslm_jax.finetune import labelled, tagging, tasks
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
@@ -79,7 +79,7 @@ def test_only_the_first_piece_of_each_word_is_labelled(tag_dir, causal):
   tags = ["B-PER", "I-PER", "O", "O", "O", "O", "B-LOC", "I-LOC"]
   examples = _examples([(text, tags)])
   vocab = labelled.LabelVocab.from_examples(examples, "tagging")
-  f = tagging_data.featurize(examples, tok, vocab, 48, causal)
+  f = tagging.featurize(examples, tok, vocab, 48, causal)
   n = f["lengths"][0]
   ids = f["inputs"][0, :n].tolist()
   assert ids[0] == (tok.bos_id if causal else tok.cls_id)
@@ -106,7 +106,7 @@ def test_truncation_drops_whole_words_and_logs_once(tag_dir, caplog):
   fits = int(np.sum(np.cumsum(sizes) <= seq_len - 2))  # whole words within the 14 free positions
   assert 0 < fits < 20 and sum(sizes[:fits]) < seq_len - 2  # a partial word would fit: not kept
   with caplog.at_level(logging.WARNING):
-    f = tagging_data.featurize(examples, tok, vocab, seq_len, causal=False)
+    f = tagging.featurize(examples, tok, vocab, seq_len, causal=False)
   assert f["label_weights"][0].sum() == fits and f["label_weights"][1].sum() == 2
   n = f["lengths"][0]
   assert n == sum(sizes[:fits]) + 2 and f["inputs"][0, n - 1] == tok.sep_id
@@ -120,7 +120,7 @@ def _batch(tag_dir, objective, n=4):
   config.data.vocab_size = 320
   examples = labelled.read_examples(str(tag_dir / "eval.jsonl"), "tagging")[:n]
   vocab = labelled.LabelVocab.from_examples(examples, "tagging")
-  f = tagging_data.featurize(examples, _tok(tag_dir), vocab, 32, objective == "causal_lm")
+  f = tagging.featurize(examples, _tok(tag_dir), vocab, 32, objective == "causal_lm")
   data = tasks.TaskData(f, f, batch_size=n, seed=0)
   return config, vocab, data.eval_batches()[0]
 

@@ -158,7 +158,7 @@ def test_a_short_run_on_a_tfds_dataset_and_its_resume_guard(root, tmp_path):
   final = _records(tmp_path)[-1]
   assert final["step"] == 3 and 0.0 <= final["eval_accuracy"] <= 1.0 and "eval_loss" in final
   assert json.loads((tmp_path / "labels.json").read_text())["labels"] == _NAMES
-  record = finetune.prepare(c, str(tmp_path)).fingerprint["finetune"]
+  record = finetune.prepare_finetuning(c, str(tmp_path)).fingerprint["finetune"]
   assert record["tfds_dataset"] == "sslm_tiny_sentiment/1.0.0"
   c.finetune.tfds_train_split = "validation"  # other examples: resuming is refused
   with pytest.raises(checkpoint.CheckpointMismatch, match="finetune"):

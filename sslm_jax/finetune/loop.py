@@ -3,16 +3,18 @@
   python -m sslm_jax.main --config=configs/finetune_bert_tiny.py --workdir=runs/cls \\
     --config.finetune.init_from=runs/bert_tiny
 
-What differs from pretraining is an Objective (training/hooks.py's seam): the model is
-heads.Classifier, the loss the task's, eval gathers predictions for task_metrics, and step 0 starts
-from the encoder of `finetune.init_from` (one of our pretraining workdirs) or `init_from_hf`
-(finetune/sources.py). The data (numpy only) is finetune/tasks.py and finetune/labelled.py. The
-workdir is self-contained: the label vocabulary is saved as WORKDIR/labels.json, the tokenizer
-copied in (tokenizer.model or tokenizer.json), and init_from recorded as an absolute path. Tagging
-(finetune.task='tagging') takes its model, loss and metrics from tagging.py and its features from
-finetune/tagging_data.py. finetune/keep_best.py keeps the best eval's parameters in WORKDIR/best and
-stops the run early; finetune/freeze.py freezes the encoder; finetune/class_weights.py weighs the
-training loss per label.
+What differs from pretraining is an Objective (training/hooks.py's seam): the model is the
+task's (finetune/build.py: heads.Classifier, or tagging.Tagger), the loss the task's, eval
+gathers predictions for task_metrics, and step 0 starts from the encoder of `finetune.init_from`
+(one of our pretraining workdirs) or `init_from_hf` (finetune/sources.py). The data (numpy only)
+is finetune/tasks.py and finetune/labelled.py. The workdir is self-contained: the label
+vocabulary is saved as WORKDIR/labels.json, the tokenizer copied in (tokenizer.model or
+tokenizer.json), and init_from recorded as an absolute path. Tagging (finetune.task='tagging')
+takes its features, model, loss and metrics from finetune/tagging.py. `prepare_finetuning` reads
+and checks everything a run needs before it writes the workdir's files; `run` trains.
+finetune/keep_best.py keeps the best eval's parameters in WORKDIR/best and stops the run early;
+finetune/freeze.py freezes the encoder; finetune/class_weights.py weighs the training loss per
+label.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
+from sslm_jax.checkpoints import hf
 from sslm_jax.cluster import join as cluster
 from sslm_jax.data.augment import apply as augment_data
 from sslm_jax.finetune import (
+  build,
   class_weights,
   freeze,
   heads,
@@ -43,7 +47,6 @@ from sslm_jax.finetune import (
   labelled,
   labelled_cache,
   tagging,
-  tagging_data,
   tasks,
 )
 from sslm_jax.finetune import metrics as task_metrics
@@ -79,12 +82,12 @@ class FinetuneObjective(hooks_lib.Objective):
     self.num_outputs = heads.num_outputs(self.task, num_labels)
     self._starting_encoder = starting_encoder  # () -> pure dict of the encoder, or None
     self.label_names = tuple(label_names)  # tagging's entity metrics read the B-/I- prefixes
-    self._heads = tagging if self.task == tagging.TASK else heads
+    self._heads = tagging if self.task == tagging.TASK else heads  # the task's loss and outputs
     self.class_weights_K = class_weights_K  # float32 [K] (finetune/class_weights.py), or None
     self.truncated = truncated or {}  # {"train_examples_truncated": n, ...} for each eval
 
   def build(self, seed: int):
-    return self._heads.build(self.model_cfg, self.num_outputs, seed)
+    return build.task_model(self.model_cfg, self.task, self.num_labels, seed)
 
   def optimizer(self) -> optax.GradientTransformation:
     f = self.config.finetune
@@ -127,10 +130,12 @@ class FinetuneObjective(hooks_lib.Objective):
     return {**record, **self.truncated}
 
 
-def _examples(config) -> tuple[list, list]:
+def task_examples(config) -> tuple[list, list]:
+  """(training, eval) examples of the run: a TFDS dataset's, the labelled files', or the built-in
+  task's."""
   f = config.finetune
   if f.tfds_name:
-    from sslm_jax.finetune import labelled_tfds
+    from sslm_jax.finetune import labelled_tfds  # imports TensorFlow: only for a TFDS dataset
 
     return labelled_tfds.read_examples(config)
   if not f.train_files:
@@ -167,7 +172,7 @@ def _finetune_record(config) -> dict:
   record = {k: v for k, v in record.items() if v or k not in _RECORDED_WHEN_SET}
   if not f.tfds_name:
     return {k: v for k, v in record.items() if not k.startswith("tfds_")}
-  from sslm_jax.finetune import labelled_tfds
+  from sslm_jax.finetune import labelled_tfds  # imports TensorFlow: only for a TFDS dataset
 
   return {**record, "tfds_dataset": labelled_tfds.dataset_name(config)}
 
@@ -180,7 +185,9 @@ def _digest(features: dict) -> str:
 
 
 @dataclasses.dataclass
-class Prepared:
+class FinetuneSetup:
+  """What prepare_finetuning read and checked: the run's batches, objective and fingerprint."""
+
   data: tasks.TaskData
   objective: FinetuneObjective
   fingerprint: dict
@@ -214,7 +221,7 @@ def _truncated(config, tok, examples, features: dict) -> int:
 
 
 def _report_truncation(config, tok, examples: tuple, features: tuple) -> dict:
-  """{train,eval}_examples_truncated, logged once; {} for tagging (finetune/tagging_data.py drops
+  """{train,eval}_examples_truncated, logged once; {} for tagging (finetune/tagging.py drops
   whole words and counts them itself)."""
   if config.finetune.task == tagging.TASK:
     return {}
@@ -254,13 +261,11 @@ def _sources(config, workdir: str, resuming: bool):
   if config.finetune.init_from:
     given, encoder = finetune_sources.from_workdir(config)
   elif config.init_from_hf:
-    from sslm_jax.checkpoints import hf
-
     encoder = lambda: hf.load_params(config.init_from_hf, config)  # noqa: E731
   return finetune_sources.tokenizer(config, workdir, given), encoder
 
 
-def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepared:
+def prepare_finetuning(config, workdir: str, rows=None, allow_changes=frozenset()) -> FinetuneSetup:
   """Examples, tokenizer, labels, features and the objective of a fine-tuning run.
 
   Everything is read and checked before anything is written: a pretraining workdir, a workdir
@@ -270,7 +275,7 @@ def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepa
   """
   f = config.finetune
   f.init_from = finetune_sources.absolute(f.init_from)
-  train_examples, eval_examples = _examples(config)
+  train_examples, eval_examples = task_examples(config)
   augmentation = augment_data.Augmentation.from_config(config)
   augmented = augmentation.examples(train_examples) if augmentation else train_examples
   resuming = checkpoint.saved_fingerprint(f"{workdir}/checkpoints") is not None
@@ -314,12 +319,12 @@ def prepare(config, workdir: str, rows=None, allow_changes=frozenset()) -> Prepa
   objective = FinetuneObjective(
     config, len(vocab) if vocab else 1, encoder, labels, weights_K, truncated
   )
-  return Prepared(data, objective, fingerprint)
+  return FinetuneSetup(data, objective, fingerprint)
 
 
 def _features(config, tok, vocab, train_examples, eval_examples, cache) -> tuple[dict, dict]:
   causal, seq_len = config.objective == "causal_lm", config.data.seq_len
-  featurize = tagging_data.featurize if config.finetune.task == tagging.TASK else tasks.featurize
+  featurize = tagging.featurize if config.finetune.task == tagging.TASK else tasks.featurize
   return (
     cache.features(train_examples, tok, vocab, seq_len, causal, featurize),
     cache.features(eval_examples, tok, vocab, seq_len, causal, featurize),
@@ -354,24 +359,24 @@ def _steps_from_epochs(config, num_examples: int) -> None:
   )  # fmt: skip
 
 
-def run(config, workdir: str, mesh, rows=None, allow_changes=frozenset(), prepared=None) -> dict:
+def run(config, workdir: str, mesh, rows=None, allow_changes=frozenset(), setup=None) -> dict:
   """Fine-tune to num_train_steps, resuming from workdir's newest checkpoint if it has one.
 
-  `prepared`: prepare()'s result when the caller has it already.
+  `setup`: prepare_finetuning()'s result when the caller has it already.
   """
-  prepared = prepared or prepare(config, workdir, rows, allow_changes)
+  setup = setup or prepare_finetuning(config, workdir, rows, allow_changes)
   if jax.process_index() == 0:
     (epath.Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
   hooks = hooks_lib.DataHooks(
-    train_batches=prepared.data.train_batches, eval_batches=prepared.data.eval_batches
+    train_batches=setup.data.train_batches, eval_batches=setup.data.eval_batches
   )
   return train.train_and_evaluate(
     config,
     workdir,
     mesh,
     hooks,
-    prepared.fingerprint,
+    setup.fingerprint,
     allow_changes,
-    prepared.objective,
+    setup.objective,
     keep_best.KeepBest(config, workdir),
   )

@@ -10,7 +10,7 @@
 WORKDIR/best (finetune/keep_best.py) when the run kept one, else the newest checkpoint;
 `step='best'` or an int chooses. Parameters only (no optimizer state), on the first local device,
 whatever mesh wrote them. Inputs are featurized exactly as the run's eval was (finetune/tasks.py,
-and finetune/tagging_data.py for tagging). Nothing here writes to the workdir, and TensorFlow is
+and finetune/tagging.py for tagging). Nothing here writes to the workdir, and TensorFlow is
 never imported.
 
 `tag` (tagging workdirs) splits each text on whitespace, as the training files are, and gives one
@@ -34,7 +34,7 @@ from flax import nnx
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import restore, saved_tree
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import heads, keep_best, labelled, tagging, tagging_data, tasks
+from sslm_jax.finetune import heads, keep_best, labelled, tagging, tasks
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.finetune import metrics as task_metrics
 from sslm_jax.tokenizer import files as tokenizer_files
@@ -253,7 +253,7 @@ class TaskModel:
       labelled.Example(t, None, (fill,) * len(t.split()), f"text {i}") for i, t in enumerate(texts)
     ]
     seq_len, causal = self.config.data.seq_len, self.model_cfg.causal
-    features = tagging_data.featurize(
+    features = tagging.featurize(
       examples, self.tokenizer, self.vocab, seq_len, causal, word_index=True
     )
     word_index_NT = features.pop("word_index")

@@ -137,7 +137,7 @@ def _batch(features: dict[str, np.ndarray], index_B: np.ndarray, weights_B: np.n
     "labels": features["labels"][index_B],
     "weights": weights_B.astype(np.float32),
   }
-  if "label_weights" in features:  # tagging (finetune/tagging_data.py): which positions are scored
+  if "label_weights" in features:  # tagging (finetune/tagging.py): which positions are scored
     batch["label_weights"] = features["label_weights"][index_B]
   return batch
 
