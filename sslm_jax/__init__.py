@@ -1,7 +1,9 @@
 """sslm_jax: GPT and BERT pretraining in JAX/Flax NNX.
 
-`sslm_jax.load(workdir)` returns a trained model (see sslm_jax/inference/language_model.py). It is
-imported on first use, so that `python -m sslm_jax.main` and the core modules do not pay for it.
+`sslm_jax.load(workdir)` returns a trained model (see sslm_jax/loading.py): a LanguageModel
+(inference/language_model.py) for a pretraining workdir, a TaskModel (finetune/task_model.py) for a
+fine-tuning one. Both are imported on first use, so that `python -m sslm_jax.main` and the core
+modules do not pay for them.
 
 Layers, lowest first. A module imports its own package and the layers above it in this list,
 never one below it, and no import closes a cycle; tests/test_layers.py reads this list and checks
@@ -26,8 +28,12 @@ __all__ = ["LanguageModel", "load"]
 
 
 def __getattr__(name: str):
-  if name in __all__:
-    from sslm_jax.inference import language_model as api
+  if name == "load":
+    from sslm_jax import loading  # on first use, for its cost (JAX, Flax, Orbax)
 
-    return getattr(api, name)
+    return loading.load
+  if name == "LanguageModel":
+    from sslm_jax.inference import language_model  # on first use, for its cost
+
+    return language_model.LanguageModel
   raise AttributeError(f"module 'sslm_jax' has no attribute {name!r}")

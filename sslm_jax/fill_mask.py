@@ -42,7 +42,8 @@ def main(argv):
       'give a text with [MASK]: python -m sslm_jax.fill_mask --workdir=W "Machine learning is '
       'an [MASK] of artificial intelligence."'
     )
-  if restore.read_config(FLAGS.workdir).objective != "masked_lm":
+  run = restore.read_workdir(FLAGS.workdir, FLAGS.step)
+  if not run.fine_tuned and run.config.objective != "masked_lm":
     raise UsageError(
       f"{FLAGS.workdir} holds a GPT (causal_lm) model, which cannot fill in a [MASK]; give "
       "fill_mask a BERT (masked_lm) workdir, or use python -m sslm_jax.generate with this one."
@@ -53,7 +54,7 @@ def main(argv):
         f"{text!r} has no [MASK]; write [MASK] where a token should be filled in, e.g. "
         "'Machine learning is an [MASK] of artificial intelligence.'"
       )
-  lm = api.load(FLAGS.workdir, FLAGS.step)
+  lm = api.from_saved(run)  # refuses a fine-tuning workdir
   results = [lm.fill_mask(text, top_k=FLAGS.top_k) for text in texts]
   for text, guesses in zip(texts, results, strict=True):
     if FLAGS.json:

@@ -37,12 +37,13 @@ def main(argv):
       'give at least one prompt: python -m sslm_jax.generate --workdir=W "prompt" ("" starts '
       "from nothing)."
     )
-  if restore.read_config(FLAGS.workdir).objective != "causal_lm":
+  run = restore.read_workdir(FLAGS.workdir, FLAGS.step)
+  if not run.fine_tuned and run.config.objective != "causal_lm":
     raise UsageError(
       f"{FLAGS.workdir} holds a BERT (masked_lm) model, which cannot generate text; give "
       "generate a GPT (causal_lm) workdir, or use python -m sslm_jax.fill_mask with this one."
     )
-  lm = api.load(FLAGS.workdir, FLAGS.step)
+  lm = api.from_saved(run)  # refuses a fine-tuning workdir
   samples = lm.generate(
     prompts,
     max_new_tokens=FLAGS.max_new_tokens,

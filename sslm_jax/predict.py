@@ -22,8 +22,7 @@ from etils import epath
 from sslm_jax import commands
 from sslm_jax.checkpoints import restore
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import labelled, tagging
-from sslm_jax.inference import language_model as api
+from sslm_jax.finetune import labelled, tagging, task_model
 
 flags.DEFINE_string("workdir", None, "Workdir of a fine-tuning run.")
 flags.DEFINE_string("input", None, "Labelled .jsonl/.csv/.tsv files (comma-separated, globs).")
@@ -86,7 +85,7 @@ def main(argv):
   if not output.parent.is_dir():
     raise UsageError(f"--output={FLAGS.output}: its directory does not exist; create it.")
   examples = _examples(FLAGS.input, config.finetune.task)
-  model = api.load(FLAGS.workdir, step)
+  model = task_model.from_saved(restore.read_workdir(FLAGS.workdir, step, config))
   if model.task == tagging.TASK:
     predictions = model.tag([e.text for e in examples], probabilities=True)
   else:

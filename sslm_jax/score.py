@@ -41,7 +41,7 @@ def main(argv):
       'give texts or files: python -m sslm_jax.score --workdir=W "some text" --files=a.txt'
     )
   texts = [text if kind == "text" else _read(text) for kind, text in sources]
-  lm = api.load(FLAGS.workdir, FLAGS.step)
+  lm = api.load(FLAGS.workdir, FLAGS.step)  # a pretraining workdir; a fine-tuning one is refused
   pseudo = lm.config.objective == "masked_lm"
   for (kind, name), score in zip(sources, lm.score(texts), strict=True):
     if FLAGS.json:

@@ -14,8 +14,9 @@ from test_finetune import _config, _mesh, _records, task_dir  # noqa: F401 (a fi
 
 import sslm_jax
 from sslm_jax import config as config_lib
+from sslm_jax.checkpoints import restore
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import early_stopping, keep_best, labelled
+from sslm_jax.finetune import early_stopping, labelled
 from sslm_jax.finetune import loop as finetune
 
 EVERY, PATIENCE, STEPS = 4, 3, 60
@@ -187,7 +188,7 @@ def test_predict_refuses_bad_input_in_one_line(stopped, task_dir, tmp_path):  # 
     assert re.match(r"sslm_jax: error: .*" + re.escape(fragment), last), last
     assert result.stdout == ""
   assert not (tmp_path / "out.jsonl").exists()
-  assert keep_best.read(str(pretraining)) is None
+  assert restore.read_best(str(pretraining)) is None
 
 
 def test_classify_gives_values_for_regression_pairs(task_dir, tmp_path):  # noqa: F811

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import ml_collections
 from absl import logging
 
+from sslm_jax.checkpoints.restore import named_tokenizer as tokenizer_source
 from sslm_jax.config import mixture as mixture_config
 from sslm_jax.data import corpus, gfile, permute, shards, units
 from sslm_jax.data.augment import apply as augment_data
@@ -143,16 +144,6 @@ def check_sizes(c: ml_collections.ConfigDict, meta: dict) -> None:
       "--config.data.eval_fraction, set --config.data.eval_text_files, or lower "
       "--config.batch_size."
     )
-
-
-def tokenizer_source(c: ml_collections.ConfigDict) -> str:
-  """The tokenizer file the config names: data.tokenizer_path, else init_from_hf's
-  tokenizer.json (pretrained embeddings need their own tokenizer); '' where a new one is trained."""
-  if c.data.tokenizer_path:
-    return c.data.tokenizer_path
-  if c.init_from_hf:
-    return os.path.join(c.init_from_hf, "tokenizer.json")
-  return ""
 
 
 def _missing_source(c: ml_collections.ConfigDict, source: str) -> tokenizer_lib.TokenizerError:

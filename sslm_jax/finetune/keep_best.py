@@ -7,55 +7,37 @@ The parameters are saved first (Orbax writes a directory under a temporary name 
 when complete), then best.json is replaced in one rename, then older directories are removed: a
 run killed at any point leaves best.json naming a complete directory. checkpoints/ rotation
 (keep_checkpoints) never touches these. `KeepBest` is the train loop's watcher that writes them
-and stops the run early (finetune/early_stopping.py).
+and stops the run early (finetune/early_stopping.py). Reading them back (the layout's names, the
+step 'best' of a loaded model) is checkpoints/restore.py's, which needs no training code.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
 from sslm_jax import config as config_lib
+from sslm_jax.checkpoints import restore
 from sslm_jax.finetune import early_stopping
 from sslm_jax.training import hooks as hooks_lib
-
-BEST_FILE = "best.json"
-BEST_DIR = "best"
-
-
-def _path(workdir: str, *parts: str) -> epath.Path:
-  path = "/".join([str(workdir).rstrip("/"), *parts])
-  return epath.Path(path if "://" in path else os.path.abspath(path))
-
-
-def read(workdir: str) -> dict | None:
-  """best.json of `workdir` ({step, metric, value}), or None when the run kept no best yet."""
-  path = _path(workdir, BEST_FILE)
-  return json.loads(path.read_text()) if path.exists() else None
-
-
-def params_dir(workdir: str, step: int) -> epath.Path:
-  """Where the best parameters of `step` are; they restore as a checkpoint's state/ does."""
-  return _path(workdir, BEST_DIR, str(step))
 
 
 def save(workdir: str, step: int, params, record: dict) -> None:
   """Keep `params` (a TrainState's params) as the best, described by `record`. Every process
   calls this (the save is collective); process 0 writes best.json and removes older ones."""
-  target = params_dir(workdir, step)
+  target = restore.best_params_dir(workdir, step)
   with ocp.PyTreeCheckpointer() as checkpointer:  # synchronous: the next step donates params
     checkpointer.save(target, {"params": params}, force=True)
   if jax.process_index() != 0:
     return
-  best, partial = _path(workdir, BEST_FILE), _path(workdir, BEST_FILE + ".partial")
+  best = restore.workdir_path(workdir, restore.BEST_FILE)
+  partial = restore.workdir_path(workdir, restore.BEST_FILE + ".partial")
   partial.write_text(json.dumps({"step": step, **record}, indent=2) + "\n")
   partial.replace(best)
-  for other in _path(workdir, BEST_DIR).iterdir():
+  for other in restore.workdir_path(workdir, restore.BEST_DIR).iterdir():
     if other.name != str(step):
       other.rmtree()
 
@@ -81,7 +63,7 @@ class KeepBest(hooks_lib.Watcher):
     if meta and self.tracker.should_stop:
       return (
         f"Early stopping already ended this run at step {meta['step']} "
-        f"({self.tracker.describe_best()}, kept in {self.workdir}/{BEST_DIR}); nothing to "
+        f"({self.tracker.describe_best()}, kept in {self.workdir}/{restore.BEST_DIR}); nothing to "
         "train. Raise finetune.early_stopping_patience to train on."
       )
     return None
@@ -99,7 +81,7 @@ class KeepBest(hooks_lib.Watcher):
       return None
     return (
       f"Early stopping at step {step}: {self.metric} did not improve for {self.patience} "
-      f"evals; {self.tracker.describe_best()} is kept in {self.workdir}/{BEST_DIR}."
+      f"evals; {self.tracker.describe_best()} is kept in {self.workdir}/{restore.BEST_DIR}."
     )
 
   def meta(self) -> dict:

@@ -20,7 +20,6 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax import nnx
@@ -60,18 +59,10 @@ def _check_shapes(config, pretrained, where: str) -> None:
       )
 
 
-def _workdir_tokenizer(workdir: str, config) -> str:
-  """A workdir's own tokenizer copy, else (written before runs kept one) the file its config
-  names, else its tokenizer.model."""
-  own = tokenizer_files.workdir_file(workdir)
-  return own or config.data.tokenizer_path or f"{workdir}/tokenizer.model"
-
-
 def _init_step(workdir: str, init_step: int) -> int:
-  directory = restore.checkpoint_dir(workdir)
-  steps = ocp.step.checkpoint_steps(directory) if directory.exists() else []
+  steps = restore.checkpoint_steps(workdir)
   try:
-    return restore._choose_step(workdir, steps, init_step or None)
+    return restore.choose_step(workdir, steps, init_step or None)
   except UsageError as e:
     field = "finetune.init_step" if steps else "finetune.init_from"
     raise config_lib.ConfigError(f"{field}: {e}") from e
@@ -117,15 +108,20 @@ def from_workdir(config) -> tuple[object, Callable[[], dict]]:
       f"finetune.init_from: the checkpoint {tree_dir.parent} cannot be read "
       f"({type(e).__name__}); pick another with finetune.init_step."
     ) from e
-  tok = tokenizer_files.load(_workdir_tokenizer(f.init_from, pretrained))
+  try:
+    tok = tokenizer_files.load(restore.tokenizer_file(f.init_from, pretrained))
+  except UsageError as e:
+    raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
 
   def encoder() -> dict:
     try:
-      restored = restore.from_workdir(f.init_from, step)
+      saved = restore.read_workdir(f.init_from, step)
+      restore.load_tokenizer(saved)  # the tokenizer its checkpoint recorded
+      model = restore.restore_model(saved)
     except UsageError as e:
       raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
-    logging.info("Starting the encoder from %s at step %d", f.init_from, restored.step)
-    params = nnx.to_pure_dict(nnx.state(restored.model, nnx.Param))
+    logging.info("Starting the encoder from %s at step %d", f.init_from, saved.step)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     table = np.asarray(params["position_embed"]["embedding"])
     rows = config_lib.positions(config)
     params["position_embed"]["embedding"] = model_lib.fit_positions(table, rows, f.init_from)
@@ -135,13 +131,14 @@ def from_workdir(config) -> tuple[object, Callable[[], dict]]:
 
 
 def tokenizer(config, workdir: str, given=None, resuming=False):
-  """The init_from run's tokenizer, else data.tokenizer_path, else init_from_hf's tokenizer.json
-  (not read when `resuming`), else the workdir's own copy; None when there is none yet (train()
-  makes it). A workdir that already holds a different tokenizer is refused. Writes nothing."""
+  """The init_from run's tokenizer, else the one the config names (restore.named_tokenizer:
+  data.tokenizer_path, else init_from_hf's tokenizer.json, which is not read when `resuming`),
+  else the workdir's own copy; None when there is none yet (train() makes it). A workdir that
+  already holds a different tokenizer is refused. Writes nothing."""
   path = config.data.tokenizer_path
-  if given is None and not path and config.init_from_hf and not resuming:  # the weights' own
-    path = f"{config.init_from_hf}/tokenizer.json"
-    if not epath.Path(path).exists():
+  if given is None and not resuming:
+    path = restore.named_tokenizer(config)
+    if path != config.data.tokenizer_path and not epath.Path(path).exists():  # init_from_hf's
       raise config_lib.ConfigError(
         f"init_from_hf={config.init_from_hf} has no tokenizer.json; pass the tokenizer its "
         "weights were trained with as --config.data.tokenizer_path=FILE."

@@ -6,12 +6,13 @@
   sslm_jax.load("runs/tags").tag(["Ada Lovelace met Babbage"])[0]
   # [('Ada', 'B-PER'), ('Lovelace', 'I-PER'), ('met', 'O'), ('Babbage', 'B-PER')]
 
-`sslm_jax.load` returns a TaskModel for a workdir whose finetune.task is set. `step=None` loads
-WORKDIR/best (finetune/keep_best.py) when the run kept one, else the newest checkpoint;
-`step='best'` or an int chooses. Parameters only (no optimizer state), on the first local device,
-whatever mesh wrote them. Inputs are featurized exactly as the run's eval was (finetune/tasks.py,
-and finetune/tagging.py for tagging). Nothing here writes to the workdir, and TensorFlow is
-never imported.
+`sslm_jax.load` returns a TaskModel for a workdir whose finetune.task is set (sslm_jax/loading.py).
+`step=None` loads WORKDIR/best (finetune/keep_best.py) when the run kept one, else the newest
+checkpoint; `step='best'` or an int chooses (checkpoints/restore.read_workdir, which reads the
+workdir once). Parameters only (no optimizer state), on the first local device, whatever mesh wrote
+them. Inputs are featurized exactly as the run's eval was (finetune/tasks.py, and
+finetune/tagging.py for tagging). Nothing here writes to the workdir, TensorFlow is never
+imported, and neither is any training code: the model is built by finetune/build.py.
 
 `tag` (tagging workdirs) splits each text on whitespace, as the training files are, and gives one
 (word, label) per word. A word whose first piece falls beyond data.seq_len (the eval's limit:
@@ -23,21 +24,17 @@ of the other kind. Loading, batching and the forward pass are shared.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from sslm_jax import config as config_lib
-from sslm_jax.checkpoints import restore, saved_tree
+from sslm_jax.checkpoints import restore
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import heads, keep_best, labelled, tagging, tasks
-from sslm_jax.finetune import loop as finetune
+from sslm_jax.finetune import build, heads, labelled, tagging, tasks
 from sslm_jax.finetune import metrics as task_metrics
-from sslm_jax.tokenizer import files as tokenizer_files
 
 SEQUENCE_TASKS = ("classification", "pair_classification", heads.REGRESSION)
 _ROWS_PER_CALL = 16  # rows per forward pass: one compiled shape
@@ -69,108 +66,31 @@ def _texts(texts: str | Sequence[str]) -> list[str]:
   return texts
 
 
-def _tokenizer_file(config, workdir: str) -> str:
-  """The workdir's own tokenizer copy; a workdir written before runs kept one names the file its
-  run used (finetune.init_from's, data.tokenizer_path or init_from_hf's), read relative to the
-  directory the run started in, which is why the error below names it with the fix."""
-  own = tokenizer_files.workdir_file(workdir)
-  if own is not None:
-    return own
-  f = config.finetune
-  path = config.data.tokenizer_path
-  if not path and f.init_from:
-    where = f"finetune.init_from={f.init_from}"
-    try:
-      pretrained = restore.read_config(f.init_from)
-    except UsageError:
-      pretrained = None
-    if pretrained is not None:
-      path = tokenizer_files.workdir_file(f.init_from) or pretrained.data.tokenizer_path
-    path = path or f"{f.init_from}/tokenizer.model"
-  elif not path and config.init_from_hf:
-    where, path = f"init_from_hf={config.init_from_hf}", f"{config.init_from_hf}/tokenizer.json"
-  else:
-    where = f"data.tokenizer_path={path}"
-  if not path or ("://" not in path and not os.path.exists(path)):
-    raise UsageError(
-      f"{workdir} holds no copy of its tokenizer, and its run's tokenizer ({where}, from its "
-      f"config.json) is not at {path or 'any path'} from here; copy that tokenizer file into "
-      f"{workdir} (as tokenizer.model, or tokenizer.json for a Hugging Face one)."
-    )
-  return path
-
-
-def _tokenizer(config, workdir: str, recorded: str | None):
-  """The tokenizer the run trained with, checked against the hash its checkpoints recorded."""
-  tokenizer = tokenizer_files.load(_tokenizer_file(config, workdir))
-  if recorded and recorded != tokenizer.sha256:
-    raise UsageError(
-      f"{tokenizer.path} is not the tokenizer {workdir} was fine-tuned with (its SHA-256 "
-      "differs); restore the run's tokenizer file."
-    )
-  return tokenizer
-
-
-def _choose(workdir: str, step: int | str | None) -> tuple:
-  """(directory of the params tree, step, 'best' or 'checkpoint') that `step` selects."""
-  best = keep_best.read(workdir)
-  directory = restore.checkpoint_dir(workdir)
-  steps = sorted(ocp.step.checkpoint_steps(directory)) if directory.exists() else []
-  if step == "best" or (step is None and best is not None):
-    if best is None:
-      raise UsageError(
-        f"{workdir} has no best checkpoint yet ({workdir}/{keep_best.BEST_FILE} is written at "
-        "the first eval after step 0); wait for one, or give a step number."
-      )
-    return keep_best.params_dir(workdir, best["step"]), best["step"], "best"
-  if best is not None and step == best["step"]:
-    return keep_best.params_dir(workdir, step), step, "best"
-  if step is None and not steps:
-    raise UsageError(
-      f"{workdir} has no checkpoints yet (none in {directory}); let its fine-tuning run save "
-      "one (every checkpoint_every_steps, and at the end), or pass another workdir."
-    )
-  step = steps[-1] if step is None else step
-  if step not in steps:
-    available = ", ".join(map(str, steps)) or "none"
-    also = f", and 'best' (step {best['step']})" if best else ""
-    raise UsageError(
-      f"{workdir} has no checkpoint at step {step}; available steps: {available}{also}. "
-      "Pick one of them, or leave the step out."
-    )
-  return directory / str(step) / "state", step, "checkpoint"
-
-
-def load(workdir: str, step: int | str | None = None, config=None) -> TaskModel:
+def load(workdir: str, step: int | str | None = None) -> TaskModel:
   """The fine-tuned model of `workdir`; see the module docstring for `step`."""
-  workdir = str(workdir).rstrip("/")
-  config = config or restore.read_config(workdir)
-  task = config.finetune.task
+  return from_saved(restore.read_workdir(workdir, step))
+
+
+def from_saved(run: restore.SavedRun) -> TaskModel:
+  """The TaskModel of a fine-tuning workdir read by restore.read_workdir."""
+  config = run.config
+  if not run.fine_tuned:
+    raise UsageError(
+      f"{run.workdir} is a pretraining run (finetune.task is empty) and has no task head; load "
+      "it with sslm_jax.load, which gives its LanguageModel."
+    )
   vocab = None
-  if task != heads.REGRESSION:
+  if config.finetune.task != heads.REGRESSION:
     try:
-      vocab = labelled.LabelVocab.load(f"{workdir}/{labelled.VOCAB_FILE}")
+      vocab = labelled.LabelVocab.load(f"{run.workdir}/{labelled.VOCAB_FILE}")
     except labelled.LabelledDataError as e:
       raise UsageError(str(e)) from e
-  tree_dir, step, source = _choose(workdir, step)
-  newest = restore.checkpoint_dir(workdir)
-  meta = {}
-  if newest.exists() and (steps := ocp.step.checkpoint_steps(newest)):
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-      meta = checkpointer.restore(newest / str(max(steps)) / "meta") or {}
-  tokenizer = _tokenizer(config, workdir, meta.get("fingerprint", {}).get("tokenizer_sha256"))
-  objective = finetune.FinetuneObjective(config, len(vocab) if vocab else 1)
-  build = lambda: objective.build(0)  # noqa: E731
-  try:
-    model = restore.restore_params(tree_dir, build)  # checks the saved tree first
-  except saved_tree.TreeMismatch as e:
-    raise UsageError(str(e)) from e
-  except Exception as e:  # Orbax and TensorStore raise many types for missing or damaged files
-    text = " ".join(str(e).split())[:300]
-    raise UsageError(
-      f"{tree_dir} cannot be read ({type(e).__name__}: {text}); load another step."
-    ) from e
-  return TaskModel(config, model, tokenizer, vocab, step, source)
+  tokenizer = restore.load_tokenizer(run)
+  model_cfg, num_labels = config_lib.model_config(config), len(vocab) if vocab else 1
+  model = restore.restore_model(
+    run, lambda: build.task_model(model_cfg, config.finetune.task, num_labels, 0)
+  )
+  return TaskModel(config, model, tokenizer, vocab, run.step, run.source)
 
 
 class TaskModel:

@@ -4,10 +4,11 @@
   lm = sslm_jax.load("runs/gpt_tiny")            # newest checkpoint, parameters only
   lm.generate("def main(", max_new_tokens=32)     # GPT
   lm.fill_mask("x = [MASK](1, 2)")                # BERT
-  sslm_jax.load("runs/cls").classify(["x = 1"])    # a fine-tuning workdir (finetune/task_model.py)
 
-Parameters are restored alone (no optimizer state) onto one device, whatever mesh wrote them
-(see checkpoints/restore.py).
+This is the model of a pretraining workdir; `sslm_jax.load` gives a fine-tuning workdir's
+finetune/task_model.TaskModel instead (sslm_jax/loading.py). The workdir is read once by
+checkpoints/restore.read_workdir; parameters are restored alone (no optimizer state) onto one
+device, whatever mesh wrote them.
 Nothing here writes to the workdir, and TensorFlow is never imported.
 """
 
@@ -24,9 +25,11 @@ import sentencepiece as spm
 from etils import epath
 from flax import nnx
 
+from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import restore
 from sslm_jax.cluster import join as cluster
 from sslm_jax.errors import UsageError
+from sslm_jax.inference import decode, decoder
 from sslm_jax.tokenizer import sentencepiece as tok
 from sslm_jax.tokenizer.sp_model import ModelProto
 
@@ -44,26 +47,24 @@ def _kind(config) -> str:
   return "GPT (causal_lm)" if config.objective == "causal_lm" else "BERT (masked_lm)"
 
 
-def load(workdir: str, step: int | str | None = None):
-  """The model of a training workdir at `step` (default: its newest checkpoint).
+def load(workdir: str, step: int | str | None = None) -> LanguageModel:
+  """The model of a pretraining workdir at `step` (default: its newest checkpoint; a step typed
+  as text, "100", is that step). A fine-tuning workdir is refused: sslm_jax.load gives its
+  TaskModel."""
+  return from_saved(restore.read_workdir(workdir, step))
 
-  A fine-tuning workdir gives a task_model.TaskModel (`classify`, or `tag` for tagging), by
-  default at its best eval (step='best' asks for it explicitly); a pretraining workdir a
-  LanguageModel.
-  """
-  if isinstance(step, str) and step.strip().isdigit():  # a step typed as text: "100"
-    step = int(step)
-  if restore.read_config(workdir).finetune.task:
-    from sslm_jax.finetune import task_model
 
-    return task_model.load(workdir, step)
-  if step == "best":
+def from_saved(run: restore.SavedRun) -> LanguageModel:
+  """The LanguageModel of a pretraining workdir read by restore.read_workdir."""
+  if run.fine_tuned:
     raise UsageError(
-      f"{workdir} is a pretraining run, which keeps no best checkpoint (fine-tuning runs do); "
-      "give a step number, or leave the step out for the newest."
+      f"{run.workdir} holds a fine-tuned {run.config.finetune.task} model, whose task head "
+      "predicts labels, not tokens; load it with sslm_jax.load (classify, tag) or python -m "
+      "sslm_jax.predict, or give the workdir of a pretraining run."
     )
-  r = restore.from_workdir(workdir, step)
-  return LanguageModel(r.config, r.model_cfg, r.model, r.tokenizer, r.step)
+  tokenizer = restore.load_tokenizer(run)
+  model = restore.restore_model(run)
+  return LanguageModel(run.config, config_lib.model_config(run.config), model, tokenizer, run.step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,8 +251,6 @@ class LanguageModel:
     """Continuations, [prompt][sample], of each prompt (GPT). A sample stops at EOS or after
     `max_new_tokens` or at the model's last position. top_k=0 and top_p=1 sample from the
     whole distribution; special ids other than EOS are never produced."""
-    from sslm_jax.inference import decode, decoder
-
     self._require("causal_lm", "generate text", "use fill_mask, score or embed with it.")
     if min(max_new_tokens, num_samples) < 1 or temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
       raise UsageError(

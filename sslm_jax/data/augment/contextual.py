@@ -5,7 +5,7 @@
 alpha of the words (at least one) whose core is alphabetic are chosen with the transform's rng;
 each in turn becomes [MASK] among the original words around it (as many as fit in a quarter of
 the model's positions on each side), and the model
-(`sslm_jax.inference.language_model.load(workdir).fill_mask`) proposes top_k tokens: one forward
+(`sslm_jax.inference.language_model`'s LanguageModel.fill_mask) proposes top_k tokens: one forward
 pass per chosen word, of a few compiled shapes. Only whole words are kept (a piece that starts a
 word and holds a letter or digit, not the original word); one is drawn with probability proportional
 to the model's, again from the transform's rng, and takes the original's punctuation and capitalised
@@ -30,9 +30,10 @@ MASK_TEXT = "[MASK]"
 
 
 def _load(spec: dict):
-  """The BERT of spec['workdir'], refused in one line when it is missing or a GPT."""
-  from sslm_jax.checkpoints import restore
-  from sslm_jax.inference import language_model as api
+  """The BERT of spec['workdir'], refused in one line when it is missing, a GPT or fine-tuned."""
+  # Only a contextual transform loads a model: JAX, Flax and Orbax are imported for it alone.
+  from sslm_jax.checkpoints import restore  # for its cost
+  from sslm_jax.inference import language_model as api  # for its cost
 
   workdir = spec.get("workdir")
   if not workdir or ("://" not in str(workdir) and not os.path.isdir(str(workdir))):
@@ -53,7 +54,7 @@ def _load(spec: dict):
         f"augment contextual: {workdir} holds a GPT ({objective}) model, which cannot fill in "
         "a [MASK]; give the workdir of a BERT (masked_lm) run."
       )
-    return api.load(str(workdir), spec.get("step"))
+    return api.from_saved(restore.read_workdir(str(workdir), spec.get("step"), config))
   except UsageError as e:
     raise AugmentError(f"augment contextual: {e}") from e
 
