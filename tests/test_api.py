@@ -203,8 +203,11 @@ _SHARDED_LOGITS = textwrap.dedent(
   import json, sys
   import jax, ml_collections, numpy as np
   from flax import nnx
-  from sslm_jax import checkpoint, optim, sharding, train_state
   from sslm_jax import config as config_lib
+  from sslm_jax.checkpoints import checkpointer as checkpoint
+  from sslm_jax.training import optimizer as optim
+  from sslm_jax.training import sharding
+  from sslm_jax.training import state as train_state
 
   workdir, out = sys.argv[1:]
   config = ml_collections.ConfigDict(json.load(open(f"{workdir}/config.json")))
