@@ -44,7 +44,7 @@ def _short(text: str, indent: int) -> str:
 
 
 def _pretraining(c, augmentation, n: int) -> list[dict]:
-  from sslm_jax.data import corpus, units
+  from sslm_jax.data import corpus, units  # TensorFlow, for pretraining configs only
 
   try:
     docs = list(itertools.islice(units.split_documents(c, "train", corpus.DecodeStats()), n))
@@ -68,6 +68,7 @@ def _example_dict(e) -> dict:
 
 
 def _finetuning(c, augmentation, n: int) -> list[dict]:
+  # The fine-tuning stack (optax, the training loop), for fine-tuning configs only.
   from sslm_jax.finetune import labelled
   from sslm_jax.finetune import loop as finetune
 
@@ -108,6 +109,7 @@ def _print(item: dict) -> None:
 
 
 def main(argv):
+  # TensorFlow's import (~2 s): not for --help or a bad flag.
   from sslm_jax.data.augment import apply as augment_data
 
   if len(argv) > 1:

@@ -66,7 +66,7 @@ def _prepare_here(c) -> tuple[dict, float]:
   import jax
   from jax.experimental import multihost_utils
 
-  from sslm_jax.data import preparation
+  from sslm_jax.data import preparation  # TensorFlow: not for --help or a bad flag
 
   workers = FLAGS.num_workers if FLAGS.num_workers is not None else os.cpu_count() or 1
   if workers < 1:
@@ -93,14 +93,14 @@ def _prepare_here(c) -> tuple[dict, float]:
 
 
 def _prepare_on_beam(c, beam_args: list[str]) -> tuple[dict, float]:
-  from sslm_jax.data import beam_prepare
+  from sslm_jax.data import beam_prepare  # TensorFlow: not for --help or a bad flag
 
   if FLAGS.num_workers is not None or FLAGS.coordinator_address:
     raise UsageError(
       "--num_workers and --coordinator_address do not apply with --runner: Beam places the "
       "work; give its options after `--` (e.g. -- --direct_num_workers=4 or --max_num_workers=32)."
     )
-  from sslm_jax.data import cache
+  from sslm_jax.data import cache  # TensorFlow: not for --help or a bad flag
 
   config_lib.validate(c)
   beam_prepare.import_beam()  # before any work, so a missing Beam fails at once
@@ -118,7 +118,7 @@ def _prepare_on_beam(c, beam_args: list[str]) -> tuple[dict, float]:
 
 def _manifests(c) -> list[dict]:
   """The meta.json of the cache, or of each mixture source's cache."""
-  from sslm_jax.data import cache
+  from sslm_jax.data import cache  # TensorFlow: not for --help or a bad flag
 
   if not c.data.mixture:
     return [cache.read_meta(FLAGS.workdir)]

@@ -65,6 +65,16 @@ def _function_nodes(tree: ast.Module) -> set[int]:
   return inside
 
 
+def _commented(lines: list[str], index: int) -> bool:
+  """A comment on the import's line, or just above the run of import lines it belongs to."""
+  if "#" in lines[index]:
+    return True
+  index -= 1
+  while index >= 0 and lines[index].strip().startswith(("import ", "from ")):
+    index -= 1
+  return index >= 0 and lines[index].strip().startswith("#")
+
+
 def imports(package: pathlib.Path) -> list[Import]:
   """Every import statement under `package`, resolved to its modules."""
   known = modules(package)
@@ -88,9 +98,7 @@ def imports(package: pathlib.Path) -> list[Import]:
         targets = [f"{module}.{a.name}" for a in node.names]
       else:
         continue
-      here = lines[node.lineno - 1]
-      above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
-      commented = "#" in here or above.startswith("#")
+      commented = _commented(lines, node.lineno - 1)
       for target in targets:
         if target.split(".")[0] == root:
           target = _resolve(target, known)

@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from sslm_jax.config.augment_spec import AugmentError
-from sslm_jax.data.augment import transforms as augment
+from sslm_jax.data.augment import words as words_lib
 from sslm_jax.errors import UsageError
 
 DEFAULT_TOP_K = 10
@@ -77,7 +77,7 @@ def _masked_text(words, gaps, start: int, end: int, masked: int) -> str:
   for i in range(start, end):
     word = words[i]
     if i == masked:
-      lead, _, trail = augment.affixes(word)
+      lead, _, trail = words_lib.affixes(word)
       word = lead + MASK_TEXT + trail
     out.append(word + (gaps[i] if i < end - 1 else ""))
   return "".join(out)
@@ -101,23 +101,23 @@ def _choose(guesses, core: str, rng: np.random.Generator) -> str | None:
   return word[:1].upper() + word[1:] if core[:1].isupper() else word
 
 
-def build(spec: dict, alpha: float) -> augment.Apply:
+def build(spec: dict, alpha: float) -> words_lib.Apply:
   """The transform's apply(texts, rng), with the model loaded now (errors before any data)."""
   lm = _load(spec)
   top_k = spec.get("top_k", DEFAULT_TOP_K)
 
   def one(text: str, rng: np.random.Generator) -> str:
-    lead, words, gaps = augment.split_words(text)
-    candidates = [i for i, w in enumerate(words) if augment.affixes(w)[1].isalpha()]
+    lead, words, gaps = words_lib.split_words(text)
+    candidates = [i for i, w in enumerate(words) if words_lib.affixes(w)[1].isalpha()]
     if not candidates:
       return text
-    k = min(len(candidates), augment.count(alpha, len(words)))
+    k = min(len(candidates), words_lib.count(alpha, len(words)))
     new = list(words)
     for i in sorted(int(i) for i in rng.choice(candidates, size=k, replace=False)):
       window = _window(lm, words, gaps, i)  # the original words around it, not earlier guesses
       if window is None:
         continue
-      w_lead, core, trail = augment.affixes(words[i])
+      w_lead, core, trail = words_lib.affixes(words[i])
       word = _choose(lm.fill_mask(window, top_k=top_k)[0], core, rng)
       if word is not None:
         new[i] = w_lead + word + trail

@@ -52,6 +52,7 @@ import numpy as np
 
 from sslm_jax.config.augment_spec import AugmentError, check_spec, fraction, one_of
 from sslm_jax.data.augment import callables as augment_callable
+from sslm_jax.data.augment import contextual as augment_contextual
 from sslm_jax.data.augment.sources import (
   WORDNET_FILES,
   Thesaurus,
@@ -60,15 +61,12 @@ from sslm_jax.data.augment.sources import (
   load_thesaurus,
   load_wordnet,
 )
+from sslm_jax.data.augment.words import Apply, affixes, count, split_words, word_spans
 
 DEFAULT_ALPHA = 0.1
 DEFAULT_MAX_WORDS = 128
 
-_WORD = re.compile(r"\S+")
-_AFFIXES = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
 _SENTENCE_END = re.compile(r"[.!?][\"'”’)\]]*$")
-
-Apply = Callable[[list[str], np.random.Generator], list[str]]
 
 
 def stable_hash(name: str) -> int:
@@ -80,32 +78,13 @@ def rng_for(seed: int, example_index: int, copy: int, name: str) -> np.random.Ge
   return np.random.default_rng([seed, example_index, copy, stable_hash(name)])
 
 
-# --- Words: (lead, words, gaps) with text == lead + sum(word + gap) --------------------------
-
-
-def split_words(text: str) -> tuple[str, list[str], list[str]]:
-  spans = [m.span() for m in _WORD.finditer(text)]
-  if not spans:
-    return text, [], []
-  ends = [start for start, _ in spans[1:]] + [len(text)]
-  words = [text[a:b] for a, b in spans]
-  gaps = [text[b:end] for (_, b), end in zip(spans, ends, strict=True)]
-  return text[: spans[0][0]], words, gaps
-
-
-def affixes(token: str) -> tuple[str, str, str]:
-  """(leading punctuation, core, trailing punctuation) of a token."""
-  return _AFFIXES.match(token).groups()
+# --- Word edits on (lead, words, gaps) (words.py) ------------------------------------------
 
 
 def _synonyms(token: str, thesaurus: Thesaurus) -> tuple[str, tuple[str, ...], str, str]:
   """(lead, synonyms of the core, core, trail) of a token; no synonyms -> an empty tuple."""
   lead, core, trail = affixes(token)
   return lead, thesaurus.get(core.lower(), ()), core, trail
-
-
-def count(alpha: float, n: int) -> int:
-  return max(1, int(alpha * n + 0.5))
 
 
 def _pick(rng: np.random.Generator, items: Sequence):
@@ -204,7 +183,7 @@ def sentence_ranges(text: str) -> list[tuple[int, int]]:
 
 def split_sentences(text: str, rng: np.random.Generator, max_words: int) -> list[str]:
   """Runs of consecutive sentences of at most max_words words; longer sentences are cut."""
-  spans = [m.span() for m in _WORD.finditer(text)]
+  spans = word_spans(text)
   if len(spans) <= max_words:
     return [text]
   budget = int(rng.integers((max_words + 1) // 2, max_words + 1))
@@ -317,8 +296,6 @@ class Augmenter:
         raise AugmentError(f"augment split_sentences: max_words={max_words!r}; use an int >= 1.")
       apply = lambda texts, rng: [s for t in texts for s in split_sentences(t, rng, max_words)]
     elif name == "contextual":
-      from sslm_jax.data.augment import contextual as augment_contextual
-
       apply = augment_contextual.build(spec, alpha)
     else:
       paraphrase = self._paraphrase(spec)
