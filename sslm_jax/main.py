@@ -285,7 +285,7 @@ def _train(config, workdir: str, mesh) -> dict:
 
 
 def _finetune(config, workdir: str, mesh) -> dict:
-  """A task head on a pretrained encoder (finetune.py); its data needs TensorFlow only for a
+  """A task head on a pretrained encoder (finetune/loop.py); its data needs TensorFlow only for a
   TFDS dataset (finetune.tfds_name)."""
   batch = sharding.batch_sharding(mesh, sharding.rules_from_config(config.mesh.rules))
   rows = sharding.batch_rows(batch, config.batch_size)

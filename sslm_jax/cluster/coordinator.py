@@ -3,7 +3,7 @@ any other.
 
 `jax.distributed.initialize` starts the coordination service inside process 0. If process 0
 dies, the service dies with it and JAX's client aborts every other process natively at once
-(LOG(FATAL) in C++), before cluster.py's watch can name the loss and the checkpoint to resume
+(LOG(FATAL) in C++), before join.py's watch can name the loss and the checkpoint to resume
 from. Under `own_process()`, process 0 starts the service as a child process instead
 (`python -m sslm_jax.cluster.coordinator`, which starts no JAX backend). The child ignores SIGINT
 and SIGTERM (a Ctrl-C or a scheduler's signal reaches the whole process group; the trainers stop at

@@ -15,7 +15,7 @@ import ml_collections
 
 
 def defaults() -> ml_collections.ConfigDict:
-  """Fine-tuning with a task head (finetune/heads.py, finetune.py); task '' is pretraining."""
+  """Fine-tuning with a task head (finetune/heads.py, finetune/loop.py); task '' is pretraining."""
   s = ml_collections.ConfigDict()
   s.task = ""  # '' | classification | pair_classification | regression | tagging
   s.init_from = ""  # a workdir of ours whose parameters start the encoder ('' = random)
@@ -60,7 +60,7 @@ def validate(c: ml_collections.ConfigDict, require: Callable[[bool, str], None])
   )
   if not f.task:
     return
-  # finetune.init_from is checked when a fresh start reads it (finetune_sources.from_workdir): a
+  # finetune.init_from is checked when a fresh start reads it (finetune/sources.py, from_workdir): a
   # resumed run needs only its own workdir.
   require(
     isinstance(f.num_epochs, (int, float)) and f.num_epochs >= 0,

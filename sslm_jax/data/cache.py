@@ -15,7 +15,7 @@ from collections.abc import Callable
 import ml_collections
 from absl import logging
 
-from sslm_jax.checkpoints.restore import named_tokenizer as tokenizer_source
+from sslm_jax.checkpoints.restore import named_tokenizer
 from sslm_jax.config import mixture as mixture_config
 from sslm_jax.data import corpus, gfile, permute, shards, units
 from sslm_jax.data.augment import apply as augment_data
@@ -167,7 +167,7 @@ def _resolve(c: ml_collections.ConfigDict, workdir: str) -> tuple[str | None, bo
   The workdir's copy is what the run trained with: a config naming another file is refused, and
   one naming a file that has moved since the copy was made reads the copy.
   """
-  own, source = tokenizer_files.workdir_file(workdir), tokenizer_source(c)
+  own, source = tokenizer_files.workdir_file(workdir), named_tokenizer(c)
   if not source:
     return own, own is not None
   if not gfile.exists(source):
@@ -243,7 +243,7 @@ def _check_size(c: ml_collections.ConfigDict, tok, origin: str) -> None:
     raise DataError(
       f"the tokenizer {origin} has {tok.vocab_size} pieces but data.vocab_size="
       f"{c.data.vocab_size}; set --config.data.vocab_size={tok.vocab_size}"
-      + ("." if tokenizer_source(c) else ", or use a new --workdir to train one of the new size.")
+      + ("." if named_tokenizer(c) else ", or use a new --workdir to train one of the new size.")
     )
 
 

@@ -24,7 +24,7 @@ class Attention(nnx.Module):
   """Multi-head self-attention within packed segments (see `attention_segments`); causal for GPT."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    if cfg.attention_dropout and cfg.attention_impl != "xla":  # config.py says so to users
+    if cfg.attention_dropout and cfg.attention_impl != "xla":  # config/checks.py says so to users
       raise ValueError(f"attention_dropout needs the XLA attention, not {cfg.attention_impl}")
     self.cfg = cfg
     d, n, h = cfg.emb_dim, cfg.num_heads, cfg.head_dim
