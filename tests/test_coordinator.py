@@ -22,7 +22,7 @@ HEARTBEAT_S = 4
 # Joins, says so, then waits; leaves cleanly (exit 0) once the file named by argv[3] exists.
 MEMBER = f"""
 import os, sys, time
-from sslm_jax import cluster
+from sslm_jax.cluster import join as cluster
 port, process_id, done = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 cluster.join(f"127.0.0.1:{{port}}", 2, process_id, initialization_timeout=60,
              heartbeat_timeout={HEARTBEAT_S})

@@ -21,7 +21,7 @@ from sslm_jax.cluster import lease
 
 HOLDER = """
 import sys
-from sslm_jax import lease
+from sslm_jax.cluster import lease
 held = lease.acquire(sys.argv[1], float(sys.argv[2]), print, settle_s=float(sys.argv[3]))
 assert "tensorflow" not in sys.modules  # the lease is part of the TensorFlow-free core
 print("held", flush=True)

@@ -27,4 +27,4 @@ def test_pair_classification_training_refuses_files_without_text_pair(
   c.finetune.task = "pair_classification"
   c.finetune.train_files = c.finetune.eval_files = str(path)
   with pytest.raises(LabelledDataError, match=re.escape(f"{path} {expected}")):
-    finetune._examples(c)
+    finetune.task_examples(c)

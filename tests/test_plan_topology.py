@@ -39,7 +39,8 @@ SMALL = {
 # one JSON line per job: the plan and its report.
 _CHILD = r"""
 import importlib.util, json, sys
-from sslm_jax import plan, topology
+from sslm_jax.cluster import topology
+from sslm_jax.training import plan
 topology.plan_only_process()
 for job in json.loads(sys.argv[1]):
   spec = importlib.util.spec_from_file_location("config_file", job["config"])

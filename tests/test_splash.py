@@ -184,7 +184,8 @@ def test_blocks_that_the_kernel_cannot_take_are_refused():
 # custom call) and the compiled step's temporary bytes.
 _CHILD = r"""
 import importlib.util, json, os
-from sslm_jax import plan, sharding, topology
+from sslm_jax.cluster import topology
+from sslm_jax.training import plan, sharding
 topology.plan_only_process()
 devices = topology.devices(topology.parse("v5p-8"))
 for name in ("gpt_tiny", "bert_tiny"):

@@ -93,7 +93,7 @@ def _tfds_config(root, name="sslm_tiny_sentiment", task="classification", steps=
 
 
 def test_examples_carry_class_names_pairs_and_numbers(root):
-  train, evals = finetune._examples(_tfds_config(root))
+  train, evals = finetune.task_examples(_tfds_config(root))
   # TFDS orders a split by a hash of the example keys: compare contents, not order.
   expected = sorted((t, _NAMES[y == "yes"]) for t, y in _rows("train"))
   assert sorted((e.text, e.label) for e in train) == expected
@@ -101,19 +101,19 @@ def test_examples_carry_class_names_pairs_and_numbers(root):
   assert {e.text_pair for e in train + evals} == {None}
   assert "sslm_tiny_sentiment[train] example 3" in train[3].where
 
-  train, evals = finetune._examples(_tfds_config(root, "sslm_tiny_similarity", "regression"))
+  train, evals = finetune.task_examples(_tfds_config(root, "sslm_tiny_similarity", "regression"))
   assert sorted(e.label for e in evals) == [i / 4 for i in range(_SIZES["validation"])]
   assert all(e.text_pair == e.text.split()[0] for e in train)  # sentence1/sentence2 found
 
 
 def test_pairs_need_a_second_text_and_keys_must_exist(root):
   with pytest.raises(labelled.LabelledDataError, match="tfds_text_pair_key") as error:
-    finetune._examples(_tfds_config(root, task="pair_classification"))
+    finetune.task_examples(_tfds_config(root, task="pair_classification"))
   assert "\n" not in str(error.value)
   c = _tfds_config(root)
   c.finetune.tfds_text_key = "review"
   with pytest.raises(labelled.LabelledDataError, match=r"no feature 'review'.*'sentence'"):
-    finetune._examples(c)
+    finetune.task_examples(c)
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_hidden_test_labels_are_refused_in_one_line(root, name, task):
   c = _tfds_config(root, name, task)
   c.finetune.tfds_eval_split = "test"
   with pytest.raises(labelled.LabelledDataError) as error:
-    finetune._examples(c)
+    finetune.task_examples(c)
   message = str(error.value)
   assert "\n" not in message and "-1" in message and "'test'" in message
   assert "--config.finetune.tfds_eval_split" in message and "validation" in message
@@ -133,7 +133,7 @@ def test_a_dataset_not_prepared_here_is_one_clear_line(root, tmp_path):
   c = _tfds_config(root)
   c.data.tfds_data_dir = str(tmp_path / "empty")
   with pytest.raises(corpus.DataError) as error:
-    finetune._examples(c)
+    finetune.task_examples(c)
   message = str(error.value)
   assert "\n" not in message and "is not prepared in" in message
   assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").rglob("*.tfrecord*"))

@@ -2,9 +2,9 @@
 
 In a config file:
 
-  from sslm_jax import mixture_config
-  c.data.mixture.web = mixture_config.source(0.7, source="text", text_files="/data/web/*.txt")
-  c.data.mixture.wiki = mixture_config.source(0.3, source="tfds", tfds_name="wiki40b/en")
+  from sslm_jax.config import mixture
+  c.data.mixture.web = mixture.source(0.7, source="text", text_files="/data/web/*.txt")
+  c.data.mixture.wiki = mixture.source(0.3, source="tfds", tfds_name="wiki40b/en")
 
 Each source takes the data.* source fields below (unset ones keep the run's data.* values) and
 gets its own cache in WORKDIR/sources/NAME/data; all share the run's tokenizer, seq_len and
@@ -75,7 +75,8 @@ def validate(c: ml_collections.ConfigDict, require: Callable[[bool, str], None])
     require(name.isidentifier(), f"{where}: source names must be identifiers (letters, digits, _).")
     require(
       isinstance(spec, ml_collections.ConfigDict) and "weight" in spec,
-      f"{where} must be mixture_config.source(weight, ...) (a weight and data.* source fields).",
+      f"{where} must be sslm_jax.config.mixture.source(weight, ...) (a weight and data.* "
+      "source fields).",
     )
     require(
       isinstance(spec.weight, (int, float)) and spec.weight > 0,
