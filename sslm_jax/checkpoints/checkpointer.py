@@ -61,6 +61,8 @@ RUN_FIELDS = (
   "opt.warmup_steps",
   "opt.warmup_fraction",
   "opt.decay",
+  "opt.schedule",
+  "opt.decay_fraction",
   "opt.final_lr_fraction",
   "opt.b1",
   "opt.b2",

@@ -131,6 +131,10 @@ def _opt_defaults() -> ml_collections.ConfigDict:
   s.warmup_steps = 100
   s.warmup_fraction = 0.0  # > 0: warm up over this fraction of num_train_steps instead
   s.decay = "cosine"  # 'cosine' | 'linear' | 'constant'
+  # 'warmup_decay': warm up, then decay over the rest of the run; 'wsd' (warmup-stable-decay):
+  # warm up, hold the peak, and decay over the last decay_fraction of the run only.
+  s.schedule = "warmup_decay"
+  s.decay_fraction = 0.2  # 'wsd' only: the fraction of num_train_steps that decays
   s.final_lr_fraction = 0.1
   s.b1 = 0.9
   s.b2 = 0.95

@@ -235,6 +235,20 @@ def _validate_opt(c: ml_collections.ConfigDict) -> None:
     f"opt.decay={c.opt.decay!r}: use 'cosine', 'linear' or 'constant'.",
   )
   _require(
+    c.opt.schedule in ("warmup_decay", "wsd"),
+    f"opt.schedule={c.opt.schedule!r}: use 'warmup_decay' or 'wsd' (warmup-stable-decay).",
+  )
+  _require(
+    isinstance(c.opt.decay_fraction, (int, float)) and 0 < c.opt.decay_fraction <= 1,
+    f"opt.decay_fraction={c.opt.decay_fraction!r} must lie in (0, 1]; e.g. 0.2 decays over the "
+    "last 20% of the steps.",
+  )
+  _require(
+    c.opt.schedule != "wsd" or c.opt.decay != "constant",
+    "opt.schedule='wsd' needs a decay; set --config.opt.decay=cosine or linear (or use "
+    "opt.schedule='warmup_decay' for a constant rate after the warmup).",
+  )
+  _require(
     c.opt.grad_accum_steps >= 1 and c.batch_size % c.opt.grad_accum_steps == 0,
     f"opt.grad_accum_steps={c.opt.grad_accum_steps} must be >= 1 and divide "
     f"batch_size={c.batch_size}.",

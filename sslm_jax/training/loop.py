@@ -132,8 +132,14 @@ def init_or_restore(
     return state, spec, tx, ckpt
   if config.init_from_hf:
     logging.info("init_from_hf=%s ignored: resuming from a checkpoint.", config.init_from_hf)
-  saved = ckpt.read_meta(latest)["fingerprint"]
-  checkpoint.check_fingerprint(saved, fingerprint, workdir, allow_changes)
+  meta = ckpt.read_meta(latest)
+  checkpoint.check_fingerprint(meta["fingerprint"], fingerprint, workdir, allow_changes)
+  if meta.get("num_train_steps"):  # recorded since opt.schedule='wsd' made extending a run exact
+    change = optim.schedule_change(
+      config.opt, meta["num_train_steps"], config.num_train_steps, latest
+    )
+    if change:
+      logging.warning("%s", change)
   spec = train_state.state_spec(model_cfg, config.seed, tx, mesh, rules, build)
   state = ckpt.restore(latest, spec.abstract)
   logging.info("Resuming from the checkpoint at step %d in %s", latest, workdir)
@@ -210,6 +216,7 @@ class _Loop:
   def save(self, step: int, state: TrainState) -> None:
     with self.goodput.timed("checkpoint"):  # only the blocking part: the write is asynchronous
       meta = {"fingerprint": self.fingerprint, "step": step, **self.watcher.meta()}
+      meta["num_train_steps"] = self.config.num_train_steps  # the schedule's end, for resuming
       self.ckpt.save(step, state, meta)
     self.last_good = step
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 import optax
 from flax import nnx
 
@@ -20,22 +21,71 @@ def warmup_steps(opt, num_train_steps: int) -> int:
   return opt.warmup_steps
 
 
+def _decay(opt, peak: float, steps: int) -> optax.Schedule:
+  """opt.decay's shape over `steps`, from `peak` to final_lr_fraction of it."""
+  if opt.decay == "cosine":
+    return optax.cosine_decay_schedule(peak, steps, alpha=opt.final_lr_fraction)
+  if opt.decay == "linear":
+    return optax.linear_schedule(peak, peak * opt.final_lr_fraction, steps)
+  return optax.constant_schedule(peak)
+
+
+def decay_start(opt, num_train_steps: int) -> int:
+  """The first step of the decay: right after the warmup, or for 'wsd' the start of the last
+  decay_fraction of the run."""
+  warmup = min(warmup_steps(opt, num_train_steps), num_train_steps)
+  if opt.schedule != "wsd":
+    return warmup
+  return max(warmup, num_train_steps - round(opt.decay_fraction * num_train_steps))
+
+
 def schedule(opt, num_train_steps: int) -> optax.Schedule:
   """Linear warmup from 0 to `learning_rate`, then decay to `final_lr_fraction` of it.
 
   The warmup is `warmup_fraction` of the run when that is set, else `warmup_steps`; a warmup
-  longer than the run is cut to the run (config.validate warns about it).
+  longer than the run is cut to the run (config.validate warns about it). With
+  opt.schedule='wsd' (warmup-stable-decay) the rate stays at its peak until the last
+  opt.decay_fraction of the run: a longer run has the same rates up to the shorter one's decay,
+  so a run can be extended from a checkpoint of its stable phase.
   """
   peak, warmup = opt.learning_rate, min(warmup_steps(opt, num_train_steps), num_train_steps)
-  end = peak * opt.final_lr_fraction
-  decay_steps = max(1, num_train_steps - warmup)
-  if opt.decay == "cosine":
-    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=opt.final_lr_fraction)
-  elif opt.decay == "linear":
-    decay = optax.linear_schedule(peak, end, decay_steps)
-  else:
-    decay = optax.constant_schedule(peak)
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  start = decay_start(opt, num_train_steps)
+  decay = _decay(opt, peak, max(1, num_train_steps - start))
+  if start == warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+  stable = optax.constant_schedule(peak)
+  return optax.join_schedules(
+    [optax.linear_schedule(0.0, peak, warmup), stable, decay], [warmup, start]
+  )
+
+
+def schedule_change(opt, saved_steps: int, num_train_steps: int, step: int) -> str | None:
+  """Why resuming at `step` a run scheduled for `saved_steps` with `num_train_steps` changes its
+  learning rates (None when it does not): steps already taken would have had other rates, or
+  the old schedule had already begun to decay."""
+  if saved_steps == num_train_steps or step <= 0:
+    return None
+  old, new = schedule(opt, saved_steps), schedule(opt, num_train_steps)
+  taken = np.arange(step)
+  changed = np.flatnonzero(~np.isclose(old(taken), new(taken), rtol=1e-6, atol=0.0))
+  notes = []
+  if changed.size:
+    first = int(changed[0])
+    notes.append(
+      f"the steps already taken had other learning rates under it (step {first}: "
+      f"{float(old(first)):.6g} then, {float(new(first)):.6g} now)"
+    )
+  start = decay_start(opt, saved_steps)
+  if opt.schedule == "wsd" and step > start:
+    notes.append(f"step {step} lies in the old schedule's decay phase (from step {start})")
+  if not notes:
+    return None
+  return (
+    f"Resuming at step {step} a run scheduled for num_train_steps={saved_steps} with "
+    f"num_train_steps={num_train_steps} changes its learning-rate schedule: "
+    + "; ".join(notes)
+    + ". Extend a run from a checkpoint before its decay (opt.schedule='wsd') to keep them."
+  )
 
 
 def _decays(path, decay_embeddings: bool) -> bool:
