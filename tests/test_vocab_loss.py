@@ -63,7 +63,10 @@ def _dense(x, emb, bias, targets, weights, dtype="float32"):
   logits = jnp.where(jnp.arange(emb.shape[0]) < IDS, logits, layers.PADDING_LOGIT)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return vocab_loss.Sums(
-    jnp.sum(weights * nll), jnp.sum(weights * (jnp.argmax(logits, -1) == targets)), nll
+    jnp.sum(weights * nll),
+    jnp.sum(weights * (jnp.argmax(logits, -1) == targets)),
+    nll,
+    jnp.zeros(()),
   )
 
 
@@ -80,7 +83,8 @@ def _with_grads(fn):
   def run(x, emb, bias, targets, weights):
     sums, vjp = jax.vjp(lambda *a: fn(*a, targets, weights), x, emb, bias)
     half = jnp.full((), 0.5)
-    return sums, vjp(vocab_loss.Sums(half, jnp.zeros(()), jnp.zeros_like(sums.nll_BX)))
+    zero = jnp.zeros(())
+    return sums, vjp(vocab_loss.Sums(half, zero, jnp.zeros_like(sums.nll_BX), zero))
 
   return jax.jit(run)
 
@@ -341,7 +345,7 @@ def _naive_chunked(x, emb, bias, targets, weights):
     return total + jnp.sum(weights * nll), None
 
   loss = jax.lax.scan(body, jnp.zeros(()), (split(x), split(targets), split(weights)))[0]
-  return vocab_loss.Sums(loss, jnp.zeros(()), jnp.zeros((b, n)))
+  return vocab_loss.Sums(loss, jnp.zeros(()), jnp.zeros((b, n)), jnp.zeros(()))
 
 
 def _mesh_hlo(fn, **kwargs):

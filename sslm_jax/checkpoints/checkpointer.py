@@ -63,6 +63,7 @@ RUN_FIELDS = (
   "opt.decay",
   "opt.schedule",
   "opt.decay_fraction",
+  "opt.z_loss",
   "opt.final_lr_fraction",
   "opt.b1",
   "opt.b2",

@@ -135,6 +135,9 @@ def _opt_defaults() -> ml_collections.ConfigDict:
   # warm up, hold the peak, and decay over the last decay_fraction of the run only.
   s.schedule = "warmup_decay"
   s.decay_fraction = 0.2  # 'wsd' only: the fraction of num_train_steps that decays
+  # > 0: add z_loss * logsumexp(logits)^2 per predicted token to the training loss (PaLM's
+  # z-loss, 1e-4 there), logged as train_z_loss; pretraining objectives only.
+  s.z_loss = 0.0
   s.final_lr_fraction = 0.1
   s.b1 = 0.9
   s.b2 = 0.95

@@ -244,6 +244,10 @@ def _validate_opt(c: ml_collections.ConfigDict) -> None:
     "last 20% of the steps.",
   )
   _require(
+    isinstance(c.opt.z_loss, (int, float)) and c.opt.z_loss >= 0,
+    f"opt.z_loss={c.opt.z_loss!r} must be >= 0 (0: off; PaLM used 1e-4).",
+  )
+  _require(
     c.opt.schedule != "wsd" or c.opt.decay != "constant",
     "opt.schedule='wsd' needs a decay; set --config.opt.decay=cosine or linear (or use "
     "opt.schedule='warmup_decay' for a constant rate after the warmup).",

@@ -57,8 +57,9 @@ class Objective:
     return hf.load_params(self.config.init_from_hf, self.config)
 
   def metric_sums(self, model, batch, key=None) -> dict:
-    """{"loss_sum", "count", ...} of one batch; the loss is loss_sum / count."""
-    return objectives.metric_sums(model, batch, key)
+    """{"loss_sum", "count", ...} of one batch; the loss is loss_sum / count. With opt.z_loss,
+    loss_sum includes the z-loss and z_loss_sum is that part (evaluation leaves it out)."""
+    return objectives.metric_sums(model, batch, key, z_loss=self.config.opt.z_loss)
 
   def eval_outputs(self, model, batch) -> dict:
     """What one eval batch returns to the host (here its metric sums)."""

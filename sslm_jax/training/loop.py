@@ -207,6 +207,8 @@ class _Loop:
     if jax.process_count() > 1 and regular_log:
       times.update(cluster.slowest_data_wait(step, times["time_data_s"]))
     record = {k: values[k] for k in ("train_loss", "learning_rate", "grad_norm")}
+    if "train_z_loss" in values:
+      record["train_z_loss"] = values["train_z_loss"]
     record.update(tokens_per_sec=rate, mfu=self.mfu(rate), **eval_record, **times)
     self.writer.write(step, record)
     self.writer.progress(step, values["train_loss"], rate)

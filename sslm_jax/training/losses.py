@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from sslm_jax.training import vocab_loss
 
 
-def _token_sums(model, head_inputs, targets_Bx, weights_Bx) -> tuple[dict, jnp.ndarray]:
-  """(loss/accuracy sums, the per-token negative log-likelihood)."""
+def _token_sums(model, head_inputs, targets_Bx, weights_Bx, z_loss=0.0) -> tuple[dict, jnp.ndarray]:
+  """(loss/accuracy sums, the per-token negative log-likelihood); with z_loss > 0 the loss_sum
+  includes the z-loss, and z_loss_sum is that part of it."""
   cfg = model.cfg
   sums = vocab_loss.cross_entropy_sums(
     *head_inputs,
@@ -21,20 +22,24 @@ def _token_sums(model, head_inputs, targets_Bx, weights_Bx) -> tuple[dict, jnp.n
     num_ids=cfg.num_ids,
     dtype=cfg.dtype,
     chunk_len=cfg.loss_chunk_len,
+    z_loss=z_loss,
   )
   out = {"loss_sum": sums.loss_sum, "correct_sum": sums.correct_sum, "count": jnp.sum(weights_Bx)}
+  if z_loss:
+    out["z_loss_sum"] = z_loss * sums.z_sum
   return out, sums.nll_BX
 
 
-def metric_sums(model, batch: dict, dropout_key=None) -> dict:
+def metric_sums(model, batch: dict, dropout_key=None, z_loss: float = 0.0) -> dict:
   """Forward pass + summed loss/accuracy over the positions that are predicted.
 
   causal_lm predicts every weighted target; masked_lm predicts only the gathered
-  masked positions (the MLM head never runs on the others).
+  masked positions (the MLM head never runs on the others). `z_loss` > 0 (training only) adds
+  z_loss * logsumexp(logits)^2 per predicted token to loss_sum, and reports it as z_loss_sum.
   """
   if model.cfg.causal:
     head = model.head_inputs(batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
-    sums, nll_BT = _token_sums(model, head, batch["targets"], batch["weights"])
+    sums, nll_BT = _token_sums(model, head, batch["targets"], batch["weights"], z_loss)
     if "target_bytes" in batch:  # eval: bits per byte of the text the targets stand for
       bytes_BT = batch["target_bytes"].astype(jnp.float32)
       # EOS (and other byteless targets) cost nats but stand for no text: left out of both sides.
@@ -49,7 +54,7 @@ def metric_sums(model, batch: dict, dropout_key=None) -> dict:
     batch["masked_positions"],
     dropout_key,
   )
-  return _token_sums(model, head, batch["masked_targets"], batch["masked_weights"])[0]
+  return _token_sums(model, head, batch["masked_targets"], batch["masked_weights"], z_loss)[0]
 
 
 def mean_loss(sums: dict):

@@ -86,6 +86,9 @@ def train_step(
     "learning_rate": lr_schedule(state.step),
     "predicted_tokens": sums["count"],
   }
+  if "z_loss_sum" in sums:  # opt.z_loss: train_loss stays the cross-entropy, as eval_loss is
+    step_metrics["train_loss"] = (sums["loss_sum"] - sums["z_loss_sum"]) / count
+    step_metrics["train_z_loss"] = sums["z_loss_sum"] / count
   return new_state, step_metrics
 
 

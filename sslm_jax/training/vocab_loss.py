@@ -37,9 +37,11 @@ from sslm_jax.models.layers import PADDING_LOGIT, logical_spec
 
 
 class Sums(NamedTuple):
-  loss_sum: jax.Array  # sum(weights * nll); the only output that carries a gradient
+  # sum(weights * nll), plus z_loss * z_sum when z_loss > 0; the only output with a gradient
+  loss_sum: jax.Array
   correct_sum: jax.Array  # sum(weights * (argmax == target))
   nll_BX: jax.Array  # per-token negative log-likelihood, float32
+  z_sum: jax.Array  # sum(weights * logsumexp(logits)^2) when z_loss > 0, else 0
 
 
 def chunk_length(num_positions: int, chunk_len: int) -> int:
@@ -148,9 +150,12 @@ def _chunk_stats(x_BKD, emb_vD, bias_v, ids_v, targets_BK, num_ids, dtype, vocab
   return logits_BKv, lse_BK, is_target_BKv, lse_BK - target_logit_BK, argmax_BK
 
 
-def _local(x_BXD, emb_vD, bias_v, targets_BX, weights_BX, *, axes, num_ids, dtype, k, grads):
+def _local(
+  x_BXD, emb_vD, bias_v, targets_BX, weights_BX, *, axes, num_ids, dtype, k, z_loss, grads
+):
   """The loss on this device's tokens and vocabulary rows; with `grads`, also d loss_sum / d x,
-  embedding, bias (the softmax minus the one-hot target, times the weight)."""
+  embedding, bias (the softmax minus the one-hot target, times the weight; with z_loss, plus
+  the z-loss's 2 z lse softmax)."""
   emb_vD = emb_vD.astype(dtype)  # cast before the gather: half the bytes in bfloat16
   if axes.embed:
     emb_vD = jax.lax.all_gather(emb_vD, axes.embed, axis=1, tiled=True)
@@ -169,34 +174,41 @@ def _local(x_BXD, emb_vD, bias_v, targets_BX, weights_BX, *, axes, num_ids, dtyp
     logits_BKv, lse_BK, is_target_BKv, nll_BK, argmax_BK = _chunk_stats(
       x_BKD, emb_vD, bias_v, ids_v, targets_BK, num_ids, dtype, axes.vocab
     )
-    loss, correct = carry[:2]
+    loss, correct, z = carry[:3]
     loss += jnp.sum(w_BK * nll_BK)
     correct += jnp.sum(w_BK * (argmax_BK == targets_BK))
+    if z_loss:
+      z += jnp.sum(w_BK * jnp.square(lse_BK))
     if not grads:
-      return (loss, correct), nll_BK
-    g_BKv = (jnp.exp(logits_BKv - lse_BK[..., None]) - is_target_BKv) * w_BK[..., None]
+      return (loss, correct, z), nll_BK
+    p_BKv = jnp.exp(logits_BKv - lse_BK[..., None])
+    if z_loss:  # d (z lse^2) / d logits = 2 z lse softmax
+      p_BKv = p_BKv * (1.0 + 2.0 * z_loss * lse_BK)[..., None]
+    g_BKv = (p_BKv - is_target_BKv) * w_BK[..., None]
     g_low_BKv = g_BKv.astype(dtype)
     dx_BKD = jnp.einsum("BKv,vD->BKD", g_low_BKv, emb_vD, preferred_element_type=jnp.float32)
-    d_emb_vD = carry[2] + jnp.einsum(
+    d_emb_vD = carry[3] + jnp.einsum(
       "BKv,BKD->vD", g_low_BKv, x_BKD.astype(dtype), preferred_element_type=jnp.float32
     )
-    d_bias_v = carry[3] + jnp.sum(g_BKv, axis=(0, 1))
-    return (loss, correct, d_emb_vD, d_bias_v), (nll_BK, dx_BKD)
+    d_bias_v = carry[4] + jnp.sum(g_BKv, axis=(0, 1))
+    return (loss, correct, z, d_emb_vD, d_bias_v), (nll_BK, dx_BKD)
 
   zero = jnp.zeros((), jnp.float32)
-  carry = (zero, zero)
+  carry = (zero, zero, zero)
   if grads:
     carry += (jnp.zeros((v, d), jnp.float32), jnp.zeros((v,), jnp.float32))
   xs = (chunks(x_BXD), chunks(targets_BX), chunks(weights_BX.astype(jnp.float32)))
   carry, ys = jax.lax.scan(body, carry, xs)
   nll_BX = unchunk(ys[0] if grads else ys)
-  sums = Sums(_psum(carry[0], axes.batch), _psum(carry[1], axes.batch), nll_BX)
+  loss, correct = _psum(carry[0], axes.batch), _psum(carry[1], axes.batch)
+  z = _psum(carry[2], axes.batch) if z_loss else carry[2]
+  sums = Sums(loss + z_loss * z if z_loss else loss, correct, nll_BX, z)
   if not grads:
     return sums
   # Each vocabulary shard holds part of every token's d x: summed once, after the loop.
   dx_BXD = _psum(unchunk(ys[1]), axes.vocab).astype(x_BXD.dtype)
-  d_bias_v = _psum(carry[3], axes.batch) if bias_v is not None else None
-  return sums, (dx_BXD, _embedding_grad_to_shards(carry[2], axes), d_bias_v)
+  d_bias_v = _psum(carry[4], axes.batch) if bias_v is not None else None
+  return sums, (dx_BXD, _embedding_grad_to_shards(carry[3], axes), d_bias_v)
 
 
 def _runner(axes: _Axes | None, has_bias: bool, grads: bool, **static):
@@ -207,7 +219,7 @@ def _runner(axes: _Axes | None, has_bias: bool, grads: bool, **static):
   rows, vocab = axes.spec(axes.batch, ()), axes.spec(axes.vocab)
   emb = axes.spec(axes.vocab, axes.embed)
   bias = vocab if has_bias else None
-  sums = Sums(PartitionSpec(), PartitionSpec(), rows)
+  sums = Sums(PartitionSpec(), PartitionSpec(), rows, PartitionSpec())
   out = (sums, (axes.spec(axes.batch, (), ()), emb, bias)) if grads else sums
   # check_vma off: the scan's zero carries would need pvary, and every out spec is stated here.
   return jax.shard_map(
@@ -219,7 +231,7 @@ def _runner(axes: _Axes | None, has_bias: bool, grads: bool, **static):
 
 
 def cross_entropy_sums(
-  x_BXD, embedding_VD, bias_V, targets_BX, weights_BX, *, num_ids, dtype, chunk_len
+  x_BXD, embedding_VD, bias_V, targets_BX, weights_BX, *, num_ids, dtype, chunk_len, z_loss=0.0
 ) -> Sums:
   """Weighted softmax cross-entropy of `targets_BX` under logits x @ embedding.T (+ bias).
 
@@ -228,12 +240,16 @@ def cross_entropy_sums(
   padding and take no part in the softmax (or the argmax). Logits are float32 (a `dtype` matmul
   accumulated in float32), made `chunk_length(X, chunk_len)` positions at a time.
 
-  Only loss_sum carries a gradient (to x, embedding and bias); correct_sum and nll_BX are
-  stop_gradient'ed. The gradient pieces are made in the forward pass, chunk by chunk, so the
-  backward pass only scales them by the cotangent: no logits are recomputed.
+  With `z_loss` > 0, loss_sum adds PaLM's auxiliary z-loss, z_loss * sum(weights * lse^2) with
+  lse the logsumexp of each token's logits, which keeps the softmax normaliser near 1 (log 0);
+  z_sum is that sum of squares. Only loss_sum carries a gradient (to x, embedding and bias);
+  correct_sum, nll_BX and z_sum are stop_gradient'ed. The gradient pieces are made in the
+  forward pass, chunk by chunk, so the backward pass only scales them by the cotangent: no
+  logits are recomputed.
   """
   b, n = targets_BX.shape
-  static = dict(num_ids=num_ids, dtype=jnp.dtype(dtype), k=chunk_length(n, chunk_len))
+  k = chunk_length(n, chunk_len)
+  static = dict(num_ids=num_ids, dtype=jnp.dtype(dtype), k=k, z_loss=float(z_loss))
   axes, has_bias = _mesh_axes(b), bias_V is not None
 
   @jax.custom_vjp
@@ -251,4 +267,4 @@ def cross_entropy_sums(
 
   loss.defvjp(fwd, bwd)
   sums = loss(x_BXD, embedding_VD, bias_V, targets_BX, weights_BX)
-  return Sums(sums.loss_sum, *jax.lax.stop_gradient((sums.correct_sum, sums.nll_BX)))
+  return Sums(sums.loss_sum, *jax.lax.stop_gradient(tuple(sums[1:])))
