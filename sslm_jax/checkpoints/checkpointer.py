@@ -33,6 +33,7 @@ SHAPE_FIELDS = (
   "model.mlp_dim",
   "model.vocab_multiple",
   "model.param_dtype",
+  "opt.name",  # AdamW and Muon keep differently shaped optimizer states
 )
 # Recorded keys that fix array shapes beside the config fields: a fine-tuning head has one output
 # per label.
@@ -64,6 +65,7 @@ RUN_FIELDS = (
   "opt.schedule",
   "opt.decay_fraction",
   "opt.z_loss",
+  "opt.muon_learning_rate",
   "opt.final_lr_fraction",
   "opt.b1",
   "opt.b2",

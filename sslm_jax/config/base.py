@@ -125,8 +125,11 @@ def _model_defaults() -> ml_collections.ConfigDict:
 
 
 def _opt_defaults() -> ml_collections.ConfigDict:
-  """AdamW with warmup, then decay."""
+  """AdamW (or Muon) with warmup, then decay."""
   s = ml_collections.ConfigDict()
+  # 'adamw' | 'muon': Muon for the weight matrices and AdamW for the rest (training/muon.py).
+  s.name = "adamw"
+  s.muon_learning_rate = 0.0  # 'muon': the matrices' peak rate; 0: learning_rate
   s.learning_rate = 1e-3
   s.warmup_steps = 100
   s.warmup_fraction = 0.0  # > 0: warm up over this fraction of num_train_steps instead

@@ -235,6 +235,14 @@ def _validate_opt(c: ml_collections.ConfigDict) -> None:
     f"opt.decay={c.opt.decay!r}: use 'cosine', 'linear' or 'constant'.",
   )
   _require(
+    c.opt.name in ("adamw", "muon"),
+    f"opt.name={c.opt.name!r}: use 'adamw' or 'muon' (Muon for the weight matrices).",
+  )
+  _require(
+    isinstance(c.opt.muon_learning_rate, (int, float)) and c.opt.muon_learning_rate >= 0,
+    f"opt.muon_learning_rate={c.opt.muon_learning_rate!r} must be >= 0 (0: opt.learning_rate).",
+  )
+  _require(
     c.opt.schedule in ("warmup_decay", "wsd"),
     f"opt.schedule={c.opt.schedule!r}: use 'warmup_decay' or 'wsd' (warmup-stable-decay).",
   )

@@ -1,4 +1,5 @@
-"""Optax: global-norm clipping + AdamW with a decay mask, warmup then cosine/linear decay."""
+"""Optax: global-norm clipping + AdamW with a decay mask (or Muon for the weight matrices,
+training/muon.py), warmup then cosine/linear decay."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+
+from sslm_jax.training import muon
 
 # Weight decay by parameter role (the last name of its path), as in GPT-2 and BERT: matrices
 # decay; biases and LayerNorm parameters never do; embedding tables only when asked. A new
@@ -39,16 +42,18 @@ def decay_start(opt, num_train_steps: int) -> int:
   return max(warmup, num_train_steps - round(opt.decay_fraction * num_train_steps))
 
 
-def schedule(opt, num_train_steps: int) -> optax.Schedule:
+def schedule(opt, num_train_steps: int, peak: float | None = None) -> optax.Schedule:
   """Linear warmup from 0 to `learning_rate`, then decay to `final_lr_fraction` of it.
 
   The warmup is `warmup_fraction` of the run when that is set, else `warmup_steps`; a warmup
   longer than the run is cut to the run (config.validate warns about it). With
   opt.schedule='wsd' (warmup-stable-decay) the rate stays at its peak until the last
   opt.decay_fraction of the run: a longer run has the same rates up to the shorter one's decay,
-  so a run can be extended from a checkpoint of its stable phase.
+  so a run can be extended from a checkpoint of its stable phase. `peak` replaces
+  opt.learning_rate (Muon's own rate).
   """
-  peak, warmup = opt.learning_rate, min(warmup_steps(opt, num_train_steps), num_train_steps)
+  peak = opt.learning_rate if peak is None else peak
+  warmup = min(warmup_steps(opt, num_train_steps), num_train_steps)
   start = decay_start(opt, num_train_steps)
   decay = _decay(opt, peak, max(1, num_train_steps - start))
   if start == warmup:
@@ -109,15 +114,27 @@ def decay_mask(params: nnx.State, decay_embeddings: bool = False) -> nnx.State:
   )
 
 
-def make(opt, num_train_steps: int) -> optax.GradientTransformation:
-  return optax.chain(
-    optax.clip_by_global_norm(opt.grad_clip_norm),
-    optax.adamw(
-      schedule(opt, num_train_steps),
-      b1=opt.b1,
-      b2=opt.b2,
-      eps=opt.eps,
-      weight_decay=opt.weight_decay,
-      mask=lambda p: decay_mask(p, opt.decay_embeddings),
-    ),
+def _masked_decay_mask(params, decay_embeddings: bool):
+  """decay_mask of a tree in which optax.partition has masked out another part's leaves."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, v: v if muon.is_masked(v) else v.replace(_decays(path, decay_embeddings)),
+    params,
+    is_leaf=lambda x: isinstance(x, (nnx.Variable, optax.MaskedNode)),
   )
+
+
+def make(opt, num_train_steps: int) -> optax.GradientTransformation:
+  """Clipping, then AdamW (opt.name='adamw') or Muon on the matrices and AdamW on the rest."""
+  mask = decay_mask if opt.name == "adamw" else _masked_decay_mask
+  adamw = optax.adamw(
+    schedule(opt, num_train_steps),
+    b1=opt.b1,
+    b2=opt.b2,
+    eps=opt.eps,
+    weight_decay=opt.weight_decay,
+    mask=lambda p: mask(p, opt.decay_embeddings),
+  )
+  if opt.name == "muon":
+    peak = opt.muon_learning_rate or opt.learning_rate
+    adamw = muon.make(opt, schedule(opt, num_train_steps, peak), adamw)
+  return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), adamw)

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec
 
 from sslm_jax.models import transformer as model_lib
 from sslm_jax.models.config import ModelConfig
-from sslm_jax.training import sharding
+from sslm_jax.training import muon, sharding
 
 
 @struct.dataclass
@@ -63,9 +63,11 @@ def state_spec(model_cfg, seed, tx, mesh, rules, build=None) -> StateSpec:
   graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
   param_specs = sharding.param_specs(abstract_params, rules)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Optimizer state laid out as its parameter; a leaf that optax.partition masked out of one
+  # part's state (Muon's momentum of an embedding) stays the empty MaskedNode it is.
   opt_specs = optax.tree_map_params(
     tx,
-    lambda _, spec: spec,
+    lambda leaf, spec: leaf if muon.is_masked(leaf) else spec,
     abstract_opt,
     param_specs,
     transform_non_params=lambda _: PartitionSpec(),
