@@ -69,7 +69,7 @@ def _example_dict(e) -> dict:
 
 def _finetuning(c, augmentation, n: int) -> list[dict]:
   # The fine-tuning stack (optax, the training loop), for fine-tuning configs only.
-  from sslm_jax.finetune import labelled
+  from sslm_jax.data import labelled
   from sslm_jax.finetune import loop as finetune
 
   try:

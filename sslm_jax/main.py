@@ -31,7 +31,7 @@ from sslm_jax.checkpoints import hf_config
 from sslm_jax.cluster import join as cluster
 from sslm_jax.cluster import lease as lease_lib
 from sslm_jax.cluster import topology as topology_lib
-from sslm_jax.finetune import labelled
+from sslm_jax.data import labelled
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.inference import sample as sample_lib
 from sslm_jax.training import hooks as hooks_lib

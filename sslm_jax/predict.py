@@ -2,7 +2,7 @@
 
   python -m sslm_jax.predict --workdir=runs/cls --input=dev.jsonl --output=predictions.jsonl
 
-Reads .jsonl/.csv/.tsv files as fine-tuning does (finetune/labelled.py; JSONL for texts that hold
+Reads .jsonl/.csv/.tsv files as fine-tuning does (data/labelled.py; JSONL for texts that hold
 newlines, as the built-in task's snippets do) and writes one JSON object
 per row: its text (and text_pair), the predicted `label` with every label's `probabilities`
 (classification) or the `value` (regression), and the row's `gold` label when it has one. A
@@ -21,8 +21,9 @@ from etils import epath
 
 from sslm_jax import commands
 from sslm_jax.checkpoints import restore
+from sslm_jax.data import labelled
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import labelled, tagging, task_model
+from sslm_jax.finetune import tagging, task_model
 
 flags.DEFINE_string("workdir", None, "Workdir of a fine-tuning run.")
 flags.DEFINE_string("input", None, "Labelled .jsonl/.csv/.tsv files (comma-separated, globs).")

@@ -5,9 +5,9 @@ from conftest import tiny_config
 
 from sslm_jax.config import augment_spec
 from sslm_jax.config.augment_spec import AugmentError
+from sslm_jax.data import labelled
 from sslm_jax.data.augment import apply as augment_data
 from sslm_jax.data.augment import transforms as augment_lib
-from sslm_jax.finetune import labelled
 
 PARAPHRASER = """
 CALLS = []

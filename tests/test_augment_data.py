@@ -12,8 +12,8 @@ from test_api import fabricated_workdir, run_python
 from sslm_jax import config as config_lib
 from sslm_jax.config import augment_spec
 from sslm_jax.config.augment_spec import AugmentError
+from sslm_jax.data import labelled
 from sslm_jax.data.augment import apply as augment_data
-from sslm_jax.finetune import labelled
 
 SYLLABLES = "ka lo mi ne ru sa to vi be da fo gu".split()
 

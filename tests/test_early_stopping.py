@@ -15,8 +15,9 @@ from test_finetune import _config, _mesh, _records, task_dir  # noqa: F401 (a fi
 import sslm_jax
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import restore
+from sslm_jax.data import labelled
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import early_stopping, labelled
+from sslm_jax.finetune import early_stopping
 from sslm_jax.finetune import loop as finetune
 
 EVERY, PATIENCE, STEPS = 4, 3, 60

@@ -14,7 +14,8 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
-from sslm_jax.finetune import heads, labelled, tasks
+from sslm_jax.data import labelled
+from sslm_jax.finetune import heads, tasks
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.models import transformer as model_lib
 from sslm_jax.tokenizer import files as tokenizer_files

@@ -13,8 +13,8 @@ import sslm_jax
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
 from sslm_jax.checkpoints import saved_tree
+from sslm_jax.data import labelled
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import labelled
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.tokenizer import files as tokenizer_files
 

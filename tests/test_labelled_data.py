@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from sslm_jax.finetune import labelled
-from sslm_jax.finetune.labelled import Example, LabelledDataError, LabelVocab, read_examples
+from sslm_jax.data import labelled
+from sslm_jax.data.labelled import Example, LabelledDataError, LabelVocab, read_examples
 
 
 def _write(tmp_path, name, content, mode="w"):
@@ -280,7 +280,7 @@ def test_reading_labelled_files_does_not_import_tensorflow(tmp_path):
   path = _write(tmp_path, "a.jsonl", _jsonl({"text": "a", "label": 1}))
   code = (
     "import sys\n"
-    "from sslm_jax.finetune import labelled\n"
+    "from sslm_jax.data import labelled\n"
     f"labelled.read_examples({path!r}, 'classification')\n"
     "sys.exit(int(any(m.split('.')[0] == 'tensorflow' for m in sys.modules)))\n"
   )

@@ -4,7 +4,7 @@ The layer order is written once, in sslm_jax/__init__.py's docstring; these test
 and check every import in sslm_jax/ against it, function-level imports included:
 - a module imports only its own package and the layers listed before it;
 - no module imports itself back through a cycle;
-- only data/ (and finetune's TFDS reader) imports TensorFlow, and every module that does not
+- only data/ imports TensorFlow, and every module that does not
   reach it through its top-level imports really loads without it;
 - a function-level import says why it is one (a comment on its line or the line above);
 - no module uses another module's private (`_name`) names.
@@ -26,8 +26,6 @@ PACKAGE = ROOT / "sslm_jax"
 TENSORFLOW = ("tensorflow", "tensorflow_datasets")
 # Libraries a module imports inside a function for their cost; the comment says so.
 COSTLY = (*TENSORFLOW, "torch", "transformers", "apache_beam", "tensorboardX")
-# finetune/ reads labelled datasets from the TFDS catalog; everything else with TensorFlow is data/.
-TENSORFLOW_OUTSIDE_DATA = ("sslm_jax.finetune.labelled_tfds",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,9 +195,7 @@ def test_no_import_cycles(found):
 
 def test_only_data_imports_tensorflow(found):
   importers = {i.source for i in found if i.target in TENSORFLOW}
-  stray = sorted(
-    m for m in importers if not m.startswith("sslm_jax.data") and m not in TENSORFLOW_OUTSIDE_DATA
-  )
+  stray = sorted(m for m in importers if not m.startswith("sslm_jax.data."))
   assert importers and stray == []
 
 

@@ -6,8 +6,8 @@ import re
 import pytest
 
 from sslm_jax import config as config_lib
+from sslm_jax.data.labelled import LabelledDataError
 from sslm_jax.finetune import loop as finetune
-from sslm_jax.finetune.labelled import LabelledDataError
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,10 @@ from test_finetune import _mesh, _records
 from test_tagging import _config, tag_dir  # noqa: F401 (a fixture)
 
 import sslm_jax
+from sslm_jax.data import labelled
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import labelled, tagging, task_model
 from sslm_jax.finetune import loop as finetune
+from sslm_jax.finetune import tagging, task_model
 from sslm_jax.tokenizer import files as tokenizer_files
 
 STEPS, EVERY = 16, 8

@@ -13,8 +13,9 @@ from test_finetune import _FILLER, _mesh, _pretrained_workdir, _records
 from test_main import _main
 
 from sslm_jax import config as config_lib
-from sslm_jax.finetune import labelled, tagging, tasks
+from sslm_jax.data import labelled
 from sslm_jax.finetune import loop as finetune
+from sslm_jax.finetune import tagging, tasks
 from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 from sslm_jax.training import optimizer as optim

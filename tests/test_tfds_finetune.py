@@ -11,8 +11,7 @@ from test_finetune import _config, _records, _texts
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
-from sslm_jax.data import corpus
-from sslm_jax.finetune import labelled
+from sslm_jax.data import corpus, labelled
 from sslm_jax.finetune import loop as finetune
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 from sslm_jax.training import sharding

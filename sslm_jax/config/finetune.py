@@ -1,7 +1,7 @@
 """The fine-tuning section of the config (`c.finetune`): its defaults and its checks.
 
 sslm_jax.config builds and validates the whole config; this module holds the part only
-fine-tuning runs read (finetune/heads.py, finetune/loop.py, finetune/labelled*.py), with the
+fine-tuning runs read (finetune/heads.py, finetune/loop.py, data/labelled*.py), with the
 tables of legal values its checks need: the metrics each task writes (which
 finetune/early_stopping.py tracks) and the forms of finetune.class_weights (which
 finetune/class_weights.py turns into weights).
@@ -20,11 +20,11 @@ def defaults() -> ml_collections.ConfigDict:
   s.task = ""  # '' | classification | pair_classification | regression | tagging
   s.init_from = ""  # a workdir of ours whose parameters start the encoder ('' = random)
   s.init_step = 0  # its checkpoint to load; 0: the newest
-  # Labelled .jsonl/.csv/.tsv (see finetune/labelled.py); empty: the built-in task
+  # Labelled .jsonl/.csv/.tsv (see data/labelled.py); empty: the built-in task
   # (finetune/tasks.py).
   s.train_files = ""
   s.eval_files = ""
-  # Or a TensorFlow Datasets dataset (see finetune/labelled_tfds.py), e.g. glue/sst2, read from
+  # Or a TensorFlow Datasets dataset (see data/labelled_tfds.py), e.g. glue/sst2, read from
   # data.tfds_data_dir. Empty text keys: found by name (sentence1+sentence2, ..., sentence, text).
   s.tfds_name = ""
   s.tfds_train_split = "train"

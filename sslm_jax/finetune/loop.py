@@ -7,7 +7,7 @@ What differs from pretraining is an Objective (training/hooks.py's seam): the mo
 task's (finetune/build.py: heads.Classifier, or tagging.Tagger), the loss the task's, eval
 gathers predictions for task_metrics, and step 0 starts from the encoder of `finetune.init_from`
 (one of our pretraining workdirs) or `init_from_hf` (finetune/sources.py). The data (numpy only)
-is finetune/tasks.py and finetune/labelled.py. The workdir is self-contained: the label
+is finetune/tasks.py and data/labelled.py. The workdir is self-contained: the label
 vocabulary is saved as WORKDIR/labels.json, the tokenizer copied in (tokenizer.model or
 tokenizer.json), and init_from recorded as an absolute path. Tagging (finetune.task='tagging')
 takes its features, model, loss and metrics from finetune/tagging.py. `prepare_finetuning` reads
@@ -37,6 +37,7 @@ from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
 from sslm_jax.checkpoints import hf
 from sslm_jax.cluster import join as cluster
+from sslm_jax.data import labelled
 from sslm_jax.data.augment import apply as augment_data
 from sslm_jax.finetune import (
   build,
@@ -44,7 +45,6 @@ from sslm_jax.finetune import (
   freeze,
   heads,
   keep_best,
-  labelled,
   labelled_cache,
   tagging,
   tasks,
@@ -135,7 +135,7 @@ def task_examples(config) -> tuple[list, list]:
   task's."""
   f = config.finetune
   if f.tfds_name:
-    from sslm_jax.finetune import labelled_tfds  # imports TensorFlow: only for a TFDS dataset
+    from sslm_jax.data import labelled_tfds  # imports TensorFlow: only for a TFDS dataset
 
     return labelled_tfds.read_examples(config)
   if not f.train_files:
@@ -172,7 +172,7 @@ def _finetune_record(config) -> dict:
   record = {k: v for k, v in record.items() if v or k not in _RECORDED_WHEN_SET}
   if not f.tfds_name:
     return {k: v for k, v in record.items() if not k.startswith("tfds_")}
-  from sslm_jax.finetune import labelled_tfds  # imports TensorFlow: only for a TFDS dataset
+  from sslm_jax.data import labelled_tfds  # imports TensorFlow: only for a TFDS dataset
 
   return {**record, "tfds_dataset": labelled_tfds.dataset_name(config)}
 

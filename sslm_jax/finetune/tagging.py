@@ -1,7 +1,7 @@
 """Token classification (tagging): its features, a head on every position of the encoder's hidden
 states, its loss and its metrics.
 
-Features (numpy only): `text.split()` gives the words (finetune/labelled.py checks one label per
+Features (numpy only): `text.split()` gives the words (data/labelled.py checks one label per
 word). Each word is encoded on its own, so the word -> pieces mapping is exact: with our
 SentencePiece tokenizer (dummy prefix, pieces never cross a space) the concatenated pieces are
 exactly those of the single-spaced text. A Hugging Face tokenizer.json also encodes each word on
@@ -36,9 +36,9 @@ import optax
 from absl import logging
 from flax import nnx
 
+from sslm_jax.data.labelled import Example, LabelVocab
 from sslm_jax.finetune import heads
 from sslm_jax.finetune import metrics as task_metrics
-from sslm_jax.finetune.labelled import Example, LabelVocab
 from sslm_jax.models import transformer as model_lib
 from sslm_jax.models.config import ModelConfig
 from sslm_jax.models.layers import constrain, dense, dropout

@@ -32,8 +32,9 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import restore
+from sslm_jax.data import labelled
 from sslm_jax.errors import UsageError
-from sslm_jax.finetune import build, heads, labelled, tagging, tasks
+from sslm_jax.finetune import build, heads, tagging, tasks
 from sslm_jax.finetune import metrics as task_metrics
 
 SEQUENCE_TASKS = ("classification", "pair_classification", heads.REGRESSION)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from sslm_jax.data import permute
-from sslm_jax.finetune.labelled import Example, LabelVocab
+from sslm_jax.data.labelled import Example, LabelVocab
 
 BUILTIN_LABELS = ("def", "no_def")
 _SKIP_DIRS = frozenset(

@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from sslm_jax.data import corpus
-from sslm_jax.finetune.labelled import Example, LabelledDataError
+from sslm_jax.data.labelled import Example, LabelledDataError
 
 PAIR_KEYS = (
   ("sentence1", "sentence2"),
