@@ -4,15 +4,15 @@ AdamW on the rest; its state is sharded as the parameters are, and a resumed run
 import jax
 import numpy as np
 import pytest
-from conftest import synthetic_batch, tiny_config
+from conftest import tiny_config
 from flax import nnx
 from jax.sharding import PartitionSpec
 from optax.contrib import MuonDimensionNumbers as Dims
+from test_train import Killed, _run
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
 from sslm_jax.models import transformer as model_lib
-from sslm_jax.training import hooks as hooks_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import muon, plan, sharding
 from sslm_jax.training import optimizer as optim
@@ -71,22 +71,12 @@ def test_muon_orthogonalises_each_layer_of_a_scanned_kernel_on_its_own():
   assert not np.any(np.asarray(embedding))  # AdamW, no gradient, no decay of embeddings
 
 
-class Killed(Exception):
-  pass
-
-
-def _run(config, workdir, kill_at=None):
-  def batches(start_step):
-    for step in range(start_step, kill_at or 10**9):
-      yield synthetic_batch(config, seed=step)
-    raise Killed
-
-  hooks = hooks_lib.DataHooks(train_batches=batches, eval_batches=None)
-  mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:4])
-  fp = checkpoint.fingerprint(config)
-  train.train_and_evaluate(config, str(workdir), mesh, hooks, fp)
-  state, spec = train.init_or_restore(config, mesh, str(workdir), fp)[:2]
-  return state, spec
+def _run_on_4(config, workdir, kill_at=None):
+  """The run, then its final state and spec as a resume reads them, on 4 devices."""
+  devices = jax.devices()[:4]
+  _run(config, workdir, devices=devices, kill_at=kill_at)
+  mesh = sharding.make_mesh(config.mesh, devices=devices)
+  return train.init_or_restore(config, mesh, str(workdir), checkpoint.fingerprint(config))[:2]
 
 
 def test_muon_state_is_sharded_as_the_parameters_and_resumes_exactly(tmp_path):
@@ -95,10 +85,10 @@ def test_muon_state_is_sharded_as_the_parameters_and_resumes_exactly(tmp_path):
   config.log_every_steps = config.checkpoint_every_steps = 2
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 2
   config_lib.validate(config)
-  straight, spec = _run(config, tmp_path / "straight")
+  straight, spec = _run_on_4(config, tmp_path / "straight")
   with pytest.raises(Killed):
-    _run(config, tmp_path / "resumed", kill_at=2)
-  resumed, _ = _run(config, tmp_path / "resumed")
+    _run_on_4(config, tmp_path / "resumed", kill_at=2)
+  resumed, _ = _run_on_4(config, tmp_path / "resumed")
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # The muon momentum of a kernel lies as the kernel does: split over fsdp and tensor.

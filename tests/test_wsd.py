@@ -4,11 +4,11 @@ run extended from a checkpoint of its stable phase trains exactly as a longer ru
 import jax
 import numpy as np
 import pytest
-from conftest import synthetic_batch, tiny_config
+from conftest import tiny_config
+from test_train import Killed, _run
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import checkpointer as checkpoint
-from sslm_jax.training import hooks as hooks_lib
 from sslm_jax.training import loop as train
 from sslm_jax.training import optimizer as optim
 from sslm_jax.training import sharding
@@ -59,23 +59,8 @@ def test_schedule_change_names_taken_steps_and_the_old_decay():
   assert "step 11:" in optim.schedule_change(opt, 100, 150, 40)
 
 
-class Killed(Exception):
-  pass
-
-
-def _run(config, workdir, kill_at=None):
-  def batches(start_step):
-    for step in range(start_step, kill_at or 10**9):
-      yield synthetic_batch(config, seed=step)
-    raise Killed  # the run dies while fetching the batch of step kill_at + 1
-
-  hooks = hooks_lib.DataHooks(train_batches=batches, eval_batches=None)
+def _params(config, workdir):
   mesh = sharding.make_mesh(config.mesh, devices=jax.devices()[:1])
-  train.train_and_evaluate(config, str(workdir), mesh, hooks, checkpoint.fingerprint(config))
-  return mesh
-
-
-def _params(config, workdir, mesh):
   state = train.init_or_restore(config, mesh, str(workdir), checkpoint.fingerprint(config))[0]
   return jax.tree.leaves(jax.device_get(state.params))
 
@@ -85,7 +70,7 @@ def test_extending_a_wsd_run_from_its_stable_phase_is_exact(tmp_path, caplog):
   config.opt.schedule, config.opt.decay_fraction = "wsd", 0.25
   config.log_every_steps = config.checkpoint_every_steps = 4
   config.num_train_steps = 12
-  mesh = _run(config, tmp_path / "straight")
+  _run(config, tmp_path / "straight")
   config.num_train_steps = 8  # decays from step 6
   with pytest.raises(Killed):
     _run(config, tmp_path / "extended", kill_at=4)
@@ -94,8 +79,8 @@ def test_extending_a_wsd_run_from_its_stable_phase_is_exact(tmp_path, caplog):
   assert "learning-rate schedule" not in caplog.text
   config.num_train_steps = 13  # resumed at step 12, past the decay of the 12-step schedule
   for a, b in zip(
-    _params(config, tmp_path / "straight", mesh),
-    _params(config, tmp_path / "extended", mesh),
+    _params(config, tmp_path / "straight"),
+    _params(config, tmp_path / "extended"),
     strict=True,
   ):
     np.testing.assert_array_equal(a, b)
