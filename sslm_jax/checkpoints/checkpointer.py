@@ -34,6 +34,10 @@ SHAPE_FIELDS = (
   "model.vocab_multiple",
   "model.param_dtype",
   "opt.name",  # AdamW and Muon keep differently shaped optimizer states
+  "model.family",  # resolved (config.family): 'auto' is recorded as the family it meant
+  "model.num_kv_heads",
+  "model.qk_norm",
+  "model.tie_embeddings",
 )
 # Recorded keys that fix array shapes beside the config fields: a fine-tuning head has one output
 # per label.
@@ -58,6 +62,11 @@ RUN_FIELDS = (
   "data.mlm_probability",
   "model.dropout_rate",
   "model.gelu",
+  "model.rope_base",
+  "model.rope_local_base",
+  "model.global_every",
+  "model.sliding_window",
+  "model.norm_epsilon",
   "opt.learning_rate",
   "opt.warmup_steps",
   "opt.warmup_fraction",
@@ -83,7 +92,17 @@ CHANGEABLE = RUN_FIELDS + DATA_KEYS
 # rebuilt cache is expected; otherwise a cache that would be rebuilt is itself a difference.
 _CACHE_INPUTS = ("objective", "tokenizer_sha256", "data_listing")
 # What a checkpoint written before a key was recorded implicitly had.
-_BEFORE_RECORDED = {"data_order": 1}
+_BEFORE_RECORDED = {
+  "data_order": 1,
+  "model.num_kv_heads": 0,
+  "model.qk_norm": False,
+  "model.tie_embeddings": True,
+  "model.rope_base": 10000.0,
+  "model.rope_local_base": 10000.0,
+  "model.global_every": 1,
+  "model.sliding_window": 0,
+  "model.norm_epsilon": 0.0,
+}
 _NOTES = {
   "data_order": "order 1 is NumPy's generator, whose stream may change with NumPy; order 2 is "
   "sslm_jax's own keyed permutation. Resuming reorders the rest of the data",
@@ -102,6 +121,7 @@ def fingerprint(config, data_record: dict | None = None) -> dict:
   if "data.mixture" in fp:
     fp["data.mixture"] = config.data.mixture.to_dict()
   fp["positions"] = config_lib.positions(config)
+  fp["model.family"] = config_lib.family(config)
   fp.update(data_record or {})
   return fp
 
@@ -169,6 +189,8 @@ def check_fingerprint(
   saved = {**_BEFORE_RECORDED, **saved}
   if "positions" not in saved and "data.seq_len" in saved:  # written when seq_len sized the table
     saved["positions"] = saved["data.seq_len"]
+  if "model.family" not in saved and "objective" in saved:  # written before the rotary families
+    saved["model.family"] = "gpt2" if saved["objective"] == "causal_lm" else "bert"
   saved = _absolute_init_from(saved)
   differing = [k for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
   explained = any(k.startswith("data.") or k in _CACHE_INPUTS for k in differing)

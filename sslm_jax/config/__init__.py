@@ -23,9 +23,11 @@ from sslm_jax.config.checks import (
   validate,
 )
 from sslm_jax.config.derived import (
+  FAMILIES,
   SPLASH_LANES,
   attention_impl,
   compute_dtype,
+  family,
   gelu_form,
   gpu_capability,
   model_config,
@@ -40,6 +42,7 @@ __all__ = [
   "ATTENTION_IMPLS",
   "DETERMINISTIC_XLA_FLAG",
   "DTYPES",
+  "FAMILIES",
   "GELU_FORMS",
   "OBJECTIVES",
   "SOURCES",
@@ -49,6 +52,7 @@ __all__ = [
   "closest_field",
   "compute_dtype",
   "defaults",
+  "family",
   "field_names",
   "gelu_form",
   "gpu_capability",

@@ -90,6 +90,10 @@ def _data_defaults() -> ml_collections.ConfigDict:
 def _model_defaults() -> ml_collections.ConfigDict:
   """The Transformer's shape and numerics."""
   s = ml_collections.ConfigDict()
+  # auto (gpt2 for causal_lm, bert for masked_lm) | gpt2 | bert | llama (causal_lm: rotary
+  # positions, RMSNorm, SwiGLU, grouped-query attention, no biases) | modernbert (masked_lm: rotary
+  # positions, GeGLU, pre-norm, no biases, global and sliding-window layers); models/modern.py.
+  s.family = "auto"
   s.num_layers = 2
   s.num_heads = 4
   s.emb_dim = 128
@@ -119,6 +123,18 @@ def _model_defaults() -> ml_collections.ConfigDict:
   # chunks hold less memory at once (for a large vocabulary), and each re-reads the embedding.
   s.loss_chunk_len = 0
   s.gelu = "auto"  # auto (tanh for causal_lm like GPT-2, erf for masked_lm like BERT) | tanh | erf
+  # The rotary families (llama, modernbert) only:
+  s.num_kv_heads = 0  # heads of keys and values (grouped-query attention; 1: multi-query); 0: all
+  s.rope_base = 10000.0  # rotary base (theta); modernbert's global layers
+  s.rope_local_base = 10000.0  # modernbert's sliding-window layers
+  s.qk_norm = False  # llama: RMSNorm on queries and keys (Qwen3, OLMo-2)
+  s.tie_embeddings = True  # llama: False gives the output projection its own [vocab, width] table
+  # modernbert: layer i attends globally when i % global_every == 0, else only to keys at most
+  # sliding_window // 2 positions away (0: every layer global). ModernBERT's are 3 and 128.
+  s.global_every = 1
+  s.sliding_window = 0
+  # Epsilon of every LayerNorm/RMSNorm; 0: the family's (1e-12 bert, 1e-5 the others).
+  s.norm_epsilon = 0.0
   # Documents per row that cuDNN's packed layout holds; 0: measured on the data at start.
   s.max_segments_per_row = 0
   return s

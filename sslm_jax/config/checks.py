@@ -146,6 +146,7 @@ def _validate_model(c: ml_collections.ConfigDict) -> None:
     "and GPU, float32 on CPU).",
   )
   _validate_attention(c)
+  _validate_family(c)
   drop, impl = c.model.attention_dropout, c.model.attention_impl
   _require(0.0 <= drop < 1.0, f"model.attention_dropout={drop} must lie in [0, 1).")
   _require(
@@ -162,6 +163,61 @@ def _validate_model(c: ml_collections.ConfigDict) -> None:
     f"model.max_segments_per_row={c.model.max_segments_per_row}: use 0 (measure on the data) "
     "or a positive bound.",
   )
+
+
+def _validate_family(c: ml_collections.ConfigDict) -> None:
+  m = c.model
+  _require(
+    m.family == "auto" or m.family in derived.FAMILIES,
+    f"model.family={m.family!r}: use one of auto, {', '.join(derived.FAMILIES)}.",
+  )
+  family = derived.family(c)
+  causal = family in derived.CAUSAL_FAMILIES
+  _require(
+    causal == (c.objective == "causal_lm"),
+    f"model.family={family!r} is a {'causal_lm' if causal else 'masked_lm'} model, not "
+    f"{c.objective}; set --config.objective={'causal_lm' if causal else 'masked_lm'} or choose "
+    f"model.family {'llama or gpt2' if c.objective == 'causal_lm' else 'modernbert or bert'}.",
+  )
+  rotary = family in ("llama", "modernbert")
+  kv = m.num_kv_heads or m.num_heads
+  _require(
+    isinstance(m.num_kv_heads, int) and m.num_kv_heads >= 0 and m.num_heads % kv == 0,
+    f"model.num_kv_heads={m.num_kv_heads!r} must divide model.num_heads={m.num_heads} "
+    "(0: as many as the query heads).",
+  )
+  head_dim = m.emb_dim // m.num_heads
+  _require(
+    not rotary or head_dim % 2 == 0,
+    f"rotary positions need an even head width, not emb_dim / num_heads = {head_dim}.",
+  )
+  _require(m.rope_base > 0 and m.rope_local_base > 0, "model.rope_base must be positive.")
+  _require(
+    isinstance(m.global_every, int) and m.global_every >= 1,
+    f"model.global_every={m.global_every!r} must be 1 (every layer global) or more.",
+  )
+  _require(
+    isinstance(m.sliding_window, int) and m.sliding_window >= 0,
+    f"model.sliding_window={m.sliding_window!r} must be 0 (none) or a window in positions.",
+  )
+  _require(m.norm_epsilon >= 0, f"model.norm_epsilon={m.norm_epsilon} must be 0 or positive.")
+  # Each option a family does not have is named, never silently ignored.
+  own = {
+    "num_kv_heads": family == "llama" or m.num_kv_heads in (0, m.num_heads),
+    "qk_norm": family == "llama" or not m.qk_norm,
+    "tie_embeddings": family == "llama" or m.tie_embeddings,
+    "sliding_window": family == "modernbert" or not m.sliding_window,
+    "global_every": family == "modernbert" or m.global_every == 1,
+    "rope_base": rotary or m.rope_base == 10000.0,
+    "rope_local_base": family == "modernbert" or m.rope_local_base == 10000.0,
+  }
+  for name, ok in own.items():
+    _require(
+      ok,
+      f"model.{name}={m[name]!r} is not an option of model.family={family!r}; leave it at its "
+      "default or choose the family that has it (llama: num_kv_heads, qk_norm, tie_embeddings, "
+      "rope_base; modernbert: sliding_window, global_every, rope_base, rope_local_base).",
+    )
 
 
 def _validate_attention(c: ml_collections.ConfigDict) -> None:

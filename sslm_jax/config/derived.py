@@ -24,10 +24,27 @@ def positions(c: ml_collections.ConfigDict) -> int:
   return c.model.max_positions or c.data.seq_len
 
 
+FAMILIES = ("gpt2", "bert", "llama", "modernbert")
+CAUSAL_FAMILIES = ("gpt2", "llama")
+
+
+def family(c: ml_collections.ConfigDict) -> str:
+  """model.family with 'auto' resolved: gpt2 for causal_lm, bert for masked_lm."""
+  if c.model.family != "auto":
+    return c.model.family
+  return "gpt2" if c.objective == "causal_lm" else "bert"
+
+
+def norm_epsilon(c: ml_collections.ConfigDict) -> float:
+  """model.norm_epsilon, or the family's: BERT's 1e-12, 1e-5 for the others."""
+  if c.model.norm_epsilon:
+    return float(c.model.norm_epsilon)
+  return 1e-12 if family(c) == "bert" else 1e-5
+
+
 def model_config(c: ml_collections.ConfigDict, platform: str | None = None) -> ModelConfig:
   """The frozen model description the model code takes (never the ConfigDict), with 'auto'
   fields resolved for `platform` ('cpu', 'gpu', 'tpu'; default: JAX's backend here)."""
-  causal = c.objective == "causal_lm"
   return ModelConfig(
     objective=c.objective,
     vocab_size=padded_vocab_size(c),
@@ -40,7 +57,7 @@ def model_config(c: ml_collections.ConfigDict, platform: str | None = None) -> M
     attention_dropout=float(c.model.attention_dropout),
     dtype=compute_dtype(c, platform),
     param_dtype=c.model.param_dtype,
-    layer_norm_epsilon=1e-5 if causal else 1e-12,
+    layer_norm_epsilon=norm_epsilon(c),
     scan_layers=bool(c.model.scan_layers),
     remat_policy=c.model.remat_policy,
     attention_impl=attention_impl(c, platform),
@@ -50,6 +67,14 @@ def model_config(c: ml_collections.ConfigDict, platform: str | None = None) -> M
     max_segments=max(1, c.model.max_segments_per_row),
     real_vocab_size=c.data.vocab_size,
     gelu=gelu_form(c),
+    family=family(c),
+    num_kv_heads=c.model.num_kv_heads,
+    rope_base=float(c.model.rope_base),
+    rope_local_base=float(c.model.rope_local_base),
+    qk_norm=bool(c.model.qk_norm),
+    tie_embeddings=bool(c.model.tie_embeddings),
+    sliding_window=c.model.sliding_window,
+    global_every=c.model.global_every,
   )
 
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sslm_jax.models.config import ModelConfig
-from sslm_jax.models.layers import PADDING_LOGIT, constrain, dense, dropout
+from sslm_jax.models.layers import PADDING_LOGIT, constrain, dense, dropout, rms_norm
+from sslm_jax.models.rotary import Rotation, rotate
 
 
 class Attention(nnx.Module):
@@ -27,24 +28,42 @@ class Attention(nnx.Module):
     if cfg.attention_dropout and cfg.attention_impl != "xla":  # config/checks.py says so to users
       raise ValueError(f"attention_dropout needs the XLA attention, not {cfg.attention_impl}")
     self.cfg = cfg
-    d, n, h = cfg.emb_dim, cfg.num_heads, cfg.head_dim
+    d, n, h, k = cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.kv_heads
+    bias = (lambda *shape: None) if cfg.rotary else (lambda *shape: shape)
     qkv = dict(names=("embed", "heads", "kv"), bias_names=("heads", "kv"), std=cfg.init_std)
-    self.query = dense(cfg, "BTD,DNH->BTNH", (d, n, h), (n, h), **qkv, rngs=rngs)
-    self.key = dense(cfg, "BTD,DNH->BTNH", (d, n, h), (n, h), **qkv, rngs=rngs)
-    self.value = dense(cfg, "BTD,DNH->BTNH", (d, n, h), (n, h), **qkv, rngs=rngs)
+    self.query = dense(cfg, "BTD,DNH->BTNH", (d, n, h), bias(n, h), **qkv, rngs=rngs)
+    self.key = dense(cfg, "BTD,DNH->BTNH", (d, k, h), bias(k, h), **qkv, rngs=rngs)
+    self.value = dense(cfg, "BTD,DNH->BTNH", (d, k, h), bias(k, h), **qkv, rngs=rngs)
     # GPT-2 scales residual projections by 1/sqrt(2L) at init.
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.causal else cfg.init_std
     self.out = dense(
-      cfg, "BTNH,NHD->BTD", (n, h, d), (d,), ("heads", "kv", "embed"), ("embed",),
+      cfg, "BTNH,NHD->BTD", (n, h, d), bias(d), ("heads", "kv", "embed"), ("embed",),
       std=out_std, rngs=rngs,
     )  # fmt: skip
+    if cfg.qk_norm:  # one RMSNorm over the head width, shared by the heads (Qwen3, OLMo-2 style)
+      self.query_norm = rms_norm(cfg, h, ("kv",), rngs=rngs)
+      self.key_norm = rms_norm(cfg, h, ("kv",), rngs=rngs)
 
-  def __call__(self, x_BTD, segments, dropout_key=None):
+  def __call__(self, x_BTD, segments, dropout_key=None, rot: Rotation | None = None, local=None):
+    """`rot`: the rotary angles (rotary families); `local`: a traced bool, True in a layer that
+    attends within cfg.sliding_window only."""
     names = ("act_batch", "act_len", "act_heads", None)
-    q_BTNH = constrain(self.query(x_BTD), names)
-    k_BSNH = constrain(self.key(x_BTD), names)
-    v_BSNH = constrain(self.value(x_BTD), names)
     cfg = self.cfg
+    q_BTNH = constrain(self.query(x_BTD), names)
+    k_BSKH = constrain(self.key(x_BTD), names)
+    v_BSKH = constrain(self.value(x_BTD), names)
+    if cfg.qk_norm:
+      q_BTNH = self.query_norm(q_BTNH).astype(x_BTD.dtype)
+      k_BSKH = self.key_norm(k_BSKH).astype(x_BTD.dtype)
+    if rot is not None:
+      q_BTNH, k_BSKH = rotate(q_BTNH, rot), rotate(k_BSKH, rot)
+    if cfg.windowed and cfg.attention_impl == "xla":
+      segments = window_mask(segments, cfg.sliding_window, local)
+    if cfg.attention_impl != "xla" or (dropout_key is not None and cfg.attention_dropout > 0):
+      # The fused kernels and the written-out XLA path take as many key/value heads as queries.
+      k_BSNH, v_BSNH = repeat_kv(k_BSKH, cfg), repeat_kv(v_BSKH, cfg)
+    else:
+      k_BSNH, v_BSNH = k_BSKH, v_BSKH  # jax.nn.dot_product_attention groups the heads itself
     if cfg.attention_impl == "splash":
       # Imported here: only TPU programs (and their CPU tests) load the Pallas TPU kernels.
       from sslm_jax.models.splash import splash_attention
@@ -65,6 +84,22 @@ class Attention(nnx.Module):
         q_BTNH, k_BSNH, v_BSNH, mask=segments, is_causal=cfg.causal, implementation="xla"
       )
     return self.out(out_BTNH)
+
+
+def repeat_kv(x_BSKH, cfg: ModelConfig):
+  """Grouped keys or values repeated to one per query head (head n reads group n // (N / K))."""
+  if cfg.kv_heads == cfg.num_heads:
+    return x_BSKH
+  return jnp.repeat(x_BSKH, cfg.num_heads // cfg.kv_heads, axis=2)
+
+
+def window_mask(mask_B1TS, window: int, local):
+  """The dense mask of a layer that may be windowed: where `local` holds, keys more than
+  window // 2 positions from the query are dropped (ModernBERT's local attention)."""
+  t, s = mask_B1TS.shape[-2:]
+  distance_TS = jnp.abs(jnp.arange(t)[:, None] - jnp.arange(s)[None, :])
+  near_TS = distance_TS <= window // 2
+  return mask_B1TS & (near_TS | jnp.logical_not(local))
 
 
 def dropout_attention(q_BTNH, k_BSNH, v_BSNH, mask_B1TS, *, causal: bool, rate: float, key):

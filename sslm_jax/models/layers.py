@@ -53,6 +53,7 @@ def _normal(std):
 
 
 def dense(cfg, spec, kernel_shape, bias_shape, names, bias_names, *, std, rngs):
+  """An einsum layer; bias_shape None: no bias."""
   return nnx.Einsum(
     spec,
     kernel_shape,
@@ -66,16 +67,37 @@ def dense(cfg, spec, kernel_shape, bias_shape, names, bias_names, *, std, rngs):
   )
 
 
-def layer_norm(cfg, *, rngs):
+def layer_norm(cfg, *, rngs, use_bias: bool = True):
   return nnx.LayerNorm(
     cfg.emb_dim,
     epsilon=cfg.layer_norm_epsilon,
     dtype=jnp.float32,
     param_dtype=cfg.param_dtype,
+    use_bias=use_bias,
     scale_metadata={"out_sharding": ("embed",)},
     bias_metadata={"out_sharding": ("embed",)},
     rngs=rngs,
   )
+
+
+def rms_norm(cfg, size: int, names: tuple[str, ...], *, rngs):
+  """RMSNorm in float32 (Llama's; Hugging Face's LlamaRMSNorm computes the same in float32)."""
+  return nnx.RMSNorm(
+    size,
+    epsilon=cfg.layer_norm_epsilon,
+    dtype=jnp.float32,
+    param_dtype=cfg.param_dtype,
+    scale_metadata={"out_sharding": names},
+    rngs=rngs,
+  )
+
+
+def model_norm(cfg, *, rngs):
+  """The family's norm over the model width: RMSNorm (llama), LayerNorm without bias
+  (modernbert), LayerNorm (gpt2, bert)."""
+  if cfg.family == "llama":
+    return rms_norm(cfg, cfg.emb_dim, ("embed",), rngs=rngs)
+  return layer_norm(cfg, rngs=rngs, use_bias=not cfg.rotary)
 
 
 def embed(cfg, num, names, std, *, rngs):

@@ -1,4 +1,5 @@
-"""GPT-2 and BERT Transformers in Flax NNX, sharing one block.
+"""GPT-2 and BERT Transformers in Flax NNX, sharing one block, and the Llama and ModernBERT
+families built on them from the rotary blocks of models/modern.py.
 
 The block's self-attention is in models/attention.py, generation's forward pass and KV cache in
 inference/decoder.py; the sharding constraint,
@@ -25,6 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from sslm_jax.models import layers, modern
 from sslm_jax.models.attention import Attention, attention_segments
 from sslm_jax.models.config import ModelConfig
 from sslm_jax.models.layers import PADDING_LOGIT, constrain, dense, dropout, embed, gelu, layer_norm
@@ -57,7 +59,8 @@ class Block(nnx.Module):
     self.mlp_norm = layer_norm(cfg, rngs=rngs)
     self.mlp = Mlp(cfg, rngs=rngs)
 
-  def __call__(self, x_BTD, segments, dropout_key=None):
+  def __call__(self, x_BTD, segments, dropout_key=None, layer_index=None, rotations=None):
+    del layer_index, rotations  # the same in every GPT-2 and BERT layer; no rotary positions
     rate, dt = self.cfg.dropout_rate, x_BTD.dtype
     # A 3-way split keeps the first two keys of a 2-way one: residual dropout bits are unchanged.
     keys = (None,) * 3 if dropout_key is None else jax.random.split(dropout_key, 3)
@@ -84,42 +87,44 @@ _REMAT_POLICIES = {
 
 
 class Stack(nnx.Module):
-  """`num_layers` blocks stored with a leading `layers` axis and run with nnx.scan.
+  """`num_layers` blocks (of class `block`) stored with a leading `layers` axis and run with
+  nnx.scan; each block is also given its layer index and the rotary angles (if any).
 
   One parameter layout whatever the execution: `scan_layers=False` fully unrolls
   the scan (faster steps on some backends, compile time grows with depth).
   """
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, block=None):
     self.cfg = cfg
+    block = block or Block
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make_blocks(rngs):
-      return Block(cfg, rngs=rngs)
+      return block(cfg, rngs=rngs)
 
     self.blocks = make_blocks(rngs)
 
-  def __call__(self, x_BTD, segments, dropout_key=None):
+  def __call__(self, x_BTD, segments, dropout_key=None, rotations=None):
     cfg = self.cfg
     keys_L = None if dropout_key is None else jax.random.split(dropout_key, cfg.num_layers)
 
-    def layer(block, x_BTD, key):
-      return block(x_BTD, segments, key)
+    def layer(block, x_BTD, key, index):
+      return block(x_BTD, segments, key, index, rotations)
 
     if cfg.remat_policy != "none":
       layer = nnx.remat(layer, policy=_REMAT_POLICIES[cfg.remat_policy])
 
     @nnx.scan(
-      in_axes=(0, nnx.Carry, 0 if keys_L is not None else None),
+      in_axes=(0, nnx.Carry, 0 if keys_L is not None else None, 0),
       out_axes=nnx.Carry,
       unroll=1 if cfg.scan_layers else cfg.num_layers,
       transform_metadata={nnx.PARTITION_NAME: "layers"},
     )
-    def run(block, x_BTD, key):
-      return layer(block, x_BTD, key)
+    def run(block, x_BTD, key, index):
+      return layer(block, x_BTD, key, index)
 
-    return run(self.blocks, x_BTD, keys_L)
+    return run(self.blocks, x_BTD, keys_L, jnp.arange(cfg.num_layers))
 
 
 class HeadInputs(NamedTuple):
@@ -187,10 +192,11 @@ class MlmHead(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d = cfg.emb_dim
+    bias = None if cfg.rotary else (d,)  # ModernBERT's head has no bias but the decoder's
     self.transform = dense(
-      cfg, "BPD,DE->BPE", (d, d), (d,), ("embed", "mlp"), ("mlp",), std=cfg.init_std, rngs=rngs
+      cfg, "BPD,DE->BPE", (d, d), bias, ("embed", "mlp"), ("mlp",), std=cfg.init_std, rngs=rngs
     )
-    self.norm = layer_norm(cfg, rngs=rngs)
+    self.norm = layer_norm(cfg, rngs=rngs, use_bias=not cfg.rotary)
     self.decoder_bias = nnx.Param(
       jnp.zeros((cfg.vocab_size,), cfg.param_dtype), out_sharding=("vocab",)
     )
@@ -270,9 +276,68 @@ class BERT(nnx.Module):
     return HeadInputs(h_BPD, self.token_embed.embedding[...], self.mlm_head.decoder_bias[...])
 
 
-def build(cfg: ModelConfig, seed: int) -> GPT | BERT:
-  """A fresh model. Shardings are applied by the caller (see training/state.py)."""
-  cls = GPT if cfg.causal else BERT
+class Llama(GPT):
+  """Llama: token embedding, RMSNorm pre-norm blocks with rotary GQA attention and SwiGLU,
+  final RMSNorm, tied or untied output embedding (`lm_head`, [V, D])."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.token_embed = embed(cfg, cfg.vocab_size, ("vocab", "embed"), cfg.init_std, rngs=rngs)
+    self.stack = Stack(cfg, rngs=rngs, block=modern.ModernBlock)
+    self.final_norm = layers.model_norm(cfg, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = embed(cfg, cfg.vocab_size, ("vocab", "embed"), cfg.init_std, rngs=rngs)
+
+  def hidden(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None):
+    cfg = self.cfg
+    k_embed, k_stack = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    x_BTD = dropout(self.token_embed(inputs_BT).astype(cfg.dtype), cfg.dropout_rate, k_embed)
+    x_BTD = constrain(x_BTD, ("act_batch", "act_len", "act_embed"))
+    segments = attention_segments(cfg, segment_ids_BT)
+    x_BTD = self.stack(x_BTD, segments, k_stack, modern.rotations(cfg, positions_BT))
+    return self.final_norm(x_BTD)
+
+  def output_embedding(self):
+    """The [V, D] output projection: the input embedding when tied, else lm_head."""
+    table = self.token_embed if self.cfg.tie_embeddings else self.lm_head
+    return table.embedding[...]
+
+  def head_inputs(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None):
+    x_BTD = self.hidden(inputs_BT, positions_BT, segment_ids_BT, dropout_key)
+    return HeadInputs(x_BTD.astype(self.cfg.dtype), self.output_embedding(), None)
+
+
+class ModernBert(BERT):
+  """ModernBERT: token embedding + LayerNorm, pre-norm blocks with rotary attention (global
+  every cfg.global_every layers, sliding-window between) and GeGLU, final LayerNorm, and the MLM
+  head on the masked slots (tied decoder plus bias). No token types: `token_types_BT` is
+  accepted and ignored."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.token_embed = embed(cfg, cfg.vocab_size, ("vocab", "embed"), cfg.init_std, rngs=rngs)
+    self.embed_norm = layers.model_norm(cfg, rngs=rngs)
+    self.stack = Stack(cfg, rngs=rngs, block=modern.ModernBlock)
+    self.final_norm = layers.model_norm(cfg, rngs=rngs)
+    self.mlm_head = MlmHead(cfg, rngs=rngs)
+
+  def hidden(self, inputs_BT, positions_BT, segment_ids_BT, dropout_key=None, token_types_BT=None):
+    """Contextual hidden states [B, T, D] (bidirectional within each packed segment)."""
+    del token_types_BT
+    cfg = self.cfg
+    k_embed, k_stack = (None, None) if dropout_key is None else jax.random.split(dropout_key)
+    x_BTD = self.embed_norm(self.token_embed(inputs_BT)).astype(cfg.dtype)
+    x_BTD = constrain(
+      dropout(x_BTD, cfg.dropout_rate, k_embed), ("act_batch", "act_len", "act_embed")
+    )
+    segments = attention_segments(cfg, segment_ids_BT)
+    x_BTD = self.stack(x_BTD, segments, k_stack, modern.rotations(cfg, positions_BT))
+    return self.final_norm(x_BTD).astype(cfg.dtype)
+
+
+def build(cfg: ModelConfig, seed: int) -> GPT | BERT | Llama | ModernBert:
+  """A fresh model of cfg.family. Shardings are applied by the caller (see training/state.py)."""
+  cls = {"gpt2": GPT, "bert": BERT, "llama": Llama, "modernbert": ModernBert}[cfg.family]
   with nnx.use_eager_sharding(False):
     return cls(cfg, rngs=nnx.Rngs(params=seed))
 
