@@ -11,7 +11,7 @@ every import against it, function-level ones included:
 
   errors        the one base class of the errors a user can fix (errors.py)
   cluster       joining processes, rendezvous, the workdir lease, preemption, TPU topologies
-  models        the Transformer: model config, layers, attention kernels, GPT and BERT, FLOPs
+  models        the Transformer: config, layers, attention, GPT-2, BERT, Llama, ModernBERT, FLOPs
   tokenizer     SentencePiece models and Hugging Face tokenizer.json files
   config        the run's ml_collections config: defaults, validation, derived values
   checkpoints   Orbax checkpoints, reading a workdir back, Hugging Face weights
