@@ -2,11 +2,12 @@
 
   python -m sslm_jax.export --workdir=runs/gpt_tiny --out=exports/gpt_tiny [--step=N]
 
-writes config.json and model.safetensors (GPT2LMHeadModel for causal_lm, BertForMaskedLM for
-masked_lm, at the tokenizer's vocabulary size), for causal_lm generation_config.json, and the
-tokenizer files, all with the special ids of the run's tokenizer, so that
-`transformers.AutoModelForCausalLM.from_pretrained(out)` (or AutoModelForMaskedLM) and
-`AutoTokenizer.from_pretrained(out)` load it. Writing needs no torch.
+writes config.json and model.safetensors (by model.family: GPT2LMHeadModel, BertForMaskedLM,
+LlamaForCausalLM or ModernBertForMaskedLM, at the tokenizer's vocabulary size), for causal_lm
+generation_config.json, and the tokenizer files, all with the special ids of the run's tokenizer,
+so that `transformers.AutoModelForCausalLM.from_pretrained(out)` (or AutoModelForMaskedLM) and
+`AutoTokenizer.from_pretrained(out)` load it. Writing needs no torch. A model its Hugging Face
+class cannot express (a llama with model.qk_norm) is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def export(workdir: str, out: str, step: int | None = None, overwrite: bool = Fa
       f"the tokenizer has {lm.tokenizer.vocab_size} ids but the model {cfg.num_ids}; "
       "restore the run's tokenizer file."
     )
+  hf_config.check_exportable(cfg)
   params = nnx.to_pure_dict(nnx.state(lm.model, nnx.Param))
   os.makedirs(out, exist_ok=True)
   hf.save(out, params, cfg, lm.tokenizer)

@@ -1,4 +1,5 @@
-"""Our GPT and BERT parameters as Hugging Face GPT2LMHeadModel / BertForMaskedLM files, both ways.
+"""Our parameters as Hugging Face GPT2LMHeadModel / BertForMaskedLM / LlamaForCausalLM /
+ModernBertForMaskedLM files (by model.family), both ways.
 
 A Hugging Face directory holds config.json and model.safetensors (or shards listed in
 model.safetensors.index.json). Writing needs no torch: arrays go through safetensors.numpy.
@@ -11,6 +12,8 @@ zeros (their logits are masked, so they never train).
 Layouts: GPT-2's Conv1D weights are stored [in, out] and attn.c_attn packs q, k and v on the
 output axis; BERT's nn.Linear weights are [out, in]. Heads split the width as (head, head_dim),
 the order of our [D, N, H] kernels. Both output embeddings are tied to the input embedding.
+The Llama and ModernBERT tensor tables (nn.Linear layouts; Llama's untied lm_head; ModernBERT's
+first layer without an attention norm) are checkpoints/hf_families.py's.
 
 config.json, and how it must match our config, is checkpoints/hf_config.py's.
 """
@@ -29,11 +32,24 @@ from flax import nnx
 
 from sslm_jax import config as config_lib
 from sslm_jax.checkpoints import hf_config as hf_config_lib
+from sslm_jax.checkpoints import hf_families
 from sslm_jax.models import transformer as model_lib
 from sslm_jax.models.config import ModelConfig
 
 # Hugging Face tensors that hold nothing we keep: tied copies, buffers, BERT's pooler and NSP head.
-_IGNORED = ("lm_head.weight", "cls.predictions.decoder.", "position_ids", "pooler.", "cls.seq_rel")
+_IGNORED = (
+  "lm_head.weight",
+  "cls.predictions.decoder.",
+  "decoder.weight",
+  "position_ids",
+  "pooler.",
+  "cls.seq_rel",
+)
+# Tied output weights per family: left out on export, checked equal to the input embedding.
+_TIED = {"gpt2": ("lm_head.weight",), "bert": ("cls.predictions.decoder.weight",)}
+_TIED.update(hf_families.TIED)
+# A checkpoint without these (BertModel, ModernBertModel) gets a new MLM head.
+_HEAD_PREFIXES = {"bert": ("cls.predictions.",), "modernbert": hf_families.HEAD_PREFIXES}
 
 
 # ---- parameters ------------------------------------------------------------------------------
@@ -91,16 +107,23 @@ _BERT = (
 )
 
 
+def _table(cfg: ModelConfig) -> tuple:
+  if cfg.rotary:
+    return hf_families.tensor_table(cfg)
+  return _GPT2 if cfg.causal else _BERT
+
+
 def _entries(cfg: ModelConfig):
   """(Hugging Face name, our paths, layout, layer or None) for every tensor of the model."""
-  for name, path, layout in _GPT2 if cfg.causal else _BERT:
+  for name, path, layout in _table(cfg):
     head, _, rest = path.partition("{")  # "attention/{query,key,value}/kernel": three paths
     names, _, tail = rest.partition("}")
     paths = [head + part + tail for part in names.split(",")] if rest else [path]
     if "{i}" not in name:
       yield name, paths, layout, None
     else:
-      for i in range(cfg.num_layers):
+      first = 1 if name in hf_families.NOT_IN_FIRST_LAYER else 0
+      for i in range(first, cfg.num_layers):
         yield name.format(i=i), [f"stack/blocks/{p}" for p in paths], layout, i
 
 
@@ -122,8 +145,8 @@ def _get(tree: dict, path: str):
 def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """Our parameters (a pure dict) as a Hugging Face state dict at the real vocabulary size.
 
-  Tied output weights (lm_head.weight, cls.predictions.decoder.*) are left out, as
-  Hugging Face's own save_pretrained does.
+  Tied output weights (lm_head.weight when tied, cls.predictions.decoder.weight,
+  decoder.weight) are left out, as Hugging Face's own save_pretrained does.
   """
   params = jax.tree.map(np.asarray, params)  # device arrays copied to the host once
   out = {}
@@ -134,18 +157,21 @@ def to_hf(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
       x = x if layer is None else x[layer]
       if layout in ("conv", "linear"):
         x = x.reshape(_matrix_shape(path, x.shape))
-      parts.append(x.T if layout == "linear" else x)
-    x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+      parts.append(x)
+    x = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)  # q, k, v side by side
+    x = x.T if layout == "linear" else x
     out[name] = np.ascontiguousarray(x[: cfg.num_ids] if layout == "vocab" else x)
   return out
 
 
-def _canonical(name: str) -> str:
-  """A tensor name as GPT2LMHeadModel / BertForMaskedLM spell it today.
+def _canonical(name: str, cfg: ModelConfig) -> str:
+  """A tensor name as the family's class (GPT2LMHeadModel, BertForMaskedLM, ...) spells it today.
 
-  Accepts GPT2Model and BertModel checkpoints (no 'transformer.' or 'bert.' prefix) and old
-  BERT ones (gamma/beta).
+  Accepts base-model checkpoints (GPT2Model, BertModel, LlamaModel, ModernBertModel: no
+  'transformer.', 'bert.' or 'model.' prefix) and old BERT ones (gamma/beta).
   """
+  if cfg.rotary:
+    return hf_families.canonical(name)
   if name.startswith(("h.", "wte.", "wpe.", "ln_f.")):
     name = "transformer." + name
   if name.startswith(("embeddings.", "encoder.", "pooler.")):
@@ -180,21 +206,27 @@ def from_hf(
   The vocabulary is padded to cfg.vocab_size with zero rows; rows past the tokenizer's ids
   (cfg.num_ids) in a padded Hugging Face vocabulary are padding and are not read. A position
   table of another length than cfg.max_len is cut or extended (model.fit_positions). A BERT
-  checkpoint without the MLM head (a saved BertModel) gets a new head, initialised from `seed`.
-  Raises HFError naming the missing, misshapen or unknown tensors.
+  or ModernBERT checkpoint without the MLM head (a saved BertModel or ModernBertModel) gets a
+  new head, initialised from `seed`. ModernBERT's first layer has no attention norm: ours, which
+  that layer skips, is set to ones. Raises HFError naming the missing, misshapen or unknown
+  tensors.
   """
   model = nnx.eval_shape(lambda: model_lib.build(cfg, 0))
   abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   params = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-  tensors = {_canonical(k): v for k, v in tensors.items()}
-  headless = not cfg.causal and not any(k.startswith("cls.predictions.") for k in tensors)
+  tensors = {_canonical(k, cfg): v for k, v in tensors.items()}
+  head = _HEAD_PREFIXES.get(cfg.family, ())
+  headless = bool(head) and not any(k.startswith(head) for k in tensors)
   if headless:
     params["mlm_head"] = _fresh_head(cfg, seed, where)
+  for name in hf_families.NOT_IN_FIRST_LAYER:
+    for path in [p for n, p, _ in _table(cfg) if n == name]:
+      _get(params, f"stack/blocks/{path}")[0] = 1  # the norm's scale, never read
   problems = []
   for name, paths, layout, layer in _entries(cfg):
     shapes = [_get(abstract, p).shape[0 if layer is None else 1 :] for p in paths]
     expected = _expected_shape(paths, layout, shapes, cfg)
-    if headless and name.startswith("cls.predictions."):
+    if headless and name.startswith(head):
       continue
     if name not in tensors:
       problems.append(f"{name} is missing from {where}")
@@ -209,7 +241,7 @@ def from_hf(
       continue
     value = value.T if layout == "linear" else value
     parts = [value]
-    if layout in ("conv", "linear"):  # GPT-2's c_attn holds q, k and v side by side
+    if layout in ("conv", "linear"):  # c_attn and Wqkv hold q, k and v side by side, Wi gate, up
       widths = [_matrix_shape(p, s)[-1] for p, s in zip(paths, shapes, strict=True)]
       parts = np.split(value, np.cumsum(widths)[:-1], axis=-1)
       parts = [x.reshape(s) for x, s in zip(parts, shapes, strict=True)]
@@ -220,7 +252,8 @@ def from_hf(
   unknown = sorted(k for k in tensors if k not in known and not _ignored(k))
   problems += [f"{name} in {where} has no place in our model" for name in unknown]
   if not problems:
-    problems += _untied(tensors, _get(params, "token_embed/embedding")[: cfg.num_ids], where)
+    token_vd = _get(params, "token_embed/embedding")[: cfg.num_ids]
+    problems += _untied(tensors, token_vd, _TIED[cfg.family] if cfg.tie_embeddings else (), where)
   if problems:
     more = f"; and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
     raise hf_config_lib.HFError(
@@ -243,9 +276,10 @@ def _fresh_head(cfg: ModelConfig, seed: int, where: str) -> dict:
   return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model.mlm_head, nnx.Param)))
 
 
-def _untied(tensors: dict, token_vd: np.ndarray, where: str) -> list[str]:
-  """Our output embedding is the input one: a stored output matrix that differs cannot load."""
-  for name in ("lm_head.weight", "cls.predictions.decoder.weight"):
+def _untied(tensors: dict, token_vd: np.ndarray, tied: tuple, where: str) -> list[str]:
+  """A tied output embedding is the input one: a stored output matrix (a name in `tied`) that
+  differs cannot load."""
+  for name in tied:
     stored = tensors.get(name)
     stored = None if stored is None else np.asarray(stored, token_vd.dtype)[: len(token_vd)]
     if stored is not None and not np.array_equal(stored, token_vd):
@@ -261,9 +295,10 @@ def save(out_dir: str, params: dict, cfg: ModelConfig, tok=None) -> None:
   and for a causal model generation_config.json; special ids from the run's tokenizer `tok`."""
   from safetensors.numpy import save_file
 
+  config_json = hf_config_lib.hf_config(cfg, tok)  # refuses what the class cannot express
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(hf_config_lib.hf_config(cfg, tok), f, indent=2, sort_keys=True)
+    json.dump(config_json, f, indent=2, sort_keys=True)
   if cfg.causal:  # what transformers' generate stops at and pads with
     with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
       json.dump(hf_config_lib.special_ids(cfg, tok), f, indent=2, sort_keys=True)

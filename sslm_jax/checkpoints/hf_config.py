@@ -1,8 +1,10 @@
-"""Hugging Face config.json files and our config, both ways: the config.json of our GPT or BERT
-model, the config fields a Hugging Face directory fixes, and each way the two disagree.
+"""Hugging Face config.json files and our config, both ways: the config.json of our model
+(GPT2LMHeadModel, BertForMaskedLM, LlamaForCausalLM or ModernBertForMaskedLM), the config fields a
+Hugging Face directory fixes, and each way the two disagree.
 
 Reads and checks files only (no tensors, no torch), so a run can refuse a directory that does not
-fit before it writes anything; checkpoints/hf.py converts the weights.
+fit before it writes anything; checkpoints/hf.py converts the weights. The Llama and ModernBERT
+keys are checkpoints/hf_families.py's.
 """
 
 from __future__ import annotations
@@ -11,21 +13,23 @@ import json
 import os
 
 import ml_collections
-import numpy as np
 
+from sslm_jax.checkpoints import hf_families
 from sslm_jax.config import derived as config_derived
 from sslm_jax.config.checks import ConfigError
 from sslm_jax.models.config import ModelConfig
 from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
-# Hugging Face activation names for our two GELU forms; on import gelu_pytorch_tanh is GPT-2's too.
-HF_ACTIVATION = {"tanh": "gelu_new", "erf": "gelu"}
-_GELU_OF = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "erf"}
-_MODEL_TYPE = {"causal_lm": "gpt2", "masked_lm": "bert"}
-_ARCHITECTURE = {"causal_lm": "GPT2LMHeadModel", "masked_lm": "BertForMaskedLM"}
-# The layer-norm epsilon our model uses for each objective (config.derived.model_config).
-_EPSILON = {"causal_lm": 1e-5, "masked_lm": 1e-12}
+# Hugging Face activation names for our two GELU forms (one table for all four families).
+HF_ACTIVATION, _GELU_OF = hf_families.HF_ACTIVATION, hf_families.GELU_OF
+_ARCHITECTURE = {
+  "gpt2": "GPT2LMHeadModel",
+  "bert": "BertForMaskedLM",
+  **hf_families.ARCHITECTURE,
+}
+# The layer-norm epsilon transformers uses where a GPT-2 or BERT config.json names none.
+_EPSILON = {"gpt2": 1e-5, "bert": 1e-12}
 
 
 class HFError(ConfigError):
@@ -37,25 +41,43 @@ class HFError(ConfigError):
 
 def special_ids(cfg: ModelConfig, tok=None) -> dict:
   """The token ids a Hugging Face config names, from the run's tokenizer `tok` (our
-  SentencePiece ids when None): pad, and bos/eos for a causal model."""
+  SentencePiece ids when None): pad, bos/eos for a causal model, and for ModernBERT cls/sep (also
+  its bos/eos, as ModernBERT's own config has them)."""
   tok = tokenizer_lib.Tokenizer if tok is None else tok
   ids = {"pad_token_id": tok.pad_id}
   if cfg.causal:
     ids.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+  if cfg.family == "modernbert":
+    ids.update(cls_token_id=tok.cls_id, sep_token_id=tok.sep_id)
+    ids.update(bos_token_id=tok.cls_id, eos_token_id=tok.sep_id)
   return ids
 
 
+def check_exportable(cfg: ModelConfig) -> None:
+  """HFError naming each part of our model that its Hugging Face class cannot express."""
+  problems = hf_families.export_problems(cfg)
+  if problems:
+    raise HFError("cannot export to Hugging Face: " + "; ".join(problems))
+
+
 def hf_config(cfg: ModelConfig, tok=None) -> dict:
-  """The config.json of Hugging Face's GPT2LMHeadModel or BertForMaskedLM for our model, with
-  the special ids of the run's tokenizer `tok` (see `special_ids`)."""
+  """The config.json of Hugging Face's class for our model's family (GPT2LMHeadModel,
+  BertForMaskedLM, LlamaForCausalLM, ModernBertForMaskedLM), with the special ids of the run's
+  tokenizer `tok` (see `special_ids`). HFError where the class cannot express the model."""
+  check_exportable(cfg)
   common = {
-    "architectures": [_ARCHITECTURE[cfg.objective]],
-    "model_type": _MODEL_TYPE[cfg.objective],
     "vocab_size": cfg.num_ids,
-    "tie_word_embeddings": True,
     **special_ids(cfg, tok),
     "dtype": cfg.param_dtype,
     "initializer_range": cfg.init_std,
+  }
+  if cfg.rotary:
+    return hf_families.hf_config(cfg, common)
+  common = {
+    "architectures": [_ARCHITECTURE[cfg.family]],
+    "model_type": cfg.family,
+    **common,
+    "tie_word_embeddings": True,
   }
   if cfg.causal:
     return {
@@ -98,6 +120,7 @@ _FIELDS = {
     "model.num_heads": "n_head",
     "model.emb_dim": "n_embd",
     "model.mlp_dim": "n_inner",
+    "model.norm_epsilon": "layer_norm_epsilon",
     "model.gelu": "activation_function",
   },
   "bert": {
@@ -107,29 +130,52 @@ _FIELDS = {
     "model.num_heads": "num_attention_heads",
     "model.emb_dim": "hidden_size",
     "model.mlp_dim": "intermediate_size",
+    "model.norm_epsilon": "layer_norm_eps",
     "model.gelu": "hidden_act",
   },
+  **hf_families.FIELDS,
 }
-_OBJECTIVE_OF = {"gpt2": "causal_lm", "bert": "masked_lm"}
+_OBJECTIVE_OF = {
+  "gpt2": "causal_lm",
+  "bert": "masked_lm",
+  "llama": "causal_lm",
+  "modernbert": "masked_lm",
+}
 
 
 def config_fields(hf: dict) -> dict:
-  """Our config fields (dotted names) that a Hugging Face config.json fixes.
+  """Our config fields (dotted names) that a Hugging Face config.json fixes, and model.family.
 
-  model.max_positions is the HF position table's length: the longest sequence the model takes.
-  model.gelu is None for an activation our model does not have.
+  model.max_positions is the HF position table's length (GPT-2, BERT) or max_position_embeddings
+  (Llama, ModernBERT): the longest sequence the model takes. model.gelu is None for an
+  activation our model does not have.
   """
   model_type = hf.get("model_type")
   if model_type not in _FIELDS:
-    raise HFError(f"model_type={model_type!r}: sslm_jax reads 'gpt2' and 'bert' models only.")
-  fields = {"objective": _OBJECTIVE_OF[model_type]}
+    raise HFError(
+      f"model_type={model_type!r}: sslm_jax reads {', '.join(map(repr, _FIELDS))} models only."
+    )
+  fields = {"objective": _OBJECTIVE_OF[model_type], "model.family": model_type}
+  if model_type in hf_families.FIELDS:
+    return {**fields, **hf_families.config_fields(hf)}
   fields.update({name: hf.get(key) for name, key in _FIELDS[model_type].items()})
   if fields["model.mlp_dim"] is None:  # GPT-2's n_inner=None means 4 * n_embd
     fields["model.mlp_dim"] = 4 * fields["model.emb_dim"]
+  fields["model.norm_epsilon"] = float(fields["model.norm_epsilon"] or _EPSILON[model_type])
   fields["model.gelu"] = _GELU_OF.get(
     fields["model.gelu"] or HF_ACTIVATION["tanh" if model_type == "gpt2" else "erf"]
   )
   return fields
+
+
+def _ours(config: ml_collections.ConfigDict, fields: dict) -> dict:
+  """Our values of `fields`, with the config's defaults resolved as the model resolves them."""
+  ours = {name: config[name] for name in fields if name != "model.family"}
+  ours["model.family"] = config_derived.family(config)
+  ours["model.gelu"] = config_derived.gelu_form(config)
+  ours["model.norm_epsilon"] = config_derived.norm_epsilon(config)
+  ours["model.num_kv_heads"] = config.model.num_kv_heads or config.model.num_heads
+  return ours
 
 
 def mismatches(hf: dict, config: ml_collections.ConfigDict, where: str) -> list[str]:
@@ -137,10 +183,10 @@ def mismatches(hf: dict, config: ml_collections.ConfigDict, where: str) -> list[
 
   The GELU form is checked, not adopted: model.gelu stays the single record of it (checkpoints
   keep it), so a differing form asks for --config.model.gelu. The position table may have any
-  length: model.fit_positions cuts or extends it.
+  length: model.fit_positions cuts or extends it; rotary positions have none.
   """
   fields = config_fields(hf)
-  keys = {"objective": "model_type", **_FIELDS[hf["model_type"]]}
+  keys = {"objective": "model_type", "model.family": "model_type", **_FIELDS[hf["model_type"]]}
   problems = []
   if fields["objective"] != config.objective:
     return [
@@ -148,23 +194,24 @@ def mismatches(hf: dict, config: ml_collections.ConfigDict, where: str) -> list[
       f"objective={config.objective!r} in the config; pass "
       f"--config.objective={fields['objective']}"
     ]
-  ours = {name: config[name] for name in fields}
-  ours["model.gelu"] = config_derived.gelu_form(config)
+  ours = _ours(config, fields)
   for name, value in fields.items():
     theirs = value if hf.get(keys[name]) is None else hf[keys[name]]
     if name == "model.gelu" and value is None:
       problems.append(
         f"{keys[name]}={theirs!r} in {where}: sslm_jax has {', '.join(sorted(_GELU_OF))} only"
       )
-    elif name == "model.max_positions":
-      continue  # any table fits: model.fit_positions cuts or extends it
+    elif name in ("model.max_positions", "model.global_every", "model.sliding_window"):
+      continue  # any length fits; ModernBERT's layers are compared below, all at once
     elif name == "data.vocab_size":
       problems += _vocab_mismatch(value, config, where)
-    elif ours[name] != value:
+    elif not hf_families.same(ours[name], value):
       problems.append(
         f"{keys[name]}={theirs!r} in {where} but {name}={ours[name]!r} in the "
         f"config; pass --config.{name}={value}"
       )
+  if hf["model_type"] == "modernbert":
+    problems += hf_families.layer_mismatch(hf, config.model, where)
   problems += _unsupported(hf, where)
   return problems
 
@@ -204,11 +251,10 @@ def _tokenizer_size(path: str) -> int | None:
 
 def _unsupported(hf: dict, where: str) -> list[str]:
   """Hugging Face options our model does not implement."""
+  if hf["model_type"] in hf_families.FIELDS:
+    return hf_families.unsupported(hf, where)
   causal = hf["model_type"] == "gpt2"
-  eps_key = "layer_norm_epsilon" if causal else "layer_norm_eps"
-  eps = _EPSILON["causal_lm" if causal else "masked_lm"]
   required = {
-    eps_key: eps,
     "tie_word_embeddings": True,
     "add_cross_attention": False,
     **(
@@ -220,7 +266,7 @@ def _unsupported(hf: dict, where: str) -> list[str]:
   return [
     f"{key}={hf[key]!r} in {where}: sslm_jax supports {key}={value!r} only"
     for key, value in required.items()
-    if key in hf and hf[key] != value and not (key == eps_key and np.isclose(hf[key], value))
+    if key in hf and hf[key] != value
   ]
 
 

@@ -33,8 +33,9 @@ def defaults() -> ml_collections.ConfigDict:
   # repeats an uninterrupted one bit for bit; slower (scatters serialize, no autotuning choice).
   # CPU and TPU steps are deterministic without it.
   c.deterministic = False
-  # A local Hugging Face GPT2LMHeadModel / BertForMaskedLM directory (config.json and
-  # model.safetensors) whose weights start the run instead of random ones; its shape must match
+  # A local Hugging Face GPT2LMHeadModel / BertForMaskedLM / LlamaForCausalLM /
+  # ModernBertForMaskedLM directory (config.json and model.safetensors, of model.family's class)
+  # whose weights start the run instead of random ones; its shape must match
   # the model fields (mismatches are named). Ignored when resuming from a checkpoint.
   c.init_from_hf = ""
 
