@@ -5,7 +5,7 @@ heads) and no biases.
   python -m sslm_jax.main --config=configs/llama_tiny.py --workdir=runs/llama_tiny
 
 Expect, on a 2-core laptop CPU, about 5 minutes including tokenizer training: eval_loss falls from
-8.3 (ln of the vocab) to about 3.8 and eval_bits_per_byte to about 1.75, then a short
+8.3 (ln of the vocab) to about 3.8 and eval_bits_per_byte to about 1.7, then a short
 continuation of a held-out prompt. Rerun the command to resume; raise num_train_steps to go on.
 """
 

@@ -226,7 +226,9 @@ def run(config, workdir: str) -> dict:
   config_lib.validate(config)
   hf_config.check_init_from_hf(config)  # a directory that does not fit: before any write
   mesh = sharding.make_mesh(config.mesh)
-  sharding.check_batch(mesh, config.batch_size, sharding.rules_from_config(config.mesh.rules))
+  rules = sharding.rules_from_config(config.mesh.rules)
+  sharding.check_batch(mesh, config.batch_size, rules)
+  sharding.check_heads(mesh, rules, config.model.num_heads, config.model.num_kv_heads)
   if FLAGS.plan:
     report = plan_lib.format_plan(plan_lib.memory_plan(config, mesh))
     if jax.process_index() == 0:

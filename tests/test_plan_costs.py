@@ -88,3 +88,64 @@ def test_splash_flops_exceed_the_models_attention_count_by_the_skipped_blocks_ru
 )
 def test_splash_runs_the_largest_block_of_128s_that_divides_the_length(asked, seq_len, block):
   assert splash.fit_block(asked, seq_len) == block
+
+
+def _blocks_of_the_kernels_mask(seq_len, bq, bkv, causal, radius):
+  """Blocks with any True entry in the static mask splash is built with (models/splash.py)."""
+  dense = splash.head_mask(seq_len, causal, radius)[0:seq_len, 0:seq_len]
+  return sum(
+    bool(dense[i : i + bq, j : j + bkv].any())
+    for i in range(0, seq_len, bq)
+    for j in range(0, seq_len, bkv)
+  )
+
+
+@pytest.mark.parametrize(
+  "seq_len, bq, bkv, causal, radius, blocks",
+  [
+    (512, 128, 128, False, 32, 10),  # the diagonal and its two neighbours
+    (512, 128, 128, True, 32, 7),  # the diagonal and its left neighbour
+    (1024, 512, 512, False, 64, 4),  # ModernBERT's window at 512-blocks: every block
+    (512, 128, 256, False, 200, 8),
+    (1024, 256, 128, True, 300, 16),  # 2, 4, 5 and 5 key blocks per query block
+    (512, 128, 128, True, None, 10),
+    (512, 256, 128, False, None, 8),
+  ],
+)
+def test_splash_computes_the_blocks_its_window_reaches(seq_len, bq, bkv, causal, radius, blocks):
+  assert _blocks_of_the_kernels_mask(seq_len, bq, bkv, causal, radius) == blocks
+  assert kernel_costs.computed_blocks(seq_len, bq, bkv, causal, radius) == blocks
+
+
+def _family_model_cfg(family, **model):
+  config = tiny_config("causal_lm" if family == "llama" else "masked_lm")
+  config.data.seq_len, config.model.family = 512, family
+  config.model.attention_impl = "splash"
+  config.model.attention_block_q = config.model.attention_block_kv = 128
+  for key, value in model.items():
+    config.model[key] = value
+  return config_lib.model_config(config)
+
+
+def test_splash_costs_of_windowed_layers_count_their_own_blocks():
+  # Layer 0 global (16 blocks of 128 at T=512), layers 1 and 2 windowed (10 blocks each).
+  cfg = _family_model_cfg("modernbert", num_layers=3, global_every=3, sliding_window=64)
+  windowed = kernel_costs.splash_step_costs(cfg, batch_size=8, seq_len=512)
+  full = kernel_costs.splash_step_costs(
+    dataclasses.replace(cfg, sliding_window=0), batch_size=8, seq_len=512
+  )
+  assert windowed["flops"] == pytest.approx(full["flops"] * (16 + 2 * 10) / (3 * 16))
+  assert full["bytes"] > windowed["bytes"] > 0
+
+
+def test_splash_costs_of_grouped_heads_read_and_write_each_key_value_head_once():
+  grouped = _family_model_cfg("llama", num_kv_heads=2)
+  costs = kernel_costs.splash_step_costs(grouped, batch_size=8, seq_len=512)
+  ungrouped = kernel_costs.splash_step_costs(
+    dataclasses.replace(grouped, num_kv_heads=0), batch_size=8, seq_len=512
+  )
+  assert costs["flops"] == ungrouped["flops"]  # every query head computes all its blocks
+  # The dK/dV kernel reads K and V and writes dK and dV ([T, H] each) for 2 heads, not 4.
+  per_head = 4 * 512 * grouped.head_dim * 4  # float32
+  missing = grouped.num_layers * 8 * (grouped.num_heads - grouped.kv_heads) * per_head
+  assert ungrouped["bytes"] - costs["bytes"] == pytest.approx(missing)

@@ -171,13 +171,16 @@ def test_without_libtpu_the_error_says_what_to_install(monkeypatch):
 def test_base_configs_fit_a_v5e_pod(libtpu):
   # data=4 keeps each host's batch rows contiguous on the 16x16 torus (see sharding.check_batch).
   pod = {"model__dtype": "bfloat16", "mesh__data": 4, "mesh__fsdp": -1}
-  plans = _plans(_job("gpt_base", "v5e-256", **pod), _job("bert_base", "v5e-256", **pod))
-  assert len(plans) == 2
+  # One process for the four: libtpu starts once.
+  names = ("gpt_base", "bert_base", "llama_base", "modernbert_base")
+  plans = _plans(*(_job(name, "v5e-256", **pod) for name in names))
+  assert len(plans) == len(names)
   for result in plans:
     plan, report = result["plan"], result["report"]
     assert plan["mesh"] == {"data": 4, "fsdp": 64, "tensor": 1}
     assert (plan["num_chips"], plan["num_hosts"]) == (256, 32)
-    assert plan["params_bytes"] < 16 * 2**20  # ~500 MB of float32 weights, split over fsdp=64
+    assert plan["attention_impl"] == "splash", report  # llama's GQA, modernbert's window too
+    assert plan["params_bytes"] < 16 * 2**20  # 0.5-0.6 GB of float32 weights, split over fsdp=64
     assert 0 < plan["step_total_bytes"] < plan["device_limit_bytes"] == 16 * GiB
     assert "verdict: fits in 16.000 GiB per chip" in report, report
 

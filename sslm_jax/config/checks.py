@@ -227,6 +227,12 @@ def _validate_attention(c: ml_collections.ConfigDict) -> None:
     f"model.attention_impl={impl!r}: use one of {', '.join(ATTENTION_IMPLS)}.",
   )
   _require(
+    impl != "cudnn" or not derived.windowed(c),
+    f"model.attention_impl='cudnn' cannot run model.sliding_window={c.model.sliding_window}: "
+    "cuDNN's sliding window is causal (keys to the left only), this one reaches both ways. Use "
+    "'auto' (the XLA attention on GPU for windowed models) or 'xla'.",
+  )
+  _require(
     impl != "cudnn" or backend == "gpu",
     f"model.attention_impl='cudnn' needs a GPU; use 'auto' or 'xla' on {backend}.",
   )

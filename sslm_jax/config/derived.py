@@ -92,9 +92,15 @@ def compute_dtype(c: ml_collections.ConfigDict, platform: str | None = None) -> 
   return "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
 
 
+def windowed(c: ml_collections.ConfigDict) -> bool:
+  """Some layers attend within model.sliding_window only (ModelConfig.windowed)."""
+  return c.model.sliding_window > 0 and c.model.global_every != 1
+
+
 def attention_impl(c: ml_collections.ConfigDict, platform: str | None = None) -> str:
   """'auto' resolved for `platform` (default: JAX's backend here): splash on TPU, cuDNN flash
-  attention on GPUs where it applies, else XLA's (always XLA's with model.attention_dropout)."""
+  attention on GPUs where it applies, else XLA's (always XLA's with model.attention_dropout;
+  on GPU also with a sliding window, which cuDNN takes only causal, to the left)."""
   if c.model.attention_impl != "auto":
     return c.model.attention_impl
   if c.model.attention_dropout:  # neither fused kernel can drop attention probabilities
@@ -105,6 +111,7 @@ def attention_impl(c: ml_collections.ConfigDict, platform: str | None = None) ->
   head_dim = c.model.emb_dim // c.model.num_heads
   cudnn_ok = (
     platform == "gpu"
+    and not windowed(c)
     and gpu_capability() >= (9, 0)
     and compute_dtype(c, platform) in ("bfloat16", "float16")
     and head_dim <= 128

@@ -27,6 +27,8 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     if cfg.attention_dropout and cfg.attention_impl != "xla":  # config/checks.py says so to users
       raise ValueError(f"attention_dropout needs the XLA attention, not {cfg.attention_impl}")
+    if cfg.windowed and cfg.attention_impl == "cudnn":  # likewise
+      raise ValueError("a sliding window needs the XLA or splash attention, not cudnn")
     self.cfg = cfg
     d, n, h, k = cfg.emb_dim, cfg.num_heads, cfg.head_dim, cfg.kv_heads
     bias = (lambda *shape: None) if cfg.rotary else (lambda *shape: shape)
@@ -59,35 +61,35 @@ class Attention(nnx.Module):
       q_BTNH, k_BSKH = rotate(q_BTNH, rot), rotate(k_BSKH, rot)
     if cfg.windowed and cfg.attention_impl == "xla":
       segments = window_mask(segments, cfg.sliding_window, local)
-    if cfg.attention_impl != "xla" or (dropout_key is not None and cfg.attention_dropout > 0):
-      # The fused kernels and the written-out XLA path take as many key/value heads as queries.
-      k_BSNH, v_BSNH = repeat_kv(k_BSKH, cfg), repeat_kv(v_BSKH, cfg)
-    else:
-      k_BSNH, v_BSNH = k_BSKH, v_BSKH  # jax.nn.dot_product_attention groups the heads itself
+    # The kernels take the K key/value heads as they are (grouped-query attention), all but
+    # the written-out dropout path.
     if cfg.attention_impl == "splash":
       # Imported here: only TPU programs (and their CPU tests) load the Pallas TPU kernels.
       from sslm_jax.models.splash import splash_attention
 
       out_BTNH = splash_attention(
-        q_BTNH, k_BSNH, v_BSNH, segments, causal=cfg.causal,
+        q_BTNH, k_BSKH, v_BSKH, segments, causal=cfg.causal,
         block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
+        window=cfg.sliding_window, local=local,
       )  # fmt: skip
     elif isinstance(segments, Packing):
-      out_BTNH = fused_packed_attention(q_BTNH, k_BSNH, v_BSNH, segments, causal=cfg.causal)
+      out_BTNH = fused_packed_attention(q_BTNH, k_BSKH, v_BSKH, segments, causal=cfg.causal)
     elif dropout_key is not None and cfg.attention_dropout > 0:
+      k_BSNH, v_BSNH = repeat_kv(k_BSKH, cfg), repeat_kv(v_BSKH, cfg)
       out_BTNH = dropout_attention(
         q_BTNH, k_BSNH, v_BSNH, segments, causal=cfg.causal, rate=cfg.attention_dropout,
         key=dropout_key,
       )  # fmt: skip
     else:
       out_BTNH = jax.nn.dot_product_attention(
-        q_BTNH, k_BSNH, v_BSNH, mask=segments, is_causal=cfg.causal, implementation="xla"
+        q_BTNH, k_BSKH, v_BSKH, mask=segments, is_causal=cfg.causal, implementation="xla"
       )
     return self.out(out_BTNH)
 
 
 def repeat_kv(x_BSKH, cfg: ModelConfig):
-  """Grouped keys or values repeated to one per query head (head n reads group n // (N / K))."""
+  """Grouped keys or values repeated to one per query head (head n reads group n // (N / K)),
+  for the written-out attention with dropout."""
   if cfg.kv_heads == cfg.num_heads:
     return x_BSKH
   return jnp.repeat(x_BSKH, cfg.num_heads // cfg.kv_heads, axis=2)
@@ -166,19 +168,23 @@ def attention_segments(cfg: ModelConfig, segment_ids_BT):
   return segment_mask(segment_ids_BT)
 
 
-def fused_packed_attention(q_BTNH, k_BSNH, v_BSNH, segments: Packing, *, causal: bool):
+def fused_packed_attention(q_BTNH, k_BSKH, v_BSKH, segments: Packing, *, causal: bool):
   """cuDNN flash attention over packed documents, given their lengths and offsets.
 
   jax.nn.dot_product_attention takes only one length per row, so packing goes through the
-  kernel's own entry point, which JAX exposes under jax._src (checked against JAX 0.10).
+  kernel's own entry point, which JAX exposes under jax._src (checked against JAX 0.10). It
+  takes K key/value heads for N query heads (grouped-query attention: its key gradient has K
+  heads), as jax.nn.dot_product_attention's cuDNN path passes them. Its sliding window
+  (sliding_window_length) is a left window only, so ModernBERT's two-sided one is not passed:
+  config/checks.py refuses cudnn for windowed models.
   """
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
   mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
   return cudnn.dot_product_attention(
     q_BTNH,
-    k_BSNH,
-    v_BSNH,
+    k_BSKH,
+    v_BSKH,
     q_seqlen=segments.lengths_BM,
     kv_seqlen=segments.lengths_BM,
     q_offsets=segments.offsets_BM1,

@@ -2,7 +2,10 @@
 
 Counts the work the model needs, not what the implementation happens to run: rematerialised
 forward passes are not counted, and neither is the masked-out half of causal attention scores
-(XLA computes it anyway, so causal MFU is a slight underestimate of hardware use).
+(XLA computes it anyway, so causal MFU is a slight underestimate of hardware use). Sliding-window
+layers count the (query, key) pairs inside their window only, as MaxText counts sliding windows:
+the XLA path computes and masks the whole score matrix, splash skips whole blocks outside the
+window (models/kernel_costs.py counts what it does run).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from sslm_jax.models import modern
 from sslm_jax.models.config import ModelConfig
 
 # A matmul [M, K] x [K, N] is 2*M*N*K FLOPs forward; the backward pass needs two such matmuls
@@ -22,34 +26,56 @@ from sslm_jax.models.config import ModelConfig
 _TRAIN_PER_FORWARD = 3
 
 
+def attended_pairs(seq_len: int, causal: bool, radius: int | None = None) -> float:
+  """(query, key) pairs one sequence's attention counts: all T*T, half of them (T*T/2) when
+  causal, or with `radius` exactly those with |i - j| <= radius (and j <= i when causal)."""
+  t = seq_len
+  if radius is None:
+    return t * t / 2 if causal else float(t * t)
+  r = min(radius, t - 1)  # each query loses the keys its window reaches past either end
+  if causal:
+    return float(t * (r + 1) - r * (r + 1) // 2)
+  return float(t * (2 * r + 1) - r * (r + 1))
+
+
 def model_flops_per_token(model_cfg: ModelConfig, num_predictions: int | None) -> float:
   """Training FLOPs (forward + backward = 3 x forward) per input token at length `max_len`.
 
-  With L layers, width D, MLP hidden F, padded vocab V (as the model runs it), T = max_len:
-  - layer matmuls: 6 * L * (4*D*D + 2*D*F)  (query, key, value, out; fc, proj)
-  - output head: causal_lm, the tied logits 6*D*V on every token; masked_lm, the MLM head
-    (transform D x D, then tied logits D x V) on P = `num_predictions` of the T positions only,
-    6*(D*D + D*V)*P/T per token
-  - attention scores QK^T and the weighted sum AV: forward 2*T*D each per token and layer with
-    all S = T keys, training 12*L*T*D; causal counts half of the score matrix, 6*L*T*D.
-  Biases, LayerNorm, GELU, softmax, dropout and the embedding lookups are left out: elementwise
-  work is a few FLOPs per activation against thousands per token in the matmuls.
+  With L layers, width D, N query heads and K key/value heads of width H (N*H = D), MLP hidden
+  F, padded vocab V (as the model runs it), T = max_len:
+  - layer matmuls: 6 * L * (2*D*N*H + 2*D*K*H + m*D*F): query and out, key and value (K = N
+    but in llama's grouped-query attention), and m = 2 MLP matrices (fc, proj) or 3 in the
+    gated MLPs of llama and modernbert (gate, up, down)
+  - output head: causal_lm, the logits 6*D*V on every token (the tied embedding or llama's own
+    lm_head: a matmul either way); masked_lm, the MLM head (transform D x D, then the tied
+    logits D x V) on P = `num_predictions` of the T positions only, 6*(D*D + D*V)*P/T per token
+  - attention scores QK^T and the weighted sum AV: forward 2*N*H FLOPs each per (query, key)
+    pair a layer attends (attended_pairs: T*T, causal T*T/2, a windowed layer its window's);
+    all T*T pairs give training 12*L*T*D per token.
+  Biases, norms (qk_norm's too), GELU/SiLU, rotary rotations, softmax, dropout and the embedding
+  lookups are left out: elementwise work is a few FLOPs per activation against thousands per
+  token in the matmuls.
   """
-  d, f, v, t = model_cfg.emb_dim, model_cfg.mlp_dim, model_cfg.vocab_size, model_cfg.max_len
-  layers = model_cfg.num_layers
+  cfg = model_cfg
+  d, f, v, t = cfg.emb_dim, cfg.mlp_dim, cfg.vocab_size, cfg.max_len
+  nh, kh = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+  layers = cfg.num_layers
   forward_per_weight = 2
-  layer_weights = 4 * d * d + 2 * d * f
-  if model_cfg.causal:
+  mlp_matrices = 3 if cfg.rotary else 2  # the rotary families' MLPs are gated
+  layer_weights = 2 * d * nh + 2 * d * kh + mlp_matrices * d * f
+  if cfg.causal:
     head_weights_per_token = d * v
   else:
     if num_predictions is None:
       raise ValueError("masked_lm needs num_predictions (gathered positions per sequence).")
     head_weights_per_token = (d * d + d * v) * num_predictions / t
   matmul_forward = forward_per_weight * (layers * layer_weights + head_weights_per_token)
-  # QK^T and AV: each a [T, H] x [H, S] matmul per head, summed over heads: 2*S*D per token.
-  attention_forward = layers * 2 * (2 * t * d)
-  if model_cfg.causal:
-    attention_forward /= 2
+  # QK^T and AV: per pair, an H-long dot product per query head for each: 2 * 2*N*H FLOPs.
+  local = sum(bool(modern.is_local(cfg, i)) for i in range(layers))
+  pairs = (layers - local) * attended_pairs(t, cfg.causal)
+  if local:
+    pairs += local * attended_pairs(t, cfg.causal, cfg.sliding_window // 2)
+  attention_forward = 2 * (2 * nh) * pairs / t
   return float(_TRAIN_PER_FORWARD * (matmul_forward + attention_forward))
 
 

@@ -4,10 +4,12 @@ Muon (optax.contrib.scale_by_muon) orthogonalises each kernel's momentum by Newt
 iterations; it is defined for matrices, so each kernel is read as one: its `out_sharding` logical
 names say which axes it reduces over (the input) and which it produces (the output), and the
 scanned layers' `layers` axis is a batch of independent matrices. Attention's q/k/v kernels
-[L, D, N, H] are [D] -> [N, H] matrices, its output kernel [L, N, H, D] is [N, H] -> [D]. The
-updates are scaled to AdamW's RMS (consistent_rms=0.2, as in "Muon is Scalable for LLM
-Training"), so the AdamW learning rate and weight decay carry over. Embeddings, biases, norms and
-task heads' output kernels (their `labels` axis) take AdamW, with the decay mask of
+[L, D, N, H] are [D] -> [N, H] matrices (llama's key/value kernels [L, D, K, H] likewise), its
+output kernel [L, N, H, D] is [N, H] -> [D]; the MLP's kernels, gated (gate, up, down) or not, are
+[D] -> [F] and [F] -> [D]. The updates are scaled to AdamW's RMS (consistent_rms=0.2, as in "Muon
+is Scalable for LLM Training"), so the AdamW learning rate and weight decay carry over.
+Embeddings (llama's untied lm_head is one too: a [V, D] table), biases, norms (qk-norm's
+included) and task heads' output kernels (their `labels` axis) take AdamW, with the decay mask of
 training/optimizer.py.
 """
 

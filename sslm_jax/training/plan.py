@@ -183,7 +183,9 @@ def _topology_mesh(config, topology, devices) -> jax.sharding.Mesh:
       f"not map onto the {topology.libtpu_name} torus: each axis must be a product of torus "
       f"sides ({e})."
     ) from e
-  sharding.check_batch(mesh, config.batch_size, sharding.rules_from_config(config.mesh.rules))
+  rules = sharding.rules_from_config(config.mesh.rules)
+  sharding.check_batch(mesh, config.batch_size, rules)
+  sharding.check_heads(mesh, rules, config.model.num_heads, config.model.num_kv_heads)
   return mesh
 
 

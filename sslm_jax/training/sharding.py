@@ -116,6 +116,22 @@ def check_batch(mesh: jax.sharding.Mesh, batch_size: int, rules) -> None:
     )
 
 
+def check_heads(mesh: jax.sharding.Mesh, rules, num_heads: int, num_kv_heads: int) -> None:
+  """The query and key/value heads split evenly over the mesh axes of the `heads` logical axis
+  (tensor by default): the key/value kernels [D, K, H] are sharded there and the attention
+  kernels run whole heads per shard. num_kv_heads 0 means as many as the query heads."""
+  axes = _mesh_axes(logical_to_spec(("heads",), rules))
+  shards = math.prod(mesh.shape[a] for a in axes)
+  for name, heads in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads or num_heads)):
+    if heads % shards:
+      sizes = " and ".join(f"--config.mesh.{a}" for a in axes)
+      raise MeshError(
+        f"model.{name}={heads} is not divisible by {'*'.join(axes)}={shards}, the mesh axes the "
+        f"attention heads are split over (logical axis 'heads'); set {sizes} so that they "
+        f"divide {heads}, or use a multiple of {shards} heads."
+      )
+
+
 @contextlib.contextmanager
 def activate(mesh: jax.sharding.Mesh, rules):
   """Mesh + logical rules in scope, so model activation constraints resolve while tracing."""
@@ -162,7 +178,12 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules) -> NamedSharding:
 
 def _batch_axes(sharding: NamedSharding) -> tuple[str, ...]:
   """The mesh axes that split a batch's leading dimension."""
-  first = sharding.spec[0] if len(sharding.spec) else None
+  return _mesh_axes(sharding.spec)
+
+
+def _mesh_axes(spec: PartitionSpec) -> tuple[str, ...]:
+  """The mesh axes that split an array's leading dimension."""
+  first = spec[0] if len(spec) else None
   if first is None:
     return ()
   return first if isinstance(first, tuple) else (first,)
