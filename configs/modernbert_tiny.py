@@ -6,9 +6,9 @@ attend within a 64-token sliding window.
 
 Expect, on a 2-core laptop CPU, about 5 minutes including tokenizer training: eval_loss falls from
 8.4 (ln of the vocab) to about 3.5 and eval_mlm_accuracy rises from 0 to about 0.4 (bert_tiny:
-5.5 and 0.14 in as many steps), then a
-held-out line with one [MASK] and the model's top-5 guesses for it. Masking stays at BERT's 15%
-so that its accuracy compares with bert_tiny's (ModernBERT itself masks 30%).
+5.5 and 0.14 in as many steps), then a held-out line with one [MASK] and the model's top-5
+guesses for it. Masking stays at BERT's 15% so that its accuracy compares with bert_tiny's
+(ModernBERT itself masks 30%).
 """
 
 from sslm_jax.config import defaults
