@@ -28,6 +28,10 @@ def get_config():
   c.checkpoint_every_steps = 2000
 
   c.data.seq_len = 1024
+  # Wikipedia has one split: hold out its first 5000 articles (prepare it as configs/bert_base.py
+  # says).
+  c.data.tfds_train_split = "train[5000:]"
+  c.data.tfds_eval_split = "train[:5000]"
   c.data.vocab_size = 50368
   c.model.vocab_multiple = 64  # ModernBERT's 50368 rows, unpadded
   c.data.mlm_probability = 0.3
