@@ -2,6 +2,7 @@
 
   python -m sslm_jax.bench --config=configs/gpt_base.py --steps=20 [--data=synthetic|real]
   python -m sslm_jax.bench --mode=generate [--gen_shape=gpt2_small|tiny] [--gen_batch_sizes=1,8]
+      [--gen_family=gpt2|llama --gen_kv_heads=4]
 
 Compiles the step, runs --warmup_steps untimed and --steps timed steps (each waited for), and
 prints as its last stdout line one JSON object: tokens_per_sec and step_time_s (from the median
@@ -16,11 +17,14 @@ input_over_step, how many times the step's consumption it delivers.
 
 --mode=generate times greedy KV-cache generation (sslm_jax/inference/decode.py) of exactly
 --gen_new_tokens after a --gen_prompt_len prompt, with random weights, against Hugging Face's
-GPT2LMHeadModel .generate of the same shape in the same run (needs torch and transformers, the test
-extra). Our weights are copied into decoding layout once (decoder.to_decode_layout, reported as
-prepare_s), as sslm_jax.load's model does at its first generate. Compiling and one warm-up run per
-batch size are untimed; it reports the median of --gen_repeats alternating runs as new tokens/s
-for both and the ratio ours/HF per batch size.
+GPT2LMHeadModel (or LlamaForCausalLM) .generate of the same shape in the same run (needs torch and
+transformers, the test extra). --gen_family=llama times a Llama of the shape's width and depth,
+with --gen_kv_heads key/value heads (0: as many as the query heads) and 2/3 of the shape's MLP
+width (SwiGLU's three matrices then hold GPT-2's two's parameters); kv_cache_bytes reports the
+cache each batch size holds. Our weights are copied into decoding layout once
+(decoder.to_decode_layout, reported as prepare_s), as sslm_jax.load's model does at its first
+generate. Compiling and one warm-up run per batch size are untimed; it reports the median of
+--gen_repeats alternating runs as new tokens/s for both and the ratio ours/HF per batch size.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ flags.DEFINE_float(
 )
 flags.DEFINE_enum("mode", "train", ["train", "generate"], "Time the train step or generation.")
 flags.DEFINE_enum("gen_shape", "gpt2_small", ["gpt2_small", "tiny"], "Model for --mode=generate.")
+flags.DEFINE_enum("gen_family", "gpt2", ["gpt2", "llama"], "Model family for --mode=generate.")
+flags.DEFINE_integer("gen_kv_heads", 0, "Llama's key/value heads for --mode=generate (0: all).")
 flags.DEFINE_list("gen_batch_sizes", ["1", "8"], "Batch sizes timed by --mode=generate.")
 flags.DEFINE_integer("gen_prompt_len", 64, "Prompt tokens per row for --mode=generate.")
 flags.DEFINE_integer("gen_new_tokens", 128, "New tokens per row for --mode=generate.")
@@ -233,7 +239,7 @@ def _median_seconds(fns, repeats: int) -> list[float]:
 
 
 def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens: int,
-                 repeats: int) -> dict:  # fmt: skip
+                 repeats: int, family: str = "gpt2", kv_heads: int = 0) -> dict:  # fmt: skip
   """Greedy generation tokens/s, ours (decode.generate) against Hugging Face's, same shape."""
   try:  # optional and heavy: only this mode compares with Hugging Face
     import torch  # optional, heavy
@@ -243,27 +249,32 @@ def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens
                      f"transformers (pip install -e '.[test]'): {e}") from e  # fmt: skip
   layers, width, heads, mlp, vocab = GEN_SHAPES[shape]
   max_len = decode.bucket(prompt_len + new_tokens)
+  llama = dict(family="llama", num_kv_heads=kv_heads) if family == "llama" else {}
+  if family == "llama":
+    mlp = mlp * 2 // 3
+  elif kv_heads:
+    raise UsageError("--gen_kv_heads is an option of --gen_family=llama; GPT-2 has none.")
+  if heads % (kv_heads or heads):
+    raise UsageError(f"--gen_kv_heads={kv_heads} must divide the shape's {heads} heads.")
   cfg = ModelConfig(
     objective="causal_lm", vocab_size=vocab, max_len=max_len, num_layers=layers,
-    num_heads=heads, emb_dim=width, mlp_dim=mlp, gelu="tanh", scan_layers=False,
+    num_heads=heads, emb_dim=width, mlp_dim=mlp, gelu="tanh", scan_layers=False, **llama,
   )  # fmt: skip
   ours = model_lib.build(cfg, seed=0)
   t0 = time.perf_counter()
   ours = decoder.to_decode_layout(ours)  # weights in decoding layout, once (compiles on first use)
   jax.block_until_ready(ours.weights)
   prepare_s = time.perf_counter() - t0
-  hf_config = transformers.GPT2Config(
-    vocab_size=vocab, n_positions=max_len, n_embd=width, n_layer=layers, n_head=heads,
-    n_inner=mlp, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-  )  # fmt: skip
   torch.manual_seed(0)
-  hf = transformers.GPT2LMHeadModel(hf_config).eval()
+  hf = _hf_model(transformers, cfg).eval()
   rng = np.random.default_rng(0)
-  record = {"shape": dict(zip(("layers", "width", "heads", "mlp", "vocab"), GEN_SHAPES[shape],
-                              strict=True)),
+  record = {"shape": dict(zip(("layers", "width", "heads", "mlp", "vocab"),
+                              (layers, width, heads, mlp, vocab), strict=True)),
+            "family": family, "kv_heads": cfg.kv_heads,
             "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats,
             "torch_threads": torch.get_num_threads(), "devices": jax.device_count(),
             "prepare_s": prepare_s}  # fmt: skip
+  cache_len = decode.bucket(decode.bucket(prompt_len) + new_tokens)  # as decode.generate sizes it
   for b in batch_sizes:
     prompts = rng.integers(1, vocab, (b, prompt_len))
 
@@ -282,9 +293,29 @@ def run_generate(shape: str, batch_sizes: list[int], prompt_len: int, new_tokens
 
     ours_s, hf_s = _median_seconds([ours_run, hf_run], repeats)
     ours_tps, hf_tps = b * new_tokens / ours_s, b * new_tokens / hf_s
+    rows = decode.rows_bucket(b)  # the batch decode.generate runs
+    cache = jax.eval_shape(lambda rows=rows: decoder.init_cache(ours, rows, cache_len, [0] * rows))
     record[f"batch_{b}"] = {"ours_tokens_per_sec": ours_tps, "hf_tokens_per_sec": hf_tps,
-                            "ratio_ours_over_hf": ours_tps / hf_tps}  # fmt: skip
+                            "ratio_ours_over_hf": ours_tps / hf_tps,
+                            "kv_cache_bytes": sum(x.size * x.dtype.itemsize
+                                                  for x in jax.tree.leaves(cache[:2]))}  # fmt: skip
   return record
+
+
+def _hf_model(transformers, cfg: ModelConfig):
+  """Hugging Face's model of `cfg`'s shape and family, random weights (ids 0 as BOS/EOS/pad)."""
+  ids = dict(bos_token_id=0, eos_token_id=0, pad_token_id=0)
+  if cfg.family == "llama":
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_len, hidden_size=cfg.emb_dim,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.kv_heads, intermediate_size=cfg.mlp_dim,
+      tie_word_embeddings=cfg.tie_embeddings, **ids,
+    ))  # fmt: skip
+  return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+    vocab_size=cfg.vocab_size, n_positions=cfg.max_len, n_embd=cfg.emb_dim,
+    n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_dim, **ids,
+  ))  # fmt: skip
 
 
 def main(argv):
@@ -295,7 +326,7 @@ def main(argv):
     if FLAGS.mode == "generate":
       record = run_generate(
         FLAGS.gen_shape, [int(b) for b in FLAGS.gen_batch_sizes], FLAGS.gen_prompt_len,
-        FLAGS.gen_new_tokens, FLAGS.gen_repeats,
+        FLAGS.gen_new_tokens, FLAGS.gen_repeats, FLAGS.gen_family, FLAGS.gen_kv_heads,
       )  # fmt: skip
     else:
       record = run(

@@ -1,4 +1,5 @@
-"""Fill in each [MASK] of a text with a trained BERT's likeliest tokens.
+"""Fill in each [MASK] of a text with a trained masked_lm's (BERT's or ModernBERT's) likeliest
+tokens.
 
   python -m sslm_jax.fill_mask --workdir=runs/bert_tiny "for i in [MASK](10):"
 
@@ -17,7 +18,7 @@ from sslm_jax.checkpoints import restore
 from sslm_jax.errors import UsageError
 from sslm_jax.inference import language_model as api
 
-flags.DEFINE_string("workdir", None, "Workdir of a BERT (masked_lm) training run.")
+flags.DEFINE_string("workdir", None, "Workdir of a masked_lm (BERT or ModernBERT) training run.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
 flags.DEFINE_integer("top_k", 5, "Guesses to show per [MASK].")
 flags.DEFINE_bool("json", False, "One JSON object per line instead of text for people.")
@@ -45,8 +46,9 @@ def main(argv):
   run = restore.read_workdir(FLAGS.workdir, FLAGS.step)
   if not run.fine_tuned and run.config.objective != "masked_lm":
     raise UsageError(
-      f"{FLAGS.workdir} holds a GPT (causal_lm) model, which cannot fill in a [MASK]; give "
-      "fill_mask a BERT (masked_lm) workdir, or use python -m sslm_jax.generate with this one."
+      f"{FLAGS.workdir} holds a {api.model_kind(run.config)} model, which cannot fill in a "
+      "[MASK]; give fill_mask a masked_lm (BERT or ModernBERT) workdir, or use python -m "
+      "sslm_jax.generate with this one."
     )
   for text in texts:  # every text checked before the model loads
     if api.MASK_TEXT not in text:

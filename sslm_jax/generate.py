@@ -1,4 +1,4 @@
-"""Continue prompts with a trained GPT.
+"""Continue prompts with a trained causal_lm model (GPT or Llama).
 
   python -m sslm_jax.generate --workdir=runs/gpt_tiny "def main(" --max_new_tokens=32
 
@@ -17,7 +17,7 @@ from sslm_jax.checkpoints import restore
 from sslm_jax.errors import UsageError
 from sslm_jax.inference import language_model as api
 
-flags.DEFINE_string("workdir", None, "Workdir of a GPT (causal_lm) training run.")
+flags.DEFINE_string("workdir", None, "Workdir of a causal_lm (GPT or Llama) training run.")
 flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the newest).")
 flags.DEFINE_integer("max_new_tokens", 64, "Most tokens to add per sample (EOS stops earlier).")
 flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is greedy.")
@@ -40,8 +40,9 @@ def main(argv):
   run = restore.read_workdir(FLAGS.workdir, FLAGS.step)
   if not run.fine_tuned and run.config.objective != "causal_lm":
     raise UsageError(
-      f"{FLAGS.workdir} holds a BERT (masked_lm) model, which cannot generate text; give "
-      "generate a GPT (causal_lm) workdir, or use python -m sslm_jax.fill_mask with this one."
+      f"{FLAGS.workdir} holds a {api.model_kind(run.config)} model, which cannot generate text; "
+      "give generate a causal_lm (GPT or Llama) workdir, or use python -m sslm_jax.fill_mask "
+      "with this one."
     )
   lm = api.from_saved(run)  # refuses a fine-tuning workdir
   samples = lm.generate(

@@ -1,8 +1,9 @@
 """Task heads on the pretrained encoder's hidden states, and the fine-tuning losses.
 
 Sequence classification and regression read one position of `encoder.hidden(...)`:
-- BERT: the [CLS] token (position 0) -> pooler (dense + tanh) -> dropout -> linear to K outputs;
-- GPT: the last non-padding token -> dropout -> linear to K outputs.
+- a masked_lm encoder (BERT, ModernBERT): the [CLS] token (position 0) -> pooler (dense + tanh)
+  -> dropout -> linear to K outputs;
+- a causal_lm encoder (GPT, Llama): the last non-padding token -> dropout -> linear to K outputs.
 Regression is the same head with K = 1 and a squared-error loss.
 
 `Classifier` keeps the encoder under `encoder/` with exactly the parameter paths of pretraining
@@ -49,7 +50,8 @@ class SequenceHead(nnx.Module):
 
 
 def pooled(cfg: ModelConfig, x_BTD, segment_ids_BT):
-  """The position a sequence head reads: [CLS] at 0 for BERT, the last real token for GPT."""
+  """The position a sequence head reads: [CLS] at 0 for a masked_lm, the last real token for a
+  causal_lm."""
   if not cfg.causal:
     return x_BTD[:, 0]
   last_B = jnp.maximum(jnp.sum(segment_ids_BT > 0, axis=1) - 1, 0)
@@ -57,7 +59,7 @@ def pooled(cfg: ModelConfig, x_BTD, segment_ids_BT):
 
 
 class Classifier(nnx.Module):
-  """An encoder (GPT or BERT, as pretrained) with a sequence head on its hidden states."""
+  """An encoder (any family, as pretrained) with a sequence head on its hidden states."""
 
   def __init__(self, encoder, head: SequenceHead):
     self.encoder = encoder
@@ -65,7 +67,7 @@ class Classifier(nnx.Module):
 
   def __call__(self, batch: dict, dropout_key=None):
     """[B, K] float32 outputs for a batch of `inputs`, `positions`, `segment_ids` (0: padding)
-    and, for BERT, `token_types`."""
+    and, for a masked_lm, `token_types` (which ModernBERT, having no token types, ignores)."""
     k_encoder, k_head = (None, None) if dropout_key is None else jax.random.split(dropout_key)
     x_BTD = hidden_states(self.encoder, batch, k_encoder)
     x_BD = pooled(self.encoder.cfg, x_BTD, batch["segment_ids"])
@@ -73,7 +75,8 @@ class Classifier(nnx.Module):
 
 
 def hidden_states(encoder, batch: dict, dropout_key=None):
-  """The encoder's (GPT or BERT) hidden states [B, T, D] for a fine-tuning batch."""
+  """The encoder's hidden states [B, T, D] for a fine-tuning batch; a masked_lm's hidden() also
+  takes the token types."""
   args = (batch["inputs"], batch["positions"], batch["segment_ids"], dropout_key)
   if encoder.cfg.causal:
     return encoder.hidden(*args)

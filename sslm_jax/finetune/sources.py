@@ -31,15 +31,19 @@ from sslm_jax.models import transformer as model_lib
 from sslm_jax.tokenizer import files as tokenizer_files
 from sslm_jax.tokenizer import sentencepiece as tokenizer_lib
 
-# Model fields that fix the encoder's array shapes, with the config field that sets each. The
-# position table is not one of them: model.fit_positions cuts or extends it.
+# Model fields that fix the encoder's array shapes (and its parameter tree), with the config field
+# that sets each. The position table is not one of them: model.fit_positions cuts or extends it.
 _SHAPES = {
   "objective": "objective",
+  "family": "model.family",
   "vocab_size": "data.vocab_size",
   "num_layers": "model.num_layers",
   "num_heads": "model.num_heads",
+  "kv_heads": "model.num_kv_heads",
   "emb_dim": "model.emb_dim",
   "mlp_dim": "model.mlp_dim",
+  "qk_norm": "model.qk_norm",
+  "tie_embeddings": "model.tie_embeddings",
 }
 
 
@@ -53,10 +57,16 @@ def _check_shapes(config, pretrained, where: str) -> None:
   ours, theirs = config_lib.model_config(config), config_lib.model_config(pretrained)
   for field, name in _SHAPES.items():
     if getattr(ours, field) != getattr(theirs, field):
+      value = _named(pretrained, name)
       raise config_lib.ConfigError(
-        f"finetune.init_from={where} has {name}={pretrained[name]} but this config has "
-        f"{config[name]}; set --config.{name}={pretrained[name]} (the encoder keeps its shapes)."
+        f"finetune.init_from={where} has {name}={value} but this config has "
+        f"{_named(config, name)}; set --config.{name}={value} (the encoder keeps its shapes)."
       )
+
+
+def _named(config, name: str):
+  """A config field's value, model.family's 'auto' named as the family it stands for."""
+  return config_lib.family(config) if name == "model.family" else config[name]
 
 
 def _init_step(workdir: str, init_step: int) -> int:
@@ -122,9 +132,10 @@ def from_workdir(config) -> tuple[object, Callable[[], dict]]:
       raise config_lib.ConfigError(f"finetune.init_from: {e}") from e
     logging.info("Starting the encoder from %s at step %d", f.init_from, saved.step)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    table = np.asarray(params["position_embed"]["embedding"])
-    rows = config_lib.positions(config)
-    params["position_embed"]["embedding"] = model_lib.fit_positions(table, rows, f.init_from)
+    if "position_embed" in params:  # gpt2 and bert; the rotary families have no position table
+      table = np.asarray(params["position_embed"]["embedding"])
+      rows = config_lib.positions(config)
+      params["position_embed"]["embedding"] = model_lib.fit_positions(table, rows, f.init_from)
     return params
 
   return tok, encoder

@@ -134,7 +134,7 @@ class TokenHead(nnx.Module):
 
 
 class Tagger(nnx.Module):
-  """An encoder (GPT or BERT, as pretrained) with a token head on its hidden states."""
+  """An encoder (any family, as pretrained) with a token head on its hidden states."""
 
   def __init__(self, encoder, head: TokenHead):
     self.encoder = encoder

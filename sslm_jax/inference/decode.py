@@ -1,4 +1,5 @@
-"""Text generation for the GPT model with a KV cache: prefill, then one token per step.
+"""Text generation for the causal models (GPT-2, Llama) with a KV cache: prefill, then one token
+per step.
 
 The whole loop (prefill, sampling, decode steps, early exit when every row has ended) is one
 jitted function of static shapes: it compiles once per (rows bucket, prompt bucket, cache
@@ -23,7 +24,7 @@ from flax import nnx
 
 from sslm_jax.inference import decoder
 from sslm_jax.models.layers import constrain
-from sslm_jax.models.transformer import GPT
+from sslm_jax.models.transformer import GPT, Llama
 
 
 def bucket(n: int) -> int:
@@ -121,7 +122,7 @@ def banned_ids(tokenizer) -> list[int]:
 
 
 def generate(
-  model: GPT | decoder.DecodeModel,
+  model: GPT | Llama | decoder.DecodeModel,
   prompts: Sequence[Sequence[int]],
   *,
   max_new_tokens: int,
@@ -140,12 +141,12 @@ def generate(
   not fit in model.cfg.max_len; an id the model cannot produce (e.g. -1) never stops a row early.
   `banned_ids` and the vocabulary's padding rows are never produced. Deterministic in `seed`.
 
-  `model` is a GPT, or `decoder.to_decode_layout(gpt)` to skip copying its weights into decoding
-  layout at every call (a cost of about one pass over the weights).
+  `model` is a GPT or a Llama, or `decoder.to_decode_layout(model)` to skip copying its weights
+  into decoding layout at every call (a cost of about one pass over the weights).
   """
   cfg = model.cfg
   if not cfg.causal:
-    raise ValueError("generate needs a causal_lm (GPT) model.")
+    raise ValueError(f"generate needs a causal_lm model (gpt2 or llama), not a {cfg.family} one.")
   if max_new_tokens < 1 or num_samples < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens} and num_samples={num_samples} must be >= 1.")
   if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:

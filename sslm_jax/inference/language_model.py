@@ -5,6 +5,9 @@
   lm.generate("def main(", max_new_tokens=32)     # GPT
   lm.fill_mask("x = [MASK](1, 2)")                # BERT
 
+Here GPT stands for either causal_lm family (gpt2, llama) and BERT for either masked_lm family
+(bert, modernbert): the methods use only what the families of an objective share.
+
 This is the model of a pretraining workdir; `sslm_jax.load` gives a fine-tuning workdir's
 finetune/task_model.TaskModel instead (sslm_jax/loading.py). The workdir is read once by
 checkpoints/restore.read_workdir; parameters are restored alone (no optimizer state) onto one
@@ -43,8 +46,12 @@ POOLINGS = ("mean", "cls", "last")
 _ROWS_PER_CALL = 16  # sequences per forward pass: bounds the [B, T, V] logits held at once
 
 
-def _kind(config) -> str:
-  return "GPT (causal_lm)" if config.objective == "causal_lm" else "BERT (masked_lm)"
+_FAMILY_NAMES = {"gpt2": "GPT", "bert": "BERT", "llama": "Llama", "modernbert": "ModernBERT"}
+
+
+def model_kind(config) -> str:
+  """How messages name a run's model: its family and objective, e.g. 'Llama (causal_lm)'."""
+  return f"{_FAMILY_NAMES[config_lib.family(config)]} ({config.objective})"
 
 
 def load(workdir: str, step: int | str | None = None) -> LanguageModel:
@@ -145,7 +152,7 @@ def _windows(n: int, window: int) -> list[tuple[int, int, int]]:
 
 
 class LanguageModel:
-  """A trained GPT or BERT with its tokenizer; see `load`."""
+  """A trained GPT or BERT (or Llama, ModernBERT) with its tokenizer; see `load`."""
 
   def __init__(self, config, model_cfg, model, tokenizer: tok.Tokenizer, step: int):
     self.config = config
@@ -154,12 +161,12 @@ class LanguageModel:
     self.tokenizer = tokenizer
     self.step = step
     self._continuation_sp = None
-    self._decoding = None  # the GPT's weights in decoding layout, made by the first generate
+    self._decoding = None  # the weights in decoding layout, made by the first generate
 
   def __repr__(self) -> str:
     c = self.model_cfg
     return (
-      f"LanguageModel({_kind(self.config)}, step {self.step}, {c.num_layers} layers, width "
+      f"LanguageModel({model_kind(self.config)}, step {self.step}, {c.num_layers} layers, width "
       f"{c.emb_dim}, {c.max_len} positions, vocab {self.tokenizer.vocab_size})"
     )
 
@@ -168,7 +175,7 @@ class LanguageModel:
   def _require(self, objective: str, method: str, instead: str) -> None:
     if self.config.objective != objective:
       raise UsageError(
-        f"this workdir holds a {_kind(self.config)} model, which cannot {method}; {instead}"
+        f"this workdir holds a {model_kind(self.config)} model, which cannot {method}; {instead}"
       )
 
   def _text_ids(self, text: str, masks: bool) -> list[int]:
