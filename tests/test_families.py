@@ -3,6 +3,8 @@ each document), the layer scan, remat and unrolled layers agree, a killed run re
 the windowed layers see only their window, and each family option is refused where it does not
 belong."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,8 +34,7 @@ def family_config(family: str):
 
 
 def _model_cfg(family, **changes) -> ModelConfig:
-  cfg = config_lib.model_config(family_config(family))
-  return ModelConfig(**{**cfg.__dict__, **changes})
+  return dataclasses.replace(config_lib.model_config(family_config(family)), **changes)
 
 
 @nnx.jit
